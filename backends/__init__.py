@@ -1,0 +1,58 @@
+"""Backends by name: ``get_backend("numpy")``. Concrete modules load lazily, so importing this
+package never imports a GPU library.
+
+    from backends import get_backend
+    be = get_backend("numpy")
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from backends.base import COMPUTE_OPS, Backend, BackendError
+
+__all__ = ["get_backend", "available_backends", "best_backend", "Backend", "BackendError", "COMPUTE_OPS"]
+
+# name -> (module, class, how to get it)
+_REGISTRY: dict[str, tuple[str, str, str]] = {
+    "numpy": ("backends.numpy_backend", "NumpyBackend", "pip install streamgraph"),
+    "cupy": (
+        "backends.cupy_backend",
+        "CupyBackend",
+        "install CuPy for your CUDA: pip install 'streamgraph[cuda12]' or 'streamgraph[cuda13]'",
+    ),
+}
+_CACHE: dict[str, Backend] = {}
+
+
+def get_backend(name: str | Backend) -> Backend:
+    """The backend called ``name`` (one instance per process), or a clear ``BackendError``."""
+    if isinstance(name, Backend):
+        return name
+    if name not in _REGISTRY:
+        raise BackendError(f"unknown backend {name!r}; known: {', '.join(_REGISTRY)}")
+    if name not in _CACHE:
+        module, cls, how = _REGISTRY[name]
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise BackendError(f"backend {name!r} is not available here ({e}); {how}") from None
+        _CACHE[name] = getattr(mod, cls)()
+    return _CACHE[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that load on this machine, best first."""
+    out = []
+    for name in reversed(list(_REGISTRY)):
+        try:
+            get_backend(name)
+        except BackendError:
+            continue
+        out.append(name)
+    return out
+
+
+def best_backend() -> str:
+    """The GPU backend where one works, else ``numpy``."""
+    return available_backends()[0]

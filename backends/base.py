@@ -1,0 +1,96 @@
+"""The backend interface: a device that owns memory, kernels for every compute op, streams, events.
+
+ggml's backend is four small tables (device, stream, buffer type, buffer); ours is one class
+per backend with the same parts. The executor (``engine.executor``) only ever talks to this
+interface, found by name through ``backends.get_backend``.
+
+Kernels share one calling convention: ``kernel(node, out, *srcs)``. ``out`` is the node's
+pre-made array (a view into the arena, or into a KV cache for SET_ROWS); sources are arrays in
+the node's source order. A kernel computes in f32 and stores into ``out``'s dtype. Views
+(RESHAPE, PERMUTE, VIEW) have no kernel: their arrays are made once from the node's layout, so
+running them costs nothing. Leaves have no kernel either: the executor binds them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from graph.dtypes import DType
+from graph.ir import Node
+from graph.ops import LEAF_OPS, VIEW_OPS, Op
+
+__all__ = ["Backend", "Kernel", "Stream", "Event", "BackendError", "COMPUTE_OPS"]
+
+Array = Any  # a backend array: numpy.ndarray here, cupy.ndarray on the GPU
+Kernel = Callable[..., None]
+
+COMPUTE_OPS: frozenset[Op] = frozenset(Op) - LEAF_OPS - VIEW_OPS
+"""The ops every backend must have a kernel for (asserted by the tests)."""
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot be used here (missing library, no device) or cannot run an op."""
+
+
+class Event(Protocol):
+    def record(self, stream: Stream) -> None: ...
+    def wait(self, stream: Stream) -> None: ...
+    def synchronize(self) -> None: ...
+
+
+class Stream(Protocol):
+    def synchronize(self) -> None: ...
+
+
+class Backend(ABC):
+    """One device kind. Holds no per-graph state: executors own their arenas and arrays."""
+
+    name: str
+    kernels: Mapping[Op, Kernel]
+
+    # -- memory --------------------------------------------------------------------------------
+    @abstractmethod
+    def alloc(self, nbytes: int) -> Array:
+        """One flat byte buffer (an arena) of ``nbytes``."""
+
+    @abstractmethod
+    def view(
+        self, buf: Array, byte_offset: int, shape: tuple[int, ...], dtype: DType, strides: tuple[int, ...]
+    ) -> Array:
+        """An array over ``buf`` at ``byte_offset`` with element ``strides``; no copy."""
+
+    @abstractmethod
+    def from_host(self, host: np.ndarray) -> Array:
+        """A backend copy of a host array (weights, constants)."""
+
+    @abstractmethod
+    def to_host(self, arr: Array) -> np.ndarray:
+        """A host copy of a backend array (outputs)."""
+
+    @abstractmethod
+    def copy_from_host(self, dst: Array, host: np.ndarray) -> None:
+        """Write ``host`` into the existing backend array ``dst`` (inputs), casting if needed."""
+
+    def byte_buffer(self, arr: Array) -> Array:
+        """The flat byte buffer behind a contiguous array, for making views of it."""
+        return arr.reshape(-1).view(np.uint8)
+
+    # -- execution -----------------------------------------------------------------------------
+    @abstractmethod
+    def stream(self) -> Stream:
+        """A new stream (an in-order queue of work)."""
+
+    @abstractmethod
+    def event(self) -> Event:
+        """A new event (a point in a stream that other streams can wait on)."""
+
+    @abstractmethod
+    def synchronize(self) -> None:
+        """Block the host until all queued work is done."""
+
+    def describe(self) -> str:
+        return self.name

@@ -1,0 +1,232 @@
+"""The CPU reference backend: every op as a short NumPy formula, computed in f32.
+
+This module is the living definition of the ops (see ``graph.ops`` for the prose): the GPU
+backend is checked against it. Kernels write into the ``out`` array the executor made for the
+node (a view into the arena), so the memory plan is exercised on the CPU exactly as on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+from backends.base import Array, Backend, Kernel
+from graph.dtypes import DType
+from graph.ir import Node
+from graph.ops import AttentionParams, Op, RmsNormParams, RopeMode, RopeParams, ScaleParams
+
+__all__ = ["NumpyBackend", "KERNELS"]
+
+F32 = np.float32
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return x if x.dtype == F32 else x.astype(F32)
+
+
+def _store(out: np.ndarray, value: np.ndarray) -> None:
+    out[...] = value
+
+
+def k_cont(node: Node, out: np.ndarray, x: np.ndarray) -> None:
+    out[...] = x
+
+
+def k_cast(node: Node, out: np.ndarray, x: np.ndarray) -> None:
+    out[...] = _f32(x)
+
+
+def k_get_rows(node: Node, out: np.ndarray, table: np.ndarray, idx: np.ndarray) -> None:
+    n_rows = table.shape[0]
+    if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
+        raise IndexError(f"row index out of range 0..{n_rows - 1}: {idx[(idx < 0) | (idx >= n_rows)][:8]}")
+    out[...] = _f32(table[idx])
+
+
+def k_add(node: Node, out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    _store(out, np.add(_f32(a), _f32(b)))
+
+
+def k_mul(node: Node, out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    _store(out, np.multiply(_f32(a), _f32(b)))
+
+
+def k_scale(node: Node, out: np.ndarray, x: np.ndarray) -> None:
+    p: ScaleParams = node.params  # type: ignore[assignment]
+    _store(out, _f32(x) * F32(p.scale))
+
+
+def k_rms_norm(node: Node, out: np.ndarray, x: np.ndarray, w: np.ndarray | None = None) -> None:
+    p: RmsNormParams = node.params  # type: ignore[assignment]
+    x32 = _f32(x)
+    r = x32 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + F32(p.eps))
+    if w is not None:
+        r = r * _f32(w)
+    _store(out, r)
+
+
+def k_mul_mat(node: Node, out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    np.matmul(_f32(b), _f32(a).T, out=out)
+
+
+def rope_angles(pos: np.ndarray, p: RopeParams) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of pos * freq_scale * base^(-2i/n_dims), i < n_dims/2, shape (n, n_dims/2)."""
+    inv = p.base ** (-np.arange(0, p.n_dims, 2, dtype=np.float64) / p.n_dims)
+    theta = pos.astype(np.float64)[:, None] * p.freq_scale * inv[None, :]
+    return np.cos(theta).astype(F32), np.sin(theta).astype(F32)
+
+
+def k_rope(node: Node, out: np.ndarray, x: np.ndarray, pos: np.ndarray) -> None:
+    p: RopeParams = node.params  # type: ignore[assignment]
+    x32 = _f32(x)
+    cos, sin = rope_angles(pos, p)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    half = p.n_dims // 2
+    r = x32.copy()
+    if p.mode is RopeMode.NORMAL:
+        x0, x1 = x32[..., 0 : p.n_dims : 2], x32[..., 1 : p.n_dims : 2]
+        r[..., 0 : p.n_dims : 2] = x0 * cos - x1 * sin
+        r[..., 1 : p.n_dims : 2] = x0 * sin + x1 * cos
+    else:
+        x0, x1 = x32[..., :half], x32[..., half : p.n_dims]
+        r[..., :half] = x0 * cos - x1 * sin
+        r[..., half : p.n_dims] = x0 * sin + x1 * cos
+    _store(out, r)
+
+
+def attention_mask(q_pos: np.ndarray, kv_pos: np.ndarray, window: int) -> np.ndarray:
+    """(n, m) bool: key j visible to query i (causal, non-empty, inside the sliding window)."""
+    qp, kp = q_pos[:, None].astype(np.int64), kv_pos[None, :].astype(np.int64)
+    visible = (kp >= 0) & (kp <= qp)
+    if window:
+        visible &= qp - kp < window
+    return visible
+
+
+def k_attention(
+    node: Node,
+    out: np.ndarray,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    q_pos: np.ndarray,
+    kv_pos: np.ndarray,
+) -> None:
+    p: AttentionParams = node.params  # type: ignore[assignment]
+    n_head, n_kv_head = q.shape[1], k.shape[1]
+    group = n_head // n_kv_head
+    qh = _f32(q).transpose(1, 0, 2)  # (H, n, D)
+    kh = np.repeat(_f32(k), group, axis=1).transpose(1, 2, 0)  # (H, D, m)
+    vh = np.repeat(_f32(v), group, axis=1).transpose(1, 0, 2)  # (H, m, Dv)
+    visible = attention_mask(q_pos, kv_pos, p.window)[None]  # (1, n, m)
+    scores = np.where(visible, (qh @ kh) * F32(p.scale), F32(-np.inf))
+    top = np.max(scores, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, F32(0))
+    e = np.exp(scores - top)
+    denom = e.sum(axis=-1, keepdims=True)
+    probs = e / np.where(denom > 0, denom, F32(1))
+    _store(out, (probs @ vh).transpose(1, 0, 2))
+
+
+_GELU_C = F32(math.sqrt(2.0 / math.pi))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return F32(0.5) * x * (F32(1) + np.tanh(_GELU_C * (x + F32(0.044715) * x * x * x)))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    # x * sigmoid(x) written with tanh: no overflow for large |x|.
+    return F32(0.5) * x * (F32(1) + np.tanh(F32(0.5) * x))
+
+
+def k_geglu(node: Node, out: np.ndarray, gate: np.ndarray, up: np.ndarray) -> None:
+    _store(out, gelu_tanh(_f32(gate)) * _f32(up))
+
+
+def k_swiglu(node: Node, out: np.ndarray, gate: np.ndarray, up: np.ndarray) -> None:
+    _store(out, silu(_f32(gate)) * _f32(up))
+
+
+def k_set_rows(node: Node, out: np.ndarray, dst: np.ndarray, src: np.ndarray, idx: np.ndarray) -> None:
+    n_rows = out.shape[0]
+    if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
+        raise IndexError(f"cache row index out of range 0..{n_rows - 1}: {idx[(idx < 0) | (idx >= n_rows)][:8]}")
+    out[idx] = src  # out is dst itself (the node aliases its destination)
+
+
+KERNELS: dict[Op, Kernel] = {
+    Op.CONT: k_cont,
+    Op.CAST: k_cast,
+    Op.GET_ROWS: k_get_rows,
+    Op.ADD: k_add,
+    Op.MUL: k_mul,
+    Op.SCALE: k_scale,
+    Op.RMS_NORM: k_rms_norm,
+    Op.MUL_MAT: k_mul_mat,
+    Op.ROPE: k_rope,
+    Op.ATTENTION: k_attention,
+    Op.GEGLU: k_geglu,
+    Op.SWIGLU: k_swiglu,
+    Op.SET_ROWS: k_set_rows,
+}
+
+
+class _Stream:
+    """Work on the NumPy backend runs when it is issued; a stream is only an ordering label."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _Event:
+    def __init__(self) -> None:
+        self._done = threading.Event()
+
+    def record(self, stream: object) -> None:
+        self._done.set()
+
+    def wait(self, stream: object) -> None:
+        self._done.wait()
+
+    def synchronize(self) -> None:
+        self._done.wait()
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    kernels = KERNELS
+
+    def alloc(self, nbytes: int) -> np.ndarray:
+        return np.zeros(max(int(nbytes), 1), dtype=np.uint8)
+
+    def view(
+        self, buf: Array, byte_offset: int, shape: tuple[int, ...], dtype: DType, strides: tuple[int, ...]
+    ) -> np.ndarray:
+        nd = dtype.numpy
+        return np.ndarray(
+            shape, dtype=nd, buffer=buf, offset=byte_offset, strides=tuple(s * nd.itemsize for s in strides)
+        )
+
+    def from_host(self, host: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(host)
+
+    def to_host(self, arr: Array) -> np.ndarray:
+        return np.array(arr, copy=True)
+
+    def copy_from_host(self, dst: Array, host: np.ndarray) -> None:
+        dst[...] = host
+
+    def stream(self) -> _Stream:
+        return _Stream()
+
+    def event(self) -> _Event:
+        return _Event()
+
+    def synchronize(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"numpy {np.__version__} (CPU)"

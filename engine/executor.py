@@ -1,0 +1,196 @@
+"""Run a graph on a backend: all planning at construction, a flat loop of kernel calls per run.
+
+    ex = Executor(graph, weights, backend="numpy")
+    logits, = ex.run({"tokens": ids, "pos": pos})
+
+Construction validates the graph, plans memory (``engine.memory``), allocates one arena, binds
+weights, constants and states, makes every node's array (views into the arena or into their
+base) and turns the graph into a list of ``(kernel, node, out, srcs)`` steps. ``run`` copies the
+inputs into their arena slots, walks the steps and copies the outputs out. Nothing is looked up,
+allocated or decided per node per call.
+
+``STREAMGRAPH_DEBUG=2`` prints one line per node with its time, the way tinygrad's DEBUG does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from backends import COMPUTE_OPS, Backend, get_backend
+from engine import memory
+from graph.ir import Graph, Node
+from graph.ops import ALIAS_OPS, GraphError, Op
+
+__all__ = ["Executor", "run"]
+
+Array = Any
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+class Executor:
+    """A graph bound to a backend, its weights and its states, ready to run many times."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        weights: Mapping[str, Any],
+        backend: str | Backend = "numpy",
+        states: Mapping[str, Array] | None = None,
+        plan: memory.MemoryPlan | None = None,
+    ) -> None:
+        graph.validate()
+        self.graph = graph
+        self.backend = get_backend(backend)
+        self.plan = plan if plan is not None else memory.plan(graph)
+        self.arena = self.backend.alloc(self.plan.arena_bytes)
+        self.states: dict[str, Array] = {}
+        self.weights: dict[str, Array] = {}
+        self._bind_weights(weights)
+        self._bind_states(states or {})
+
+        be, nodes = self.backend, graph.nodes
+        offsets = self.plan.offset_of()
+        arrays: list[Array] = [None] * len(nodes)
+        storage: dict[int, Array] = {}  # storage root id -> flat byte buffer
+        for n in nodes:
+            if n.op is Op.WEIGHT:
+                arrays[n.id] = self.weights[n.name]
+            elif n.op is Op.STATE:
+                arrays[n.id] = self.states[n.name]
+            elif n.op is Op.CONSTANT:
+                host = np.frombuffer(n.params.data, dtype=n.dtype.numpy.newbyteorder("<"))  # type: ignore[union-attr]
+                arrays[n.id] = be.from_host(host.astype(n.dtype.numpy).reshape(n.shape))
+            elif n.op in ALIAS_OPS:
+                base = nodes[n.base]
+                if n.base not in storage:
+                    storage[n.base] = be.byte_buffer(arrays[n.base])
+                arrays[n.id] = be.view(
+                    storage[n.base], n.offset * base.dtype.itemsize, n.shape, n.dtype, n.strides
+                )
+            else:
+                arrays[n.id] = be.view(self.arena, offsets[n.id], n.shape, n.dtype, n.strides)
+        self._arrays = arrays
+
+        missing = sorted(op.name for op in {n.op for n in nodes} if op in COMPUTE_OPS and op not in be.kernels)
+        if missing:
+            raise GraphError(f"backend {be.name} has no kernel for {', '.join(sorted(missing))}")
+        self._steps: list[tuple[Any, Node, Array, tuple[Array, ...]]] = [
+            (be.kernels[n.op], n, arrays[n.id], tuple(arrays[s] for s in n.srcs))
+            for n in nodes
+            if n.op in be.kernels
+        ]
+        self._inputs = {n.name: (n, arrays[n.id]) for n in graph.inputs}
+        self._outputs = [arrays[o] for o in graph.outputs]
+        self._debug = int(os.environ.get("STREAMGRAPH_DEBUG", "0") or 0)
+
+    # -- binding -------------------------------------------------------------------------------
+    def _bind_weights(self, weights: Mapping[str, Any]) -> None:
+        need = self.graph.weights
+        absent = [n.name for n in need if n.name not in weights]
+        if absent:
+            shown = ", ".join(absent[:6]) + (f" and {len(absent) - 6} more" if len(absent) > 6 else "")
+            raise GraphError(f"missing {len(absent)} weight(s): {shown}")
+        for n in need:
+            w = weights[n.name]
+            shape = tuple(getattr(w, "shape", ()))
+            if shape != n.shape:
+                raise GraphError(
+                    f"weight {n.name} has shape {_shape_text(shape)}, the graph expects {_shape_text(n.shape)}"
+                )
+            if n.dtype.is_quantized:
+                raise GraphError(
+                    f"weight {n.name} is {n.dtype.name}: backend {self.backend.name} computes on "
+                    "f32/f16/bf16; dequantize it at load"
+                )
+            host = w if isinstance(w, np.ndarray) else None
+            if host is not None:
+                if host.dtype != n.dtype.numpy or not host.flags.c_contiguous:
+                    host = np.ascontiguousarray(host.astype(n.dtype.numpy))
+                self.weights[n.name] = self.backend.from_host(host)
+            else:  # already a backend array
+                if str(w.dtype) != str(n.dtype.numpy):
+                    raise GraphError(f"weight {n.name} is {w.dtype}, the graph expects {n.dtype.name}")
+                self.weights[n.name] = w
+
+    def _bind_states(self, states: Mapping[str, Array]) -> None:
+        for n in self.graph.states:
+            s = states.get(n.name)
+            if s is None:
+                s = self.backend.view(self.backend.alloc(n.nbytes), 0, n.shape, n.dtype, n.strides)
+            elif tuple(s.shape) != n.shape or str(s.dtype) != str(n.dtype.numpy):
+                raise GraphError(
+                    f"state {n.name} is {_shape_text(s.shape)} {s.dtype}, "
+                    f"the graph expects {_shape_text(n.shape)} {n.dtype.name}"
+                )
+            self.states[n.name] = s
+
+    # -- running -------------------------------------------------------------------------------
+    def set_inputs(self, inputs: Mapping[str, Any]) -> None:
+        extra = set(inputs) - set(self._inputs)
+        if extra:
+            raise GraphError(f"unknown input(s) {sorted(extra)}; the graph takes {sorted(self._inputs)}")
+        for name, (node, dst) in self._inputs.items():
+            if name not in inputs:
+                raise GraphError(f"missing input {name} {_shape_text(node.shape)} {node.dtype.name}")
+            value = inputs[name]
+            shape = tuple(np.shape(value))
+            if shape != node.shape:
+                raise GraphError(
+                    f"input {name} has shape {_shape_text(shape)}, the graph expects {_shape_text(node.shape)}"
+                )
+            self.backend.copy_from_host(dst, np.asarray(value))
+
+    def run(self, inputs: Mapping[str, Any]) -> list[np.ndarray]:
+        """Run once; returns host copies of the outputs in the graph's output order."""
+        self.set_inputs(inputs)
+        self.launch()
+        self.backend.synchronize()
+        return [self.backend.to_host(o) for o in self._outputs]
+
+    def launch(self) -> None:
+        """Issue every kernel once (inputs must already be set)."""
+        if self._debug >= 2:
+            return self._launch_debug()
+        i = 0
+        try:
+            for i, (kernel, node, out, srcs) in enumerate(self._steps):  # noqa: B007
+                kernel(node, out, *srcs)
+        except Exception as e:
+            node = self._steps[i][1]
+            raise RuntimeError(f"{node.op.name} {node.label} {_shape_text(node.shape)} failed: {e}") from e
+
+    def _launch_debug(self) -> None:
+        for kernel, node, out, srcs in self._steps:
+            t0 = time.perf_counter()
+            kernel(node, out, *srcs)
+            self.backend.synchronize()
+            dt = (time.perf_counter() - t0) * 1e6
+            print(f"{dt:9.1f} us  {node}", flush=True)
+
+    @property
+    def n_launches(self) -> int:
+        """Kernel launches per run (views and leaves cost none)."""
+        return len(self._steps)
+
+    def array(self, node: int | str) -> Array:
+        """The backend array of a node (valid until the next run overwrites it)."""
+        return self._arrays[self.graph[node].id]
+
+
+def run(
+    graph: Graph,
+    inputs: Mapping[str, Any],
+    weights: Mapping[str, Any],
+    backend: str | Backend = "numpy",
+    states: Mapping[str, Array] | None = None,
+) -> list[np.ndarray]:
+    """Build an ``Executor`` and run it once: the one-call way to evaluate a graph."""
+    return Executor(graph, weights, backend, states).run(inputs)

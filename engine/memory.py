@@ -1,0 +1,164 @@
+"""The memory pass: one arena, every intermediate at a planned offset, bytes reused after last use.
+
+    plan = engine.memory.plan(graph)
+    print(plan)            # one line per allocation: node, offset, size, live steps
+    plan.validate(graph)   # no two allocations that are live at once share a byte
+
+What lives in the arena: graph inputs (copied in before the first node runs, so they are live
+from step -1) and the result of every node that computes (not views, which alias their base,
+and not weights, constants or states, which are bound for the executor's lifetime). A value is
+live from the step that writes it to the last step that reads it or any view of it; outputs
+stay live to the end. A node's result is placed before its dead inputs are released, so no
+kernel ever writes over its own sources. Placement is best-fit over a free list, with offsets
+aligned to ``ALIGN`` bytes (what GPU kernels and vector loads want).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from graph.ir import Graph
+from graph.ops import ALIAS_OPS, Op
+
+__all__ = ["Allocation", "MemoryPlan", "plan", "ALIGN", "arena_nodes"]
+
+ALIGN = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    node: int
+    offset: int  # bytes into the arena
+    size: int  # bytes, rounded up to ALIGN
+    first: int  # step that writes it (-1: inputs, written before the run)
+    last: int  # last step that reads it (len(graph): an output, read after the run)
+
+    def overlaps(self, other: Allocation) -> bool:
+        """True if the two share a byte while both are live."""
+        if not self.size or not other.size:
+            return False
+        bytes_meet = self.offset < other.offset + other.size and other.offset < self.offset + self.size
+        # `b` may take `a`'s bytes at the very step `a` dies only if `b` is written later;
+        # a node's result is placed before its inputs are freed, so equal steps conflict.
+        live_meet = self.first <= other.last and other.first <= self.last
+        return bytes_meet and live_meet
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPlan:
+    allocations: tuple[Allocation, ...]
+    arena_bytes: int  # the arena's size: the peak of this plan
+    max_live_bytes: int  # the most bytes live at one step: no plan can use less
+    total_bytes: int  # what the arena would need without any reuse
+    alignment: int = ALIGN
+
+    def offset_of(self) -> dict[int, int]:
+        return {a.node: a.offset for a in self.allocations}
+
+    def validate(self, graph: Graph) -> None:
+        """Raise ``AssertionError`` if two simultaneously live values share bytes."""
+        want = set(arena_nodes(graph))
+        have = {a.node for a in self.allocations}
+        assert want == have, f"plan covers {sorted(have ^ want)} wrongly"
+        by_offset = sorted(self.allocations, key=lambda a: a.offset)
+        for i, a in enumerate(by_offset):
+            assert a.offset % self.alignment == 0, f"node {a.node} at unaligned offset {a.offset}"
+            assert a.offset + a.size <= self.arena_bytes, f"node {a.node} runs past the arena"
+            for b in by_offset[i + 1 :]:
+                if b.offset >= a.offset + a.size:
+                    break
+                assert not a.overlaps(b), f"nodes {a.node} and {b.node} share bytes while both are live"
+        assert self.max_live_bytes <= self.arena_bytes <= self.total_bytes
+
+    def __str__(self) -> str:
+        lines = [
+            f"MemoryPlan: arena {self.arena_bytes:,} B (max live {self.max_live_bytes:,} B, "
+            f"{self.total_bytes:,} B without reuse), {len(self.allocations)} allocations"
+        ]
+        for a in self.allocations:
+            lines.append(f"  %{a.node:<5} @ {a.offset:>12,}  {a.size:>12,} B  live {a.first}..{a.last}")
+        return "\n".join(lines)
+
+
+def arena_nodes(graph: Graph) -> list[int]:
+    """Ids of the nodes whose values live in the arena."""
+    return [
+        n.id
+        for n in graph.nodes
+        if n.op is Op.INPUT or not (n.is_leaf or n.op in ALIAS_OPS)
+    ]
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def plan(graph: Graph) -> MemoryPlan:
+    """Place every arena value so that no two live ones share bytes; see the module doc."""
+    n_steps = len(graph.nodes)
+    last = [n.id for n in graph.nodes]  # last step reading each storage root
+    for n in graph.nodes:
+        for s in n.srcs:
+            root = graph.nodes[s].base
+            last[root] = max(last[root], n.id)
+    for o in graph.outputs:
+        last[graph.nodes[o].base] = n_steps
+
+    roots = arena_nodes(graph)
+    first = {i: (-1 if graph.nodes[i].op is Op.INPUT else i) for i in roots}
+    size = {i: _aligned(graph.nodes[i].nbytes) for i in roots}
+    frees: dict[int, list[int]] = {}
+    for i in roots:
+        frees.setdefault(last[i], []).append(i)
+
+    free: list[tuple[int, int]] = []  # (offset, size), sorted by offset, coalesced
+    top = 0
+    offsets: dict[int, int] = {}
+    live = max_live = 0
+
+    def take(nbytes: int) -> int:
+        nonlocal top
+        best = None
+        for j, (off, sz) in enumerate(free):
+            if sz >= nbytes and (best is None or sz < free[best][1]):
+                best = j
+        if best is None:
+            if free and free[-1][0] + free[-1][1] == top:  # grow the arena from a free tail
+                off = free.pop()[0]
+            else:
+                off = top
+            top = off + nbytes
+            return off
+        off, sz = free[best]
+        if sz == nbytes:
+            free.pop(best)
+        else:
+            free[best] = (off + nbytes, sz - nbytes)
+        return off
+
+    def give(off: int, nbytes: int) -> None:
+        free.append((off, nbytes))
+        free.sort()
+        merged: list[tuple[int, int]] = []
+        for o, s in free:
+            if merged and merged[-1][0] + merged[-1][1] == o:
+                merged[-1] = (merged[-1][0], merged[-1][1] + s)
+            else:
+                merged.append((o, s))
+        free[:] = merged
+
+    by_step: dict[int, list[int]] = {}
+    for i in roots:
+        by_step.setdefault(first[i], []).append(i)
+    for step in range(-1, n_steps + 1):
+        for i in by_step.get(step, ()):
+            offsets[i] = take(size[i]) if size[i] else 0
+            live += size[i]
+        max_live = max(max_live, live)
+        for i in frees.get(step, ()):
+            if size[i]:
+                give(offsets[i], size[i])
+            live -= size[i]
+
+    allocs = tuple(Allocation(i, offsets[i], size[i], first[i], last[i]) for i in roots)
+    return MemoryPlan(allocs, top, max_live, sum(size.values()))
