@@ -176,6 +176,11 @@ class Executor:
             print(f"{dt:9.1f} us  {node}", flush=True)
 
     @property
+    def input_names(self) -> frozenset[str]:
+        """Inputs this graph reads (dead-code elimination may have dropped some a builder made)."""
+        return frozenset(self._inputs)
+
+    @property
     def n_launches(self) -> int:
         """Kernel launches per run (views and leaves cost none)."""
         return len(self._steps)

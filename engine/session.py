@@ -1,0 +1,167 @@
+"""A model session: weights loaded once, KV caches, prefill and decode through cached executors.
+
+    sess = Session(preset("gemma3-tiny"), random_weights(preset("gemma3-tiny")), n_ctx=128)
+    logits = sess.prefill([2, 17, 99])     # (vocab,) for the last prompt token
+    logits = sess.decode(int(logits.argmax()))
+
+The caches are STATE tensors shared by every graph the session builds (one per distinct chunk
+length and attended length), so a decode step reuses the same executor, arrays and plan. The
+session is the only place that knows which cache row holds which position:
+
+* full-attention layers: row = position (``n_ctx`` rows);
+* sliding-window layers: a ring of ``window + n_batch - 1`` rows, row = position mod size, so a
+  chunk's queries never lose a key they can still see.
+
+It turns that bookkeeping into the ``kv_idx.*`` / ``kv_pos.*`` inputs of ``graph.models.common``.
+Full layers attend to the first ``n_kv`` rows only, with ``n_kv`` rounded up to ``KV_PAD``
+(as llama.cpp pads), so the attended length - and the executor - changes only every KV_PAD tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from backends import Backend, get_backend
+from engine.executor import Executor
+from engine.weights import tie_output
+from graph.dtypes import DType, dtype_of, f32
+from graph.models import FULL, ModelConfig, build, kv_slots, weight_shapes
+from graph.ops import GraphError
+
+__all__ = ["Session", "KV_PAD"]
+
+KV_PAD = 256
+
+
+class Session:
+    """Runs one model on one backend, keeping its KV cache between calls."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: Mapping[str, Any],
+        backend: str | Backend = "numpy",
+        n_ctx: int = 2048,
+        n_batch: int = 512,
+        cache_dtype: DType | str = f32,
+    ) -> None:
+        if n_ctx < 1 or n_batch < 1:
+            raise ValueError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
+        self.cfg, self.n_ctx, self.n_batch = cfg, n_ctx, min(n_batch, n_ctx)
+        self.backend = get_backend(backend)
+        self.cache_dtype = dtype_of(cache_dtype)
+        self.weights = self._upload(tie_output(cfg, dict(weights)))
+        self.slots = kv_slots(cfg, n_ctx, self.n_batch)
+        self.states: dict[str, Any] = {}
+        for il, kind in enumerate(cfg.layer_kinds):
+            shape = (self.slots[kind], cfg.n_head_kv, cfg.head_dim)
+            for kv in ("k", "v"):
+                buf = self.backend.alloc(self.cache_dtype.nbytes(shape))
+                self.states[f"cache_{kv}.{il}"] = self.backend.view(
+                    buf, 0, shape, self.cache_dtype, (shape[1] * shape[2], shape[2], 1)
+                )
+        self._executors: dict[tuple, Executor] = {}
+        self.reset()
+
+    def _upload(self, weights: dict[str, Any]) -> dict[str, Any]:
+        """Weights in their graph dtype on the backend, once, shared by every executor."""
+        shapes = weight_shapes(self.cfg)
+        missing = sorted(set(shapes) - set(weights))
+        if missing:
+            raise GraphError(f"missing {len(missing)} weight(s): {', '.join(missing[:6])}")
+        out: dict[str, Any] = {}
+        uploaded: dict[int, Any] = {}  # id(host array) -> backend array: tied weights upload once
+        for name, shape in shapes.items():
+            w = weights[name]
+            want = (self.cfg.dtype if len(shape) == 2 else f32).numpy
+            if tuple(w.shape) != shape:
+                raise GraphError(f"weight {name} has shape {tuple(w.shape)}, the graph expects {shape}")
+            if id(w) not in uploaded:
+                host = np.ascontiguousarray(np.asarray(w).astype(want, copy=False))
+                uploaded[id(w)] = self.backend.from_host(host)
+            out[name] = uploaded[id(w)]
+        return out
+
+    # -- cache bookkeeping -----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the context (the cache rows are marked empty, not cleared)."""
+        self.n_past = 0
+        self.row_pos = {kind: np.full(n, -1, np.int32) for kind, n in self.slots.items()}
+
+    def _rows(self, kind: str, pos: np.ndarray) -> np.ndarray:
+        return pos if kind == FULL else pos % self.slots[kind]
+
+    def _n_kv(self, n_end: int) -> dict[str, int]:
+        out = {}
+        for kind, n in self.slots.items():
+            out[kind] = min(n, -(-n_end // KV_PAD) * KV_PAD) if kind == FULL else n
+        return out
+
+    # -- running ---------------------------------------------------------------------------------
+    def executor(self, n_tokens: int, n_kv: Mapping[str, int], logits: Any = "last") -> Executor:
+        """The executor for this chunk shape, built on first use and kept."""
+        key = (n_tokens, tuple(sorted(n_kv.items())), logits if isinstance(logits, str) else tuple(logits))
+        ex = self._executors.get(key)
+        if ex is None:
+            graph = build(self.cfg, n_tokens, self.slots, dict(n_kv), logits, self.cache_dtype)
+            ex = Executor(graph, self.weights, self.backend, self.states)
+            self._executors[key] = ex
+        return ex
+
+    def forward(self, tokens: Sequence[int], logits: Any = "last") -> np.ndarray | None:
+        """Process one chunk of at most ``n_batch`` tokens at the current position."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n = len(ids)
+        if not 0 < n <= self.n_batch:
+            raise ValueError(f"a chunk holds 1..{self.n_batch} tokens, got {n}")
+        if self.n_past + n > self.n_ctx:
+            raise ValueError(
+                f"context full: {self.n_past} + {n} tokens exceed n_ctx={self.n_ctx}; "
+                "reset() or create the session with a larger n_ctx"
+            )
+        if ids.min() < 0 or ids.max() >= self.cfg.n_vocab:
+            raise ValueError(f"token ids must be in 0..{self.cfg.n_vocab - 1}")
+        pos = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
+        n_kv = self._n_kv(self.n_past + n)
+        inputs: dict[str, np.ndarray] = {"tokens": ids.astype(np.int32), "pos": pos}
+        saved = {k: v.copy() for k, v in self.row_pos.items()}
+        for kind in self.slots:
+            rows = self._rows(kind, pos)
+            self.row_pos[kind][rows] = pos
+            inputs[f"kv_idx.{kind}"] = rows.astype(np.int32)
+            inputs[f"kv_pos.{kind}"] = self.row_pos[kind][: n_kv[kind]]
+        ex = self.executor(n, n_kv, logits)
+        try:
+            outs = ex.run({k: v for k, v in inputs.items() if k in ex.input_names})
+        except Exception:
+            self.row_pos = saved
+            raise
+        self.n_past += n
+        return outs[0] if outs else None
+
+    def prefill(self, tokens: Sequence[int], logits: Any = "last") -> np.ndarray | None:
+        """Feed a prompt in chunks of ``n_batch``; only the last chunk computes logits.
+
+        Returns the last token's logits (vocab,) for ``"last"``; the chunk's rows for other
+        requests; None for ``"none"``.
+        """
+        ids = list(tokens)
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        out = None
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start : start + self.n_batch]
+            last = start + self.n_batch >= len(ids)
+            out = self.forward(chunk, logits if last else "none")
+        if logits == "last" and out is not None:
+            return out[0]
+        return out
+
+    def decode(self, token: int) -> np.ndarray:
+        """One token in, the next token's logits (vocab,) out."""
+        out = self.forward([token], "last")
+        assert out is not None
+        return out[0]

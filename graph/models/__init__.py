@@ -1,0 +1,39 @@
+"""Model builders: a config in, a forward ``Graph`` out, weights named as in GGUF.
+
+    from graph.models import build, preset, kv_slots
+    cfg = preset("gemma3-tiny")
+    graph = build(cfg, n_tokens=8, slots=kv_slots(cfg, n_ctx=64, n_batch=8))
+"""
+
+from __future__ import annotations
+
+from graph.ir import Graph
+from graph.models import gemma3, llama
+from graph.models.common import Logits, kv_slots
+from graph.models.config import FULL, PRESETS, SWA, ModelConfig, preset, weight_layers, weight_shapes
+
+__all__ = [
+    "ModelConfig",
+    "PRESETS",
+    "preset",
+    "build",
+    "kv_slots",
+    "weight_shapes",
+    "weight_layers",
+    "FULL",
+    "SWA",
+]
+
+BUILDERS = {"llama": llama.build, "gemma3": gemma3.build}
+
+
+def build(
+    cfg: ModelConfig,
+    n_tokens: int,
+    slots: dict[str, int],
+    n_kv: dict[str, int] | None = None,
+    logits: Logits = "last",
+    cache_dtype: object = None,
+) -> Graph:
+    """The forward graph of ``cfg`` for ``n_tokens`` tokens against caches of ``slots`` rows."""
+    return BUILDERS[cfg.arch](cfg, n_tokens, slots, n_kv, logits, cache_dtype)

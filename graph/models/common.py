@@ -1,0 +1,154 @@
+"""What every decoder-only builder shares: inputs, KV caches, the attention block, the head.
+
+A forward graph processes ``n_tokens`` tokens (a prompt chunk, or 1 for decode) against
+per-layer KV caches that are STATE tensors, so the same graph object runs every decode step.
+
+Inputs (all i32):
+    tokens (n,)            token ids
+    pos (n,)               their positions
+    kv_idx.<kind> (n,)     cache row each token's K/V is written to, per attention kind
+    kv_pos.<kind> (m,)     position held by each of the first m cache rows after the write
+                           (-1: empty), which the attention turns into its causal/window mask
+where ``kind`` is ``full`` (rows = positions, ``n_ctx`` of them) or ``swa`` (a ring of rows,
+enough for the window plus a chunk). Who fills these is the session's business
+(``engine.session``); the graph only reads them.
+
+Logits: ``"last"`` (the default) computes the head for the last token only; ``"all"`` for every
+token; a tuple of row indices for those rows; ``"none"`` skips the head entirely (the layers'
+KV writes still happen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from graph.builder import GraphBuilder, Tensor
+from graph.dtypes import f32, i32
+from graph.ir import Graph
+from graph.models.config import FULL, SWA, ModelConfig, weight_layers, weight_shapes
+from graph.ops import GraphError, RopeMode
+
+__all__ = ["Forward", "Logits", "kv_slots"]
+
+Logits = str | Sequence[int]
+
+
+def kv_slots(cfg: ModelConfig, n_ctx: int, n_batch: int) -> dict[str, int]:
+    """Cache rows per attention kind: the context for full layers; for sliding layers a ring
+    that holds the window plus one chunk, so no key a chunk's queries need is overwritten."""
+    slots = {}
+    for kind in set(cfg.layer_kinds):
+        if kind == FULL:
+            slots[kind] = n_ctx
+        else:
+            slots[kind] = min(n_ctx, cfg.sliding_window + n_batch - 1)
+    return slots
+
+
+@dataclass
+class Forward:
+    """A forward graph under construction (used by the llama and gemma3 builders)."""
+
+    cfg: ModelConfig
+    n_tokens: int
+    slots: dict[str, int]
+    n_kv: dict[str, int]
+    cache_dtype: object = f32
+
+    def __post_init__(self) -> None:
+        cfg, n = self.cfg, self.n_tokens
+        if n < 1:
+            raise GraphError(f"a forward pass needs at least one token, got n_tokens={n}")
+        self.g = g = GraphBuilder()
+        self.shapes = weight_shapes(cfg)
+        self.layers = weight_layers(cfg)
+        self._weights: dict[str, Tensor] = {}
+        self.tokens = g.input("tokens", (n,), i32)
+        self.pos = g.input("pos", (n,), i32)
+        self.kv_idx: dict[str, Tensor] = {}
+        self.kv_pos: dict[str, Tensor] = {}
+        for kind in sorted(set(cfg.layer_kinds)):
+            if kind not in self.slots:
+                raise GraphError(f"no cache size given for {kind} attention layers")
+            m = self.n_kv.get(kind, self.slots[kind])
+            if not 0 < m <= self.slots[kind]:
+                raise GraphError(f"n_kv for {kind} layers is {m}; it must be in 1..{self.slots[kind]}")
+            self.n_kv[kind] = m
+            self.kv_idx[kind] = g.input(f"kv_idx.{kind}", (n,), i32)
+            self.kv_pos[kind] = g.input(f"kv_pos.{kind}", (m,), i32)
+
+    def w(self, name: str) -> Tensor:
+        """The weight ``name`` (created on first use, with its GGUF shape and layer tag)."""
+        if name not in self._weights:
+            shape = self.shapes[name]
+            dtype = self.cfg.dtype if len(shape) == 2 else f32  # norms stay f32, as in GGUF files
+            self._weights[name] = self.g.weight(name, shape, dtype, layer=self.layers[name])
+        return self._weights[name]
+
+    def attention(
+        self,
+        il: int,
+        x: Tensor,
+        *,
+        rope_mode: RopeMode,
+        rope_base: float,
+        freq_scale: float = 1.0,
+        qk_norm: bool = False,
+    ) -> Tensor:
+        """Q/K/V projections, optional per-head norms, rope, cache write, attention, output proj."""
+        cfg, g, n, p = self.cfg, self.g, self.n_tokens, f"blk.{il}."
+        kind = cfg.layer_kinds[il]
+        q = g.reshape(g.mul_mat(self.w(p + "attn_q.weight"), x), (n, cfg.n_head, cfg.head_dim))
+        k = g.reshape(g.mul_mat(self.w(p + "attn_k.weight"), x), (n, cfg.n_head_kv, cfg.head_dim))
+        v = g.reshape(g.mul_mat(self.w(p + "attn_v.weight"), x), (n, cfg.n_head_kv, cfg.head_dim))
+        if qk_norm:
+            q = g.rms_norm(q, self.w(p + "attn_q_norm.weight"), cfg.rms_eps)
+            k = g.rms_norm(k, self.w(p + "attn_k_norm.weight"), cfg.rms_eps)
+        q = g.rope(q, self.pos, base=rope_base, mode=rope_mode, freq_scale=freq_scale, name=f"q.{il}")
+        k = g.rope(k, self.pos, base=rope_base, mode=rope_mode, freq_scale=freq_scale, name=f"k.{il}")
+        shape = (self.slots[kind], cfg.n_head_kv, cfg.head_dim)
+        k_cache = g.state(f"cache_k.{il}", shape, self.cache_dtype)  # type: ignore[arg-type]
+        v_cache = g.state(f"cache_v.{il}", shape, self.cache_dtype)  # type: ignore[arg-type]
+        k_all = g.set_rows(k_cache, k, self.kv_idx[kind], name=f"k_write.{il}")
+        v_all = g.set_rows(v_cache, v, self.kv_idx[kind], name=f"v_write.{il}")
+        m = self.n_kv[kind]
+        if m < self.slots[kind]:
+            k_all, v_all = g.rows(k_all, 0, m), g.rows(v_all, 0, m)
+        window = cfg.sliding_window if kind == SWA else 0
+        a = g.attention(q, k_all, v_all, self.pos, self.kv_pos[kind], scale=cfg.scale, window=window, name=f"attn.{il}")
+        a = g.reshape(a, (n, cfg.n_head * cfg.head_dim))
+        return g.mul_mat(self.w(p + "attn_output.weight"), a, name=f"attn_out.{il}")
+
+    def head(self, h: Tensor, logits: Logits) -> Graph:
+        """Final norm and output matrix on the requested rows only; returns the finished graph."""
+        g, n = self.g, self.n_tokens
+        if logits == "none":
+            return self._finish([])
+        if logits == "last":
+            h = g.rows(h, n - 1, n)
+        elif logits != "all":
+            rows = [int(r) for r in logits]  # type: ignore[union-attr]
+            if not rows or any(not 0 <= r < n for r in rows):
+                raise GraphError(f"logits rows {rows} must be non-empty and within 0..{n - 1}")
+            if rows == list(range(rows[0], rows[-1] + 1)):
+                h = g.rows(h, rows[0], rows[-1] + 1)
+            else:
+                h = g.get_rows(h, g.constant("logits_rows", np.asarray(rows, np.int32)))
+        h = g.rms_norm(h, self.w("output_norm.weight"), self.cfg.rms_eps, name="result_norm")
+        return self._finish([g.mul_mat(self.w("output.weight"), h, name="logits")])
+
+    def _finish(self, outputs: list[Tensor]) -> Graph:
+        graph = self.g.build(outputs=outputs)
+        graph.meta.update(
+            {
+                "model": self.cfg.name or self.cfg.arch,
+                "arch": self.cfg.arch,
+                "n_tokens": self.n_tokens,
+                "n_kv": dict(self.n_kv),
+                "slots": dict(self.slots),
+            }
+        )
+        return graph

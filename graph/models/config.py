@@ -1,0 +1,146 @@
+"""Model hyper-parameters, named presets, and the weight names and shapes a model needs.
+
+Weight names follow GGUF (``token_embd.weight``, ``blk.N.attn_q.weight``, ...), shapes are
+NumPy order with matrices stored (out, in). The head is always ``output.weight``, tagged
+layer ``n_layer``; a model with tied embeddings binds the token embedding's array to it, so
+placement can still put the head on the GPU while the embedding stays in host memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from graph.dtypes import DType, f32
+from graph.ops import LAYER_INPUT
+
+__all__ = ["ModelConfig", "PRESETS", "preset", "weight_shapes", "weight_layers", "FULL", "SWA"]
+
+FULL = "full"
+SWA = "swa"
+"""Attention kinds of a layer: over the whole context, or over a sliding window."""
+
+ARCHES = ("llama", "gemma3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    rms_eps: float = 1e-6
+    rope_base: float = 10000.0
+    rope_freq_scale: float = 1.0
+    rope_base_swa: float = 10000.0  # gemma3: local (sliding) layers
+    sliding_window: int = 0  # 0: no sliding-window layers
+    swa_pattern: int = 0  # gemma3: every swa_pattern-th layer (1-based) is global, the rest slide
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim)
+    tied_embeddings: bool = False
+    dtype: DType = f32  # storage type of the weight matrices
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHES:
+            raise ValueError(f"unknown architecture {self.arch!r}; supported: {', '.join(ARCHES)}")
+        if self.n_head % self.n_head_kv:
+            raise ValueError(f"{self.n_head} heads are not a multiple of {self.n_head_kv} kv heads")
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """FULL or SWA for each layer."""
+        if not self.sliding_window or not self.swa_pattern:
+            return (FULL,) * self.n_layer
+        return tuple(FULL if (i + 1) % self.swa_pattern == 0 else SWA for i in range(self.n_layer))
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
+
+    def replace(self, **changes: object) -> ModelConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def n_params(self) -> int:
+        shapes = weight_shapes(self)
+        if self.tied_embeddings:
+            shapes.pop("output.weight")
+        total = 0
+        for s in shapes.values():
+            n = 1
+            for d in s:
+                n *= d
+            total += n
+        return total
+
+
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight the builders read, by GGUF name, with its NumPy shape."""
+    d, hd = cfg.n_embd, cfg.head_dim
+    out: dict[str, tuple[int, ...]] = {"token_embd.weight": (cfg.n_vocab, d)}
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        out[p + "attn_norm.weight"] = (d,)
+        out[p + "attn_q.weight"] = (cfg.n_head * hd, d)
+        out[p + "attn_k.weight"] = (cfg.n_head_kv * hd, d)
+        out[p + "attn_v.weight"] = (cfg.n_head_kv * hd, d)
+        out[p + "attn_output.weight"] = (d, cfg.n_head * hd)
+        if cfg.arch == "gemma3":
+            out[p + "attn_q_norm.weight"] = (hd,)
+            out[p + "attn_k_norm.weight"] = (hd,)
+            out[p + "post_attention_norm.weight"] = (d,)
+            out[p + "post_ffw_norm.weight"] = (d,)
+        out[p + "ffn_norm.weight"] = (d,)
+        out[p + "ffn_gate.weight"] = (cfg.n_ff, d)
+        out[p + "ffn_up.weight"] = (cfg.n_ff, d)
+        out[p + "ffn_down.weight"] = (d, cfg.n_ff)
+    out["output_norm.weight"] = (d,)
+    out["output.weight"] = (cfg.n_vocab, d)
+    return out
+
+
+def weight_layers(cfg: ModelConfig) -> dict[str, int]:
+    """The layer tag of every weight: blocks 0..n_layer-1, head n_layer, token embedding -1."""
+    tags = {}
+    for name in weight_shapes(cfg):
+        if name.startswith("blk."):
+            tags[name] = int(name.split(".")[1])
+        elif name == "token_embd.weight":
+            tags[name] = LAYER_INPUT
+        else:
+            tags[name] = cfg.n_layer
+    return tags
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Gemma 3 270M: the shape of the real GGUF (google/gemma-3-270m).
+    "gemma3-270m": ModelConfig(
+        arch="gemma3", n_vocab=262144, n_embd=640, n_layer=18, n_head=4, n_head_kv=1, head_dim=256,
+        n_ff=2048, rms_eps=1e-6, rope_base=1e6, rope_base_swa=1e4, sliding_window=512,
+        swa_pattern=6, attn_scale=256**-0.5, tied_embeddings=True, name="gemma3-270m",
+    ),
+    # Llama 2 7B shape, for streaming and offload benchmarks with generated weights.
+    "llama-7b": ModelConfig(
+        arch="llama", n_vocab=32000, n_embd=4096, n_layer=32, n_head=32, n_head_kv=32, head_dim=128,
+        n_ff=11008, rms_eps=1e-5, rope_base=10000.0, name="llama-7b",
+    ),
+    # Small shapes that run in milliseconds on the CPU: tests and the quick default benchmark.
+    "gemma3-tiny": ModelConfig(
+        arch="gemma3", n_vocab=512, n_embd=64, n_layer=3, n_head=4, n_head_kv=2, head_dim=16,
+        n_ff=128, rope_base=1e6, rope_base_swa=1e4, sliding_window=4, swa_pattern=3,
+        attn_scale=16**-0.5, tied_embeddings=True, name="gemma3-tiny",
+    ),
+    "llama-tiny": ModelConfig(
+        arch="llama", n_vocab=512, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, head_dim=16,
+        n_ff=160, rms_eps=1e-5, rope_base=10000.0, name="llama-tiny",
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown built-in model {name!r}; built-in: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,50 @@
+"""Gemma 3 decoder: embeddings scaled by sqrt(d), pre- and post-norms around attention and the
+feed-forward, per-head RMS norms on Q and K, NeoX-layout rope with a local base on sliding
+layers and a global base on full layers, GeGLU (tanh gelu). Norm weights are used as stored in
+GGUF, where the converter already folded Gemma's ``1 + w`` into them.
+"""
+
+from __future__ import annotations
+
+import math
+
+from graph.ir import Graph
+from graph.models.common import Forward, Logits
+from graph.models.config import SWA, ModelConfig
+from graph.ops import RopeMode
+
+__all__ = ["build"]
+
+
+def build(
+    cfg: ModelConfig,
+    n_tokens: int,
+    slots: dict[str, int],
+    n_kv: dict[str, int] | None = None,
+    logits: Logits = "last",
+    cache_dtype: object = None,
+) -> Graph:
+    f = Forward(cfg, n_tokens, dict(slots), dict(n_kv or {}))
+    if cache_dtype is not None:
+        f.cache_dtype = cache_dtype
+    g = f.g
+    h = g.get_rows(f.w("token_embd.weight"), f.tokens)
+    h = g.scale(h, math.sqrt(cfg.n_embd), name="inp_embd")
+    for il, kind in enumerate(cfg.layer_kinds):
+        p = f"blk.{il}."
+        local = kind == SWA
+        x = g.rms_norm(h, f.w(p + "attn_norm.weight"), cfg.rms_eps)
+        a = f.attention(
+            il, x, rope_mode=RopeMode.NEOX, qk_norm=True,
+            rope_base=cfg.rope_base_swa if local else cfg.rope_base,
+            freq_scale=1.0 if local else cfg.rope_freq_scale,
+        )
+        a = g.rms_norm(a, f.w(p + "post_attention_norm.weight"), cfg.rms_eps)
+        h = g.add(h, a, name=f"attn_res.{il}")
+        x = g.rms_norm(h, f.w(p + "ffn_norm.weight"), cfg.rms_eps)
+        gate = g.mul_mat(f.w(p + "ffn_gate.weight"), x)
+        up = g.mul_mat(f.w(p + "ffn_up.weight"), x)
+        ff = g.mul_mat(f.w(p + "ffn_down.weight"), g.geglu(gate, up))
+        ff = g.rms_norm(ff, f.w(p + "post_ffw_norm.weight"), cfg.rms_eps, name=f"ffn_out.{il}")
+        h = g.add(h, ff, name=f"l_out.{il}")
+    return f.head(h, logits)

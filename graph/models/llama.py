@@ -1,0 +1,39 @@
+"""Llama-family decoder (Llama 2/3, Mistral shapes): pre-norm, rope, grouped-query attention,
+SwiGLU feed-forward. Q/K weights are in GGUF's layout (rows permuted by the converter), so
+rope pairs adjacent dims (``RopeMode.NORMAL``), as llama.cpp does.
+"""
+
+from __future__ import annotations
+
+from graph.ir import Graph
+from graph.models.common import Forward, Logits
+from graph.models.config import ModelConfig
+from graph.ops import RopeMode
+
+__all__ = ["build"]
+
+
+def build(
+    cfg: ModelConfig,
+    n_tokens: int,
+    slots: dict[str, int],
+    n_kv: dict[str, int] | None = None,
+    logits: Logits = "last",
+    cache_dtype: object = None,
+) -> Graph:
+    f = Forward(cfg, n_tokens, dict(slots), dict(n_kv or {}))
+    if cache_dtype is not None:
+        f.cache_dtype = cache_dtype
+    g = f.g
+    h = g.get_rows(f.w("token_embd.weight"), f.tokens, name="inp_embd")
+    for il in range(cfg.n_layer):
+        p = f"blk.{il}."
+        x = g.rms_norm(h, f.w(p + "attn_norm.weight"), cfg.rms_eps)
+        a = f.attention(il, x, rope_mode=RopeMode.NORMAL, rope_base=cfg.rope_base, freq_scale=cfg.rope_freq_scale)
+        h = g.add(h, a, name=f"attn_res.{il}")
+        x = g.rms_norm(h, f.w(p + "ffn_norm.weight"), cfg.rms_eps)
+        gate = g.mul_mat(f.w(p + "ffn_gate.weight"), x)
+        up = g.mul_mat(f.w(p + "ffn_up.weight"), x)
+        ff = g.mul_mat(f.w(p + "ffn_down.weight"), g.swiglu(gate, up), name=f"ffn_out.{il}")
+        h = g.add(h, ff, name=f"l_out.{il}")
+    return f.head(h, logits)
