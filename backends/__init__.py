@@ -11,7 +11,14 @@ import importlib
 
 from backends.base import COMPUTE_OPS, Backend, BackendError
 
-__all__ = ["get_backend", "available_backends", "best_backend", "Backend", "BackendError", "COMPUTE_OPS"]
+__all__ = [
+    "get_backend",
+    "available_backends",
+    "best_backend",
+    "Backend",
+    "BackendError",
+    "COMPUTE_OPS",
+]
 
 # name -> (module, class, how to get it)
 _REGISTRY: dict[str, tuple[str, str, str]] = {

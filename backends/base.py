@@ -20,7 +20,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from graph.dtypes import DType
-from graph.ir import Node
 from graph.ops import LEAF_OPS, VIEW_OPS, Op
 
 __all__ = ["Backend", "Kernel", "Stream", "Event", "BackendError", "COMPUTE_OPS"]
@@ -59,7 +58,12 @@ class Backend(ABC):
 
     @abstractmethod
     def view(
-        self, buf: Array, byte_offset: int, shape: tuple[int, ...], dtype: DType, strides: tuple[int, ...]
+        self,
+        buf: Array,
+        byte_offset: int,
+        shape: tuple[int, ...],
+        dtype: DType,
+        strides: tuple[int, ...],
     ) -> Array:
         """An array over ``buf`` at ``byte_offset`` with element ``strides``; no copy."""
 

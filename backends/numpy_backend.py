@@ -41,7 +41,9 @@ def k_cast(node: Node, out: np.ndarray, x: np.ndarray) -> None:
 def k_get_rows(node: Node, out: np.ndarray, table: np.ndarray, idx: np.ndarray) -> None:
     n_rows = table.shape[0]
     if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
-        raise IndexError(f"row index out of range 0..{n_rows - 1}: {idx[(idx < 0) | (idx >= n_rows)][:8]}")
+        raise IndexError(
+            f"row index out of range 0..{n_rows - 1}: {idx[(idx < 0) | (idx >= n_rows)][:8]}"
+        )
     out[...] = _f32(table[idx])
 
 
@@ -150,10 +152,14 @@ def k_swiglu(node: Node, out: np.ndarray, gate: np.ndarray, up: np.ndarray) -> N
     _store(out, silu(_f32(gate)) * _f32(up))
 
 
-def k_set_rows(node: Node, out: np.ndarray, dst: np.ndarray, src: np.ndarray, idx: np.ndarray) -> None:
+def k_set_rows(
+    node: Node, out: np.ndarray, dst: np.ndarray, src: np.ndarray, idx: np.ndarray
+) -> None:
     n_rows = out.shape[0]
     if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
-        raise IndexError(f"cache row index out of range 0..{n_rows - 1}: {idx[(idx < 0) | (idx >= n_rows)][:8]}")
+        raise IndexError(
+            f"cache row index out of range 0..{n_rows - 1}: {idx[(idx < 0) | (idx >= n_rows)][:8]}"
+        )
     out[idx] = src  # out is dst itself (the node aliases its destination)
 
 
@@ -203,11 +209,20 @@ class NumpyBackend(Backend):
         return np.zeros(max(int(nbytes), 1), dtype=np.uint8)
 
     def view(
-        self, buf: Array, byte_offset: int, shape: tuple[int, ...], dtype: DType, strides: tuple[int, ...]
+        self,
+        buf: Array,
+        byte_offset: int,
+        shape: tuple[int, ...],
+        dtype: DType,
+        strides: tuple[int, ...],
     ) -> np.ndarray:
         nd = dtype.numpy
         return np.ndarray(
-            shape, dtype=nd, buffer=buf, offset=byte_offset, strides=tuple(s * nd.itemsize for s in strides)
+            shape,
+            dtype=nd,
+            buffer=buf,
+            offset=byte_offset,
+            strides=tuple(s * nd.itemsize for s in strides),
         )
 
     def from_host(self, host: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """The passes that decide and the executor that runs: memory planning, execution, model sessions.
 
-    import engine
-    out = engine.run(graph, inputs={...}, weights={...}, backend="numpy")
-    plan = engine.memory.plan(graph); print(plan)
+import engine
+out = engine.run(graph, inputs={...}, weights={...}, backend="numpy")
+plan = engine.memory.plan(graph); print(plan)
 """
 
 from engine import memory

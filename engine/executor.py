@@ -79,7 +79,9 @@ class Executor:
                 arrays[n.id] = be.view(self.arena, offsets[n.id], n.shape, n.dtype, n.strides)
         self._arrays = arrays
 
-        missing = sorted(op.name for op in {n.op for n in nodes} if op in COMPUTE_OPS and op not in be.kernels)
+        missing = sorted(
+            op.name for op in {n.op for n in nodes} if op in COMPUTE_OPS and op not in be.kernels
+        )
         if missing:
             raise GraphError(f"backend {be.name} has no kernel for {', '.join(sorted(missing))}")
         self._steps: list[tuple[Any, Node, Array, tuple[Array, ...]]] = [
@@ -96,14 +98,17 @@ class Executor:
         need = self.graph.weights
         absent = [n.name for n in need if n.name not in weights]
         if absent:
-            shown = ", ".join(absent[:6]) + (f" and {len(absent) - 6} more" if len(absent) > 6 else "")
+            shown = ", ".join(absent[:6]) + (
+                f" and {len(absent) - 6} more" if len(absent) > 6 else ""
+            )
             raise GraphError(f"missing {len(absent)} weight(s): {shown}")
         for n in need:
             w = weights[n.name]
             shape = tuple(getattr(w, "shape", ()))
             if shape != n.shape:
                 raise GraphError(
-                    f"weight {n.name} has shape {_shape_text(shape)}, the graph expects {_shape_text(n.shape)}"
+                    f"weight {n.name} has shape {_shape_text(shape)}, "
+                    f"the graph expects {_shape_text(n.shape)}"
                 )
             if n.dtype.is_quantized:
                 raise GraphError(
@@ -117,7 +122,9 @@ class Executor:
                 self.weights[n.name] = self.backend.from_host(host)
             else:  # already a backend array
                 if str(w.dtype) != str(n.dtype.numpy):
-                    raise GraphError(f"weight {n.name} is {w.dtype}, the graph expects {n.dtype.name}")
+                    raise GraphError(
+                        f"weight {n.name} is {w.dtype}, the graph expects {n.dtype.name}"
+                    )
                 self.weights[n.name] = w
 
     def _bind_states(self, states: Mapping[str, Array]) -> None:
@@ -136,15 +143,20 @@ class Executor:
     def set_inputs(self, inputs: Mapping[str, Any]) -> None:
         extra = set(inputs) - set(self._inputs)
         if extra:
-            raise GraphError(f"unknown input(s) {sorted(extra)}; the graph takes {sorted(self._inputs)}")
+            raise GraphError(
+                f"unknown input(s) {sorted(extra)}; the graph takes {sorted(self._inputs)}"
+            )
         for name, (node, dst) in self._inputs.items():
             if name not in inputs:
-                raise GraphError(f"missing input {name} {_shape_text(node.shape)} {node.dtype.name}")
+                raise GraphError(
+                    f"missing input {name} {_shape_text(node.shape)} {node.dtype.name}"
+                )
             value = inputs[name]
             shape = tuple(np.shape(value))
             if shape != node.shape:
                 raise GraphError(
-                    f"input {name} has shape {_shape_text(shape)}, the graph expects {_shape_text(node.shape)}"
+                    f"input {name} has shape {_shape_text(shape)}, "
+                    f"the graph expects {_shape_text(node.shape)}"
                 )
             self.backend.copy_from_host(dst, np.asarray(value))
 
@@ -165,7 +177,9 @@ class Executor:
                 kernel(node, out, *srcs)
         except Exception as e:
             node = self._steps[i][1]
-            raise RuntimeError(f"{node.op.name} {node.label} {_shape_text(node.shape)} failed: {e}") from e
+            raise RuntimeError(
+                f"{node.op.name} {node.label} {_shape_text(node.shape)} failed: {e}"
+            ) from e
 
     def _launch_debug(self) -> None:
         for kernel, node, out, srcs in self._steps:

@@ -37,7 +37,9 @@ class Allocation:
         """True if the two share a byte while both are live."""
         if not self.size or not other.size:
             return False
-        bytes_meet = self.offset < other.offset + other.size and other.offset < self.offset + self.size
+        bytes_meet = (
+            self.offset < other.offset + other.size and other.offset < self.offset + self.size
+        )
         # `b` may take `a`'s bytes at the very step `a` dies only if `b` is written later;
         # a node's result is placed before its inputs are freed, so equal steps conflict.
         live_meet = self.first <= other.last and other.first <= self.last
@@ -67,7 +69,9 @@ class MemoryPlan:
             for b in by_offset[i + 1 :]:
                 if b.offset >= a.offset + a.size:
                     break
-                assert not a.overlaps(b), f"nodes {a.node} and {b.node} share bytes while both are live"
+                assert not a.overlaps(b), (
+                    f"nodes {a.node} and {b.node} share bytes while both are live"
+                )
         assert self.max_live_bytes <= self.arena_bytes <= self.total_bytes
 
     def __str__(self) -> str:
@@ -76,17 +80,15 @@ class MemoryPlan:
             f"{self.total_bytes:,} B without reuse), {len(self.allocations)} allocations"
         ]
         for a in self.allocations:
-            lines.append(f"  %{a.node:<5} @ {a.offset:>12,}  {a.size:>12,} B  live {a.first}..{a.last}")
+            lines.append(
+                f"  %{a.node:<5} @ {a.offset:>12,}  {a.size:>12,} B  live {a.first}..{a.last}"
+            )
         return "\n".join(lines)
 
 
 def arena_nodes(graph: Graph) -> list[int]:
     """Ids of the nodes whose values live in the arena."""
-    return [
-        n.id
-        for n in graph.nodes
-        if n.op is Op.INPUT or not (n.is_leaf or n.op in ALIAS_OPS)
-    ]
+    return [n.id for n in graph.nodes if n.op is Op.INPUT or not (n.is_leaf or n.op in ALIAS_OPS)]
 
 
 def _aligned(n: int) -> int:
@@ -119,7 +121,7 @@ def plan(graph: Graph) -> MemoryPlan:
     def take(nbytes: int) -> int:
         nonlocal top
         best = None
-        for j, (off, sz) in enumerate(free):
+        for j, (_, sz) in enumerate(free):
             if sz >= nbytes and (best is None or sz < free[best][1]):
                 best = j
         if best is None:

@@ -78,7 +78,9 @@ class Session:
             w = weights[name]
             want = (self.cfg.dtype if len(shape) == 2 else f32).numpy
             if tuple(w.shape) != shape:
-                raise GraphError(f"weight {name} has shape {tuple(w.shape)}, the graph expects {shape}")
+                raise GraphError(
+                    f"weight {name} has shape {tuple(w.shape)}, the graph expects {shape}"
+                )
             if id(w) not in uploaded:
                 host = np.ascontiguousarray(np.asarray(w).astype(want, copy=False))
                 uploaded[id(w)] = self.backend.from_host(host)
@@ -94,7 +96,8 @@ class Session:
     def _rows(self, kind: str, pos: np.ndarray) -> np.ndarray:
         return pos if kind == FULL else pos % self.slots[kind]
 
-    def _n_kv(self, n_end: int) -> dict[str, int]:
+    def n_kv_for(self, n_end: int) -> dict[str, int]:
+        """Rows each attention kind attends to once ``n_end`` positions are filled."""
         out = {}
         for kind, n in self.slots.items():
             out[kind] = min(n, -(-n_end // KV_PAD) * KV_PAD) if kind == FULL else n
@@ -103,7 +106,11 @@ class Session:
     # -- running ---------------------------------------------------------------------------------
     def executor(self, n_tokens: int, n_kv: Mapping[str, int], logits: Any = "last") -> Executor:
         """The executor for this chunk shape, built on first use and kept."""
-        key = (n_tokens, tuple(sorted(n_kv.items())), logits if isinstance(logits, str) else tuple(logits))
+        key = (
+            n_tokens,
+            tuple(sorted(n_kv.items())),
+            logits if isinstance(logits, str) else tuple(logits),
+        )
         ex = self._executors.get(key)
         if ex is None:
             graph = build(self.cfg, n_tokens, self.slots, dict(n_kv), logits, self.cache_dtype)
@@ -111,12 +118,9 @@ class Session:
             self._executors[key] = ex
         return ex
 
-    def forward(self, tokens: Sequence[int], logits: Any = "last") -> np.ndarray | None:
-        """Process one chunk of at most ``n_batch`` tokens at the current position."""
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    def _check(self, ids: np.ndarray) -> None:
+        """Refuse tokens that would overflow the context or are not in the vocabulary."""
         n = len(ids)
-        if not 0 < n <= self.n_batch:
-            raise ValueError(f"a chunk holds 1..{self.n_batch} tokens, got {n}")
         if self.n_past + n > self.n_ctx:
             raise ValueError(
                 f"context full: {self.n_past} + {n} tokens exceed n_ctx={self.n_ctx}; "
@@ -124,8 +128,16 @@ class Session:
             )
         if ids.min() < 0 or ids.max() >= self.cfg.n_vocab:
             raise ValueError(f"token ids must be in 0..{self.cfg.n_vocab - 1}")
+
+    def forward(self, tokens: Sequence[int], logits: Any = "last") -> np.ndarray | None:
+        """Process one chunk of at most ``n_batch`` tokens at the current position."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n = len(ids)
+        if not 0 < n <= self.n_batch:
+            raise ValueError(f"a chunk holds 1..{self.n_batch} tokens, got {n}")
+        self._check(ids)
         pos = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
-        n_kv = self._n_kv(self.n_past + n)
+        n_kv = self.n_kv_for(self.n_past + n)
         inputs: dict[str, np.ndarray] = {"tokens": ids.astype(np.int32), "pos": pos}
         saved = {k: v.copy() for k, v in self.row_pos.items()}
         for kind in self.slots:
@@ -151,6 +163,7 @@ class Session:
         ids = list(tokens)
         if not ids:
             raise ValueError("prefill needs at least one token")
+        self._check(np.asarray(ids, dtype=np.int64))  # the whole prompt, before any chunk runs
         out = None
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start : start + self.n_batch]

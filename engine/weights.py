@@ -16,8 +16,10 @@ from graph.models.config import ModelConfig, weight_shapes
 __all__ = ["random_weights", "tie_output"]
 
 
-def random_weights(cfg: ModelConfig, seed: int = 0, dtype: DType | str | None = None) -> dict[str, np.ndarray]:
-    """A full set of weights for ``cfg`` in ``dtype`` (default: the config's) for matrices; f32 norms."""
+def random_weights(
+    cfg: ModelConfig, seed: int = 0, dtype: DType | str | None = None
+) -> dict[str, np.ndarray]:
+    """All weights of ``cfg``: matrices in ``dtype`` (default: the config's), norms in f32."""
     mat_dtype = dtype_of(dtype) if dtype is not None else cfg.dtype
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}

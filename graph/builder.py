@@ -120,12 +120,16 @@ class GraphBuilder:
 
     def weight(self, name: str, shape: Sequence[int], dtype: DType | str, layer: int) -> Tensor:
         """A tensor bound once; ``layer`` drives placement (head = n_layer, embedding = -1)."""
-        return self._add(Op.WEIGHT, [], WeightParams(int(layer)), name, tuple(shape), dtype_of(dtype))
+        return self._add(
+            Op.WEIGHT, [], WeightParams(int(layer)), name, tuple(shape), dtype_of(dtype)
+        )
 
     def constant(self, name: str, value: np.ndarray, dtype: DType | str | None = None) -> Tensor:
         """A small tensor whose bytes are stored in the graph (and its JSON)."""
         dt = dtype_of(dtype if dtype is not None else value.dtype)
-        arr = np.ascontiguousarray(np.asarray(value).astype(dt.numpy).astype(dt.numpy.newbyteorder("<")))
+        arr = np.ascontiguousarray(
+            np.asarray(value).astype(dt.numpy).astype(dt.numpy.newbyteorder("<"))
+        )
         return self._add(Op.CONSTANT, [], ConstantParams(arr.tobytes()), name, arr.shape, dt)
 
     def state(self, name: str, shape: Sequence[int], dtype: DType | str) -> Tensor:
@@ -154,7 +158,12 @@ class GraphBuilder:
         return self.permute(x, axes, name)
 
     def view(
-        self, x: Tensor, shape: Sequence[int], strides: Sequence[int], offset: int = 0, name: str = ""
+        self,
+        x: Tensor,
+        shape: Sequence[int],
+        strides: Sequence[int],
+        offset: int = 0,
+        name: str = "",
     ) -> Tensor:
         """A view with explicit element strides and offset into the contiguous ``x``."""
         p = ViewParams(tuple(int(d) for d in shape), tuple(int(s) for s in strides), int(offset))
@@ -190,7 +199,9 @@ class GraphBuilder:
     def scale(self, x: Tensor, s: float, name: str = "") -> Tensor:
         return self._add(Op.SCALE, [x], ScaleParams(float(s)), name)
 
-    def rms_norm(self, x: Tensor, w: Tensor | None = None, eps: float = 1e-6, name: str = "") -> Tensor:
+    def rms_norm(
+        self, x: Tensor, w: Tensor | None = None, eps: float = 1e-6, name: str = ""
+    ) -> Tensor:
         return self._add(Op.RMS_NORM, [x] if w is None else [x, w], RmsNormParams(float(eps)), name)
 
     def mul_mat(self, a: Tensor, b: Tensor, name: str = "") -> Tensor:
@@ -210,7 +221,9 @@ class GraphBuilder:
     ) -> Tensor:
         mode = RopeMode(mode) if isinstance(mode, str) else mode
         nd = x.shape[-1] if n_dims is None else int(n_dims)
-        return self._add(Op.ROPE, [x, pos], RopeParams(mode, nd, float(base), float(freq_scale)), name)
+        return self._add(
+            Op.ROPE, [x, pos], RopeParams(mode, nd, float(base), float(freq_scale)), name
+        )
 
     def attention(
         self,

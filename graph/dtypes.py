@@ -104,7 +104,8 @@ _NUMPY: dict[str, np.dtype] = {
 }
 
 DTYPES: dict[str, DType] = {
-    d.name: d for d in (f32, f16, bf16, i32, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k)
+    d.name: d
+    for d in (f32, f16, bf16, i32, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k)
 }
 FLOAT_DTYPES: tuple[DType, ...] = (f32, f16, bf16)
 
@@ -122,4 +123,6 @@ def dtype_of(x: str | np.dtype | DType | type) -> DType:
     for name, npd in _NUMPY.items():
         if npd == nd:
             return DTYPES[name]
-    raise TypeError(f"NumPy dtype {nd} has no streamgraph equivalent; use one of f32, f16, bf16, i32")
+    raise TypeError(
+        f"NumPy dtype {nd} has no streamgraph equivalent; use one of f32, f16, bf16, i32"
+    )

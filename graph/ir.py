@@ -45,7 +45,7 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Node:
-    """One tensor of the graph: a leaf (input, weight, constant, state) or an op on earlier nodes."""
+    """One tensor: a leaf (input, weight, constant, state) or an op on earlier nodes."""
 
     id: int
     op: Op
@@ -106,7 +106,8 @@ class Node:
             extra += f"  (alias of %{self.base}+{self.offset})"
         name = f"  '{self.name}'" if self.name else ""
         shape = "(" + ", ".join(map(str, self.shape)) + ")"
-        return f"%{self.id:<4} {self.op.name:<9} {shape:<18} {self.dtype.name:<5} <- {srcs}{name}{extra}"
+        head = f"%{self.id:<4} {self.op.name:<9} {shape:<18} {self.dtype.name:<5}"
+        return f"{head} <- {srcs}{name}{extra}"
 
 
 def _params_text(p: Params) -> str:
@@ -163,11 +164,15 @@ def make_node(
     src_nodes = [nodes[s] for s in srcs]
     out_shape, out_dtype = INFER[op](op, params, [n.meta() for n in src_nodes])
     if shape is not None and tuple(shape) != out_shape:
-        raise GraphError(f"{op.name} '{name or nid}' declares shape {tuple(shape)}, inferred {out_shape}")
+        raise GraphError(
+            f"{op.name} '{name or nid}' declares shape {tuple(shape)}, inferred {out_shape}"
+        )
     if dtype is not None and dtype != out_dtype:
         raise GraphError(f"{op.name} '{name or nid}' declares dtype {dtype}, inferred {out_dtype}")
     if op not in ALIAS_OPS:
-        return Node(nid, op, srcs, out_shape, out_dtype, params, name, contiguous_strides(out_shape), 0, nid)
+        return Node(
+            nid, op, srcs, out_shape, out_dtype, params, name, contiguous_strides(out_shape), 0, nid
+        )
     src = src_nodes[0]
     if isinstance(params, PermuteParams):
         strides = tuple(src.strides[a] for a in params.axes)
@@ -256,13 +261,20 @@ class Graph:
                 raise GraphError(f"output {o} is not a node (0..{len(self.nodes) - 1})")
         for st in self.states:
             readers = self.consumers[st.id]
-            writes = [c for c in readers if self.nodes[c].op is Op.SET_ROWS and self.nodes[c].srcs[0] == st.id]
+            writes = [
+                c
+                for c in readers
+                if self.nodes[c].op is Op.SET_ROWS and self.nodes[c].srcs[0] == st.id
+            ]
             if len(writes) > 1:
-                raise GraphError(f"state {st.name} is written by {len(writes)} SET_ROWS; at most one")
+                raise GraphError(
+                    f"state {st.name} is written by {len(writes)} SET_ROWS; at most one"
+                )
             if writes and len(readers) > 1:
                 raise GraphError(
                     f"state {st.name} is read directly by "
-                    f"{[self.nodes[c].label for c in readers if c not in writes]} besides its write; "
+                    f"{[self.nodes[c].label for c in readers if c not in writes]} "
+                    "besides its write; "
                     "read the SET_ROWS result instead so the read is ordered after the write"
                 )
 
@@ -284,8 +296,16 @@ class Graph:
                 remap[n.id] = len(nodes)
                 nodes.append(
                     Node(
-                        len(nodes), n.op, tuple(remap[s] for s in n.srcs), n.shape, n.dtype,
-                        n.params, n.name, n.strides, n.offset, remap[n.base],
+                        len(nodes),
+                        n.op,
+                        tuple(remap[s] for s in n.srcs),
+                        n.shape,
+                        n.dtype,
+                        n.params,
+                        n.name,
+                        n.strides,
+                        n.offset,
+                        remap[n.base],
                     )
                 )
         return Graph(tuple(nodes), tuple(remap[o] for o in self.outputs), dict(self.meta))
@@ -297,7 +317,8 @@ class Graph:
             ops[n.op.name] = ops.get(n.op.name, 0) + 1
         wbytes = sum(n.nbytes for n in self.weights)
         return (
-            f"Graph: {len(self.nodes)} nodes, {len(self.inputs)} inputs, {len(self.weights)} weights "
+            f"Graph: {len(self.nodes)} nodes, {len(self.inputs)} inputs, "
+            f"{len(self.weights)} weights "
             f"({wbytes / 2**20:.2f} MiB), {len(self.states)} states, outputs "
             f"{[self.nodes[o].label for o in self.outputs]}"
         )

@@ -300,8 +300,10 @@ def _view(op: Op, p: ViewParams, s: list[TensorMeta]) -> Inferred:
         last = p.offset + sum((d - 1) * st for d, st in zip(p.shape, p.strides, strict=True))
         if last >= math.prod(s[0].shape):
             raise _fail(
-                op, s, f"view shape {p.shape} strides {p.strides} offset {p.offset} reads "
-                f"element {last}, past the source's {math.prod(s[0].shape)}"
+                op,
+                s,
+                f"view shape {p.shape} strides {p.strides} offset {p.offset} reads "
+                f"element {last}, past the source's {math.prod(s[0].shape)}",
             )
     return p.shape, s[0].dtype
 

@@ -47,7 +47,9 @@ def _params_from_json(op: Op, raw: Any, where: str) -> Params:
             raise GraphError(f"{where}: {op.name} takes no params, got {raw!r}")
         return None
     if not isinstance(raw, dict):
-        raise GraphError(f"{where}: {op.name} needs params {[f.name for f in dataclasses.fields(cls)]}")
+        raise GraphError(
+            f"{where}: {op.name} needs params {[f.name for f in dataclasses.fields(cls)]}"
+        )
     names = {f.name for f in dataclasses.fields(cls)}
     required = {
         f.name
@@ -106,7 +108,9 @@ def from_dict(doc: Any) -> Graph:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise GraphError(f"not a streamgraph graph: expected an object with format {FORMAT!r}")
     if doc.get("version") != VERSION:
-        raise GraphError(f"graph format version {doc.get('version')!r} is not supported (want {VERSION})")
+        raise GraphError(
+            f"graph format version {doc.get('version')!r} is not supported (want {VERSION})"
+        )
     raw_nodes, outputs = doc.get("nodes"), doc.get("outputs")
     if not isinstance(raw_nodes, list) or not isinstance(outputs, list):
         raise GraphError("a graph needs a 'nodes' list and an 'outputs' list")
@@ -127,7 +131,9 @@ def from_dict(doc: Any) -> Graph:
             raise GraphError(f"{where}: unknown dtype {raw['dtype']!r}; known: {', '.join(DTYPES)}")
         srcs, shape = raw["srcs"], raw["shape"]
         for what, v in (("srcs", srcs), ("shape", shape)):
-            if not isinstance(v, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
+            if not isinstance(v, list) or not all(
+                isinstance(e, int) and not isinstance(e, bool) for e in v
+            ):
                 raise GraphError(f"{where}: {what} must be a list of ints, got {v!r}")
         name = raw.get("name", "")
         if not isinstance(name, str):
@@ -160,4 +166,3 @@ def from_json(text: str | bytes) -> Graph:
     except json.JSONDecodeError as e:
         raise GraphError(f"graph JSON does not parse: {e}") from None
     return from_dict(doc)
-

@@ -1,8 +1,8 @@
 """Model builders: a config in, a forward ``Graph`` out, weights named as in GGUF.
 
-    from graph.models import build, preset, kv_slots
-    cfg = preset("gemma3-tiny")
-    graph = build(cfg, n_tokens=8, slots=kv_slots(cfg, n_ctx=64, n_batch=8))
+from graph.models import build, preset, kv_slots
+cfg = preset("gemma3-tiny")
+graph = build(cfg, n_tokens=8, slots=kv_slots(cfg, n_ctx=64, n_batch=8))
 """
 
 from __future__ import annotations
@@ -10,7 +10,15 @@ from __future__ import annotations
 from graph.ir import Graph
 from graph.models import gemma3, llama
 from graph.models.common import Logits, kv_slots
-from graph.models.config import FULL, PRESETS, SWA, ModelConfig, preset, weight_layers, weight_shapes
+from graph.models.config import (
+    FULL,
+    PRESETS,
+    SWA,
+    ModelConfig,
+    preset,
+    weight_layers,
+    weight_shapes,
+)
 
 __all__ = [
     "ModelConfig",

@@ -75,7 +75,9 @@ class Forward:
                 raise GraphError(f"no cache size given for {kind} attention layers")
             m = self.n_kv.get(kind, self.slots[kind])
             if not 0 < m <= self.slots[kind]:
-                raise GraphError(f"n_kv for {kind} layers is {m}; it must be in 1..{self.slots[kind]}")
+                raise GraphError(
+                    f"n_kv for {kind} layers is {m}; it must be in 1..{self.slots[kind]}"
+                )
             self.n_kv[kind] = m
             self.kv_idx[kind] = g.input(f"kv_idx.{kind}", (n,), i32)
             self.kv_pos[kind] = g.input(f"kv_pos.{kind}", (m,), i32)
@@ -107,8 +109,12 @@ class Forward:
         if qk_norm:
             q = g.rms_norm(q, self.w(p + "attn_q_norm.weight"), cfg.rms_eps)
             k = g.rms_norm(k, self.w(p + "attn_k_norm.weight"), cfg.rms_eps)
-        q = g.rope(q, self.pos, base=rope_base, mode=rope_mode, freq_scale=freq_scale, name=f"q.{il}")
-        k = g.rope(k, self.pos, base=rope_base, mode=rope_mode, freq_scale=freq_scale, name=f"k.{il}")
+        q = g.rope(
+            q, self.pos, base=rope_base, mode=rope_mode, freq_scale=freq_scale, name=f"q.{il}"
+        )
+        k = g.rope(
+            k, self.pos, base=rope_base, mode=rope_mode, freq_scale=freq_scale, name=f"k.{il}"
+        )
         shape = (self.slots[kind], cfg.n_head_kv, cfg.head_dim)
         k_cache = g.state(f"cache_k.{il}", shape, self.cache_dtype)  # type: ignore[arg-type]
         v_cache = g.state(f"cache_v.{il}", shape, self.cache_dtype)  # type: ignore[arg-type]
@@ -118,7 +124,16 @@ class Forward:
         if m < self.slots[kind]:
             k_all, v_all = g.rows(k_all, 0, m), g.rows(v_all, 0, m)
         window = cfg.sliding_window if kind == SWA else 0
-        a = g.attention(q, k_all, v_all, self.pos, self.kv_pos[kind], scale=cfg.scale, window=window, name=f"attn.{il}")
+        a = g.attention(
+            q,
+            k_all,
+            v_all,
+            self.pos,
+            self.kv_pos[kind],
+            scale=cfg.scale,
+            window=window,
+            name=f"attn.{il}",
+        )
         a = g.reshape(a, (n, cfg.n_head * cfg.head_dim))
         return g.mul_mat(self.w(p + "attn_output.weight"), a, name=f"attn_out.{il}")
 

@@ -35,7 +35,10 @@ def build(
         local = kind == SWA
         x = g.rms_norm(h, f.w(p + "attn_norm.weight"), cfg.rms_eps)
         a = f.attention(
-            il, x, rope_mode=RopeMode.NEOX, qk_norm=True,
+            il,
+            x,
+            rope_mode=RopeMode.NEOX,
+            qk_norm=True,
             rope_base=cfg.rope_base_swa if local else cfg.rope_base,
             freq_scale=1.0 if local else cfg.rope_freq_scale,
         )

@@ -29,7 +29,13 @@ def build(
     for il in range(cfg.n_layer):
         p = f"blk.{il}."
         x = g.rms_norm(h, f.w(p + "attn_norm.weight"), cfg.rms_eps)
-        a = f.attention(il, x, rope_mode=RopeMode.NORMAL, rope_base=cfg.rope_base, freq_scale=cfg.rope_freq_scale)
+        a = f.attention(
+            il,
+            x,
+            rope_mode=RopeMode.NORMAL,
+            rope_base=cfg.rope_base,
+            freq_scale=cfg.rope_freq_scale,
+        )
         h = g.add(h, a, name=f"attn_res.{il}")
         x = g.rms_norm(h, f.w(p + "ffn_norm.weight"), cfg.rms_eps)
         gate = g.mul_mat(f.w(p + "ffn_gate.weight"), x)

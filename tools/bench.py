@@ -1,0 +1,236 @@
+"""``streamgraph bench``: prompt-processing and generation speed, in llama-bench's conventions.
+
+    streamgraph bench                          # gemma3-270m shape, generated weights, best backend
+    streamgraph bench -m llama-tiny -p 32,128 -n 16 -r 5 -o json
+
+Tests are named as llama-bench names them: ``pp<N>`` processes an N-token prompt in one pass
+from an empty cache; ``tg<N>`` generates N tokens one at a time (greedy, after a one-token
+prompt). Each test runs once to warm up (executors are built then), then ``-r`` timed
+repetitions; the table shows tokens/s as mean ± sample standard deviation. Progress goes to
+stderr, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from backends import best_backend, get_backend
+from engine.session import Session
+from engine.weights import random_weights
+from graph.dtypes import dtype_of
+from graph.models import PRESETS, preset
+
+__all__ = ["BenchResult", "run_bench", "add_arguments", "main"]
+
+
+@dataclass(frozen=True, slots=True)
+class BenchResult:
+    model: str
+    size_mib: float
+    params_m: float
+    backend: str
+    dtype: str
+    test: str
+    n_tokens: int
+    reps: int
+    ts_mean: float  # tokens/s
+    ts_sd: float
+    launches: int  # kernel launches per forward pass of this test's graph
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"token counts must be >= 0, got {text!r}")
+    return vals
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-m",
+        "--model",
+        default="gemma3-270m",
+        choices=sorted(PRESETS),
+        help="built-in architecture, run with generated weights (default: gemma3-270m)",
+    )
+    p.add_argument(
+        "-p", "--n-prompt", type=_ints, default=[64], help="prompt lengths, e.g. 64,512 (0: none)"
+    )
+    p.add_argument(
+        "-n", "--n-gen", type=_ints, default=[16], help="tokens to generate, e.g. 16,128 (0: none)"
+    )
+    p.add_argument(
+        "-r", "--repetitions", type=int, default=3, help="timed repetitions per test (default 3)"
+    )
+    p.add_argument("--backend", default=None, help="numpy or cupy (default: the best one present)")
+    p.add_argument(
+        "--dtype", default="f32", help="weight storage type: f32, f16 or bf16 (default f32)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated weights")
+    p.add_argument(
+        "-o", "--output", default="md", choices=["md", "json", "jsonl", "csv"], help="output format"
+    )
+
+
+def run_bench(
+    model: str,
+    n_prompt: Sequence[int],
+    n_gen: Sequence[int],
+    reps: int,
+    backend: str | None = None,
+    dtype: str = "f32",
+    seed: int = 0,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+) -> list[BenchResult]:
+    if reps < 1:
+        raise ValueError(f"repetitions must be at least 1, got {reps}")
+    be = get_backend(backend or best_backend())
+    cfg = preset(model).replace(dtype=dtype_of(dtype))
+    log(f"generating {cfg.n_params() / 1e6:.2f}M {dtype} weights for {model} ...")
+    weights = random_weights(cfg, seed)
+    size_mib = (
+        sum(
+            w.nbytes
+            for k, w in weights.items()
+            if not (k == "output.weight" and cfg.tied_embeddings)
+        )
+        / 2**20
+    )
+    n_ctx = max([*n_prompt, 0]) + max([*n_gen, 0]) + 1
+    sess = Session(cfg, weights, be, n_ctx=n_ctx, n_batch=max([*n_prompt, 1]))
+    rng = np.random.default_rng(seed)
+    results = []
+
+    def record(test: str, n: int, secs: list[float], launches: int) -> None:
+        rates = [n / s for s in secs]
+        sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
+        results.append(
+            BenchResult(
+                model,
+                round(size_mib, 2),
+                round(cfg.n_params() / 1e6, 2),
+                be.name,
+                dtype,
+                test,
+                n,
+                reps,
+                statistics.fmean(rates),
+                sd,
+                launches,
+            )
+        )
+        log(f"  {test}: {results[-1].ts_mean:.2f} ± {sd:.2f} t/s")
+
+    for n in n_prompt:
+        if n == 0:
+            continue
+        prompt = [int(t) for t in rng.integers(0, cfg.n_vocab, n)]
+
+        def pp(prompt: list[int] = prompt) -> float:
+            sess.reset()
+            t0 = time.perf_counter()
+            sess.prefill(prompt)
+            return time.perf_counter() - t0
+
+        log(f"pp{n}: warm-up + {reps} repetitions")
+        pp()
+        record(
+            f"pp{n}", n, [pp() for _ in range(reps)], sess.executor(n, sess.n_kv_for(n)).n_launches
+        )
+    for n in n_gen:
+        if n == 0:
+            continue
+
+        def tg(n: int = n) -> float:
+            sess.reset()
+            tok = int(np.argmax(sess.prefill([1])))
+            t0 = time.perf_counter()
+            for _ in range(n):
+                tok = int(np.argmax(sess.decode(tok)))
+            return time.perf_counter() - t0
+
+        log(f"tg{n}: warm-up + {reps} repetitions")
+        tg()
+        record(
+            f"tg{n}",
+            n,
+            [tg() for _ in range(reps)],
+            sess.executor(1, sess.n_kv_for(n + 1)).n_launches,
+        )
+    return results
+
+
+def format_results(results: list[BenchResult], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps([asdict(r) for r in results], indent=2)
+    if fmt == "jsonl":
+        return "\n".join(json.dumps(asdict(r)) for r in results)
+    cols = ["model", "size", "params", "backend", "dtype", "test", "t/s", "launches"]
+    rows = [
+        [
+            r.model,
+            f"{r.size_mib:.2f} MiB",
+            f"{r.params_m:.2f} M",
+            r.backend,
+            r.dtype,
+            r.test,
+            f"{r.ts_mean:.2f} ± {r.ts_sd:.2f}",
+            str(r.launches),
+        ]
+        for r in results
+    ]
+    if fmt == "csv":
+        head = "model,size_mib,params_m,backend,dtype,test,n_tokens,reps,ts_mean,ts_sd,launches"
+        lines = [head] + [
+            f"{r.model},{r.size_mib},{r.params_m},{r.backend},{r.dtype},{r.test},{r.n_tokens},{r.reps},"
+            f"{r.ts_mean:.4f},{r.ts_sd:.4f},{r.launches}"
+            for r in results
+        ]
+        return "\n".join(lines)
+    widths = [
+        max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)
+    ]
+    right = {"size", "params", "t/s", "launches"}
+
+    def line(cells: list[str]) -> str:
+        return (
+            "| "
+            + " | ".join(
+                c.rjust(w) if cols[i] in right else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+            + " |"
+        )
+
+    sep = (
+        "| "
+        + " | ".join(
+            ("-" * (w - 1) + ":") if c in right else "-" * w
+            for c, w in zip(cols, widths, strict=True)
+        )
+        + " |"
+    )
+    return "\n".join([line(cols), sep, *(line(r) for r in rows)])
+
+
+def main(args: argparse.Namespace) -> int:
+    results = run_bench(
+        args.model, args.n_prompt, args.n_gen, args.repetitions, args.backend, args.dtype, args.seed
+    )
+    print(format_results(results, args.output))
+    if results and args.output == "md":
+        print(f"\nbackend: {get_backend(results[0].backend).describe()}")
+    return 0
