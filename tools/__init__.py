@@ -1,1 +1,1 @@
-"""User-facing tools: the ``streamgraph`` command (``tools.cli``) and benchmark (``tools.bench``)."""
+"""User-facing tools: the ``streamgraph`` command (``tools.cli``) and benchmark (tools.bench)."""
