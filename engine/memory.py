@@ -54,6 +54,25 @@ class MemoryPlan:
     total_bytes: int  # what the arena would need without any reuse
     alignment: int = ALIGN
 
+    def to_dict(self) -> dict[str, object]:
+        """Plain data for JSON: the plan's totals and one record per allocation."""
+        return {
+            "arena_bytes": self.arena_bytes,
+            "max_live_bytes": self.max_live_bytes,
+            "total_bytes": self.total_bytes,
+            "alignment": self.alignment,
+            "allocations": [
+                {
+                    "node": a.node,
+                    "offset": a.offset,
+                    "size": a.size,
+                    "first": a.first,
+                    "last": a.last,
+                }
+                for a in self.allocations
+            ],
+        }
+
     def offset_of(self) -> dict[int, int]:
         return {a.node: a.offset for a in self.allocations}
 

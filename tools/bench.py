@@ -77,7 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--backend", default=None, help="numpy or cupy (default: the best one present)")
     p.add_argument(
-        "--dtype", default="f32", help="weight storage type: f32, f16 or bf16 (default f32)"
+        "--dtype",
+        default="f32",
+        choices=["f32", "f16", "bf16"],
+        help="weight storage type (default f32)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the generated weights")
     p.add_argument(

@@ -1,0 +1,77 @@
+"""The ``streamgraph`` command: flags, output formats, errors, on a tiny built-in model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from tools import bench
+from tools.cli import main
+
+
+def test_bench_markdown_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "-m", "llama-tiny", "-p", "4,8", "-n", "3", "-r", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    table = [line for line in out if line.startswith("|")]
+    assert table[0].split("|")[1].strip() == "model"
+    assert set(table[1].replace("|", "").replace(" ", "")) <= {"-", ":"}
+    tests = [row.split("|")[6].strip() for row in table[2:]]
+    assert tests == ["pp4", "pp8", "tg3"]
+    assert all("±" in row for row in table[2:])
+    assert any(line.startswith("backend: numpy") for line in out)
+
+
+def test_bench_json_and_csv(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "-m", "gemma3-tiny", "-p", "5", "-n", "2", "-r", "2", "-o", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["test"] for r in rows] == ["pp5", "tg2"]
+    assert all(r["ts_mean"] > 0 and r["ts_sd"] >= 0 and r["reps"] == 2 for r in rows)
+    assert all(r["backend"] == "numpy" and r["launches"] > 0 for r in rows)
+
+    assert main(["bench", "-m", "gemma3-tiny", "-p", "5", "-n", "0", "-r", "1", "-o", "csv"]) == 0
+    parsed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(parsed) == 1 and parsed[0]["test"] == "pp5"
+
+    assert main(["bench", "-m", "gemma3-tiny", "-p", "0", "-n", "2", "-r", "1", "-o", "jsonl"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(s)["test"] for s in lines] == ["tg2"]
+
+
+def test_bench_runs_bf16_weights() -> None:
+    res = bench.run_bench("llama-tiny", [4], [2], 1, "numpy", "bf16", log=lambda s: None)
+    assert [r.dtype for r in res] == ["bf16", "bf16"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "-m", "no-such-model"],
+        ["bench", "-p", "x"],
+        ["bench", "-p", "-3"],
+        ["bench", "--dtype", "q4_k"],
+    ],
+)
+def test_bench_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_bench_bad_values_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "-m", "llama-tiny", "-r", "0"]) == 2
+    assert "repetitions must be at least 1" in capsys.readouterr().err
+    assert main(["bench", "-m", "llama-tiny", "--backend", "tpu"]) == 2
+    assert "unknown backend 'tpu'" in capsys.readouterr().err
+
+
+def test_graph_command_prints_graph_plan_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["graph", "-m", "llama-tiny", "-t", "3", "-c", "16", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Graph: ") and "MemoryPlan: arena" in out and "'logits'" in out
+    assert main(["graph", "-m", "llama-tiny", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["format"] == "streamgraph.graph" and doc["nodes"]
