@@ -137,6 +137,8 @@ class Executor:
                     f"state {n.name} is {_shape_text(s.shape)} {s.dtype}, "
                     f"the graph expects {_shape_text(n.shape)} {n.dtype.name}"
                 )
+            elif not s.flags.c_contiguous:  # else SET_ROWS would write a copy, not the caller's
+                raise GraphError(f"state {n.name} must be C-contiguous: it is written in place")
             self.states[n.name] = s
 
     # -- running -------------------------------------------------------------------------------
@@ -184,7 +186,11 @@ class Executor:
     def _launch_debug(self) -> None:
         for kernel, node, out, srcs in self._steps:
             t0 = time.perf_counter()
-            kernel(node, out, *srcs)
+            try:
+                kernel(node, out, *srcs)
+            except Exception as e:
+                where = f"{node.op.name} {node.label} {_shape_text(node.shape)}"
+                raise RuntimeError(f"{where} failed: {e}") from e
             self.backend.synchronize()
             dt = (time.perf_counter() - t0) * 1e6
             print(f"{dt:9.1f} us  {node}", flush=True)

@@ -154,6 +154,10 @@ class GraphBuilder:
         axes = list(range(len(x.shape)))
         if not axes:
             raise GraphError(f"PERMUTE({x.name} {x.shape}): cannot transpose a scalar")
+        if not (-len(axes) <= a < len(axes) and -len(axes) <= b < len(axes)):
+            raise GraphError(
+                f"PERMUTE({x.name} {x.shape}): no axes {a} and {b} to swap in {len(axes)}-D"
+            )
         axes[a], axes[b] = axes[b], axes[a]
         return self.permute(x, axes, name)
 
