@@ -124,7 +124,7 @@ def k_attention(
     vh = np.repeat(_f32(v), group, axis=1).transpose(1, 0, 2)  # (H, m, Dv)
     visible = attention_mask(q_pos, kv_pos, p.window)[None]  # (1, n, m)
     scores = np.where(visible, (qh @ kh) * F32(p.scale), F32(-np.inf))
-    top = np.max(scores, axis=-1, keepdims=True)
+    top = np.max(scores, axis=-1, keepdims=True, initial=F32(-np.inf))  # m = 0 keys: all masked
     top = np.where(np.isfinite(top), top, F32(0))
     e = np.exp(scores - top)
     denom = e.sum(axis=-1, keepdims=True)

@@ -151,6 +151,10 @@ def make_node(
         shape = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape):
             raise GraphError(f"{op.name} '{name}' has a negative dim in {shape}")
+        try:  # block-quantized types need whole blocks per row
+            dtype.nbytes(shape)
+        except ValueError as e:
+            raise GraphError(f"{op.name} '{name}' {shape}: {e}") from None
         if not name:
             raise GraphError(f"every {op.name.lower()} needs a name")
         if op is Op.CONSTANT:

@@ -51,6 +51,7 @@ def _params_from_json(op: Op, raw: Any, where: str) -> Params:
             f"{where}: {op.name} needs params {[f.name for f in dataclasses.fields(cls)]}"
         )
     names = {f.name for f in dataclasses.fields(cls)}
+    tuples = {f.name for f in dataclasses.fields(cls) if str(f.type).startswith("tuple")}
     required = {
         f.name
         for f in dataclasses.fields(cls)
@@ -67,8 +68,10 @@ def _params_from_json(op: Op, raw: Any, where: str) -> Params:
                 v = RopeMode(v)
             elif k == "dtype":
                 v = DTYPES[v]
-            elif isinstance(v, list):
-                if not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
+            elif k in tuples:
+                if not isinstance(v, list) or not all(
+                    isinstance(e, int) and not isinstance(e, bool) for e in v
+                ):
                     raise TypeError(f"{k} must be a list of ints")
                 v = tuple(v)
             elif k in ("scale", "eps", "base", "freq_scale"):
@@ -125,9 +128,9 @@ def from_dict(doc: Any) -> Graph:
             raise GraphError(f"{where}: missing {sorted(missing)}")
         if raw.get("id", i) != i:
             raise GraphError(f"{where}: has id {raw['id']}; ids must equal positions")
-        if raw["op"] not in ops:
+        if not isinstance(raw["op"], str) or raw["op"] not in ops:
             raise GraphError(f"{where}: unknown op {raw['op']!r}; known: {', '.join(ops)}")
-        if raw["dtype"] not in DTYPES:
+        if not isinstance(raw["dtype"], str) or raw["dtype"] not in DTYPES:
             raise GraphError(f"{where}: unknown dtype {raw['dtype']!r}; known: {', '.join(DTYPES)}")
         srcs, shape = raw["srcs"], raw["shape"]
         for what, v in (("srcs", srcs), ("shape", shape)):
@@ -163,6 +166,6 @@ def to_json(graph: Graph, indent: int | None = None) -> str:
 def from_json(text: str | bytes) -> Graph:
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, deep nesting
         raise GraphError(f"graph JSON does not parse: {e}") from None
     return from_dict(doc)
