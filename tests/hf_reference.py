@@ -16,31 +16,49 @@ transformers = __import__("pytest").importorskip("transformers")
 
 def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF (rotate-half) rows -> GGUF (interleaved pairs) rows, as convert_hf_to_gguf does."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def hf_model(cfg: ModelConfig, seed: int = 0):
     """A randomly initialised HF model with ``cfg``'s shape, in eval mode, f32, eager attention."""
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=cfg.n_vocab, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head_kv, head_dim=cfg.head_dim,
-        intermediate_size=cfg.n_ff, rms_norm_eps=cfg.rms_eps, max_position_embeddings=4096,
-        attn_implementation="eager", torch_dtype=torch.float32,
+        vocab_size=cfg.n_vocab,
+        hidden_size=cfg.n_embd,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_head_kv,
+        head_dim=cfg.head_dim,
+        intermediate_size=cfg.n_ff,
+        rms_norm_eps=cfg.rms_eps,
+        max_position_embeddings=4096,
+        attn_implementation="eager",
+        torch_dtype=torch.float32,
     )
     if cfg.arch == "llama":
-        conf = transformers.LlamaConfig(**common, rope_theta=cfg.rope_base, tie_word_embeddings=False)
+        conf = transformers.LlamaConfig(
+            **common, rope_theta=cfg.rope_base, tie_word_embeddings=False
+        )
         model = transformers.LlamaForCausalLM(conf)
     else:
         kinds = ["full_attention" if k == "full" else "sliding_attention" for k in cfg.layer_kinds]
         conf = transformers.Gemma3TextConfig(
-            **common, sliding_window=cfg.sliding_window, layer_types=kinds,
-            query_pre_attn_scalar=round(cfg.scale**-2), hidden_activation="gelu_pytorch_tanh",
+            **common,
+            sliding_window=cfg.sliding_window,
+            layer_types=kinds,
+            query_pre_attn_scalar=round(cfg.scale**-2),
+            hidden_activation="gelu_pytorch_tanh",
             rope_parameters={
                 "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_base},
                 "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_base_swa},
             },
-            tie_word_embeddings=True, final_logit_softcapping=None, attn_logit_softcapping=None,
+            tie_word_embeddings=True,
+            final_logit_softcapping=None,
+            attn_logit_softcapping=None,
         )
         model = transformers.Gemma3ForCausalLM(conf)
         with torch.no_grad():  # HF inits norm weights at 0 (= scale 1); make them matter
@@ -58,7 +76,10 @@ def gguf_weights(model, cfg: ModelConfig) -> dict[str, np.ndarray]:
     def norm(k: str) -> np.ndarray:
         return sd[k] + 1.0 if gemma else sd[k]
 
-    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": norm("model.norm.weight")}
+    out = {
+        "token_embd.weight": sd["model.embed_tokens.weight"],
+        "output_norm.weight": norm("model.norm.weight"),
+    }
     out["output.weight"] = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
     for i in range(cfg.n_layer):
         h, p = f"model.layers.{i}.", f"blk.{i}."
