@@ -19,19 +19,22 @@ Full layers attend to the first ``n_kv`` rows only, with ``n_kv`` rounded up to 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from backends import Backend, get_backend
 from engine.executor import Executor
+from engine.sampling import Sampler, SamplerConfig
 from engine.weights import tie_output
 from graph.dtypes import DType, dtype_of, f32
 from graph.models import FULL, ModelConfig, build, kv_slots, weight_shapes
 from graph.ops import GraphError
 
-__all__ = ["Session", "KV_PAD"]
+__all__ = ["Session", "GenerationStats", "KV_PAD"]
 
 KV_PAD = 256
 
@@ -64,6 +67,7 @@ class Session:
                     buf, 0, shape, self.cache_dtype, (shape[1] * shape[2], shape[2], 1)
                 )
         self._executors: dict[tuple, Executor] = {}
+        self.stats = GenerationStats()
         self.reset()
 
     def _upload(self, weights: dict[str, Any]) -> dict[str, Any]:
@@ -155,26 +159,106 @@ class Session:
         return outs[0] if outs else None
 
     def prefill(self, tokens: Sequence[int], logits: Any = "last") -> np.ndarray | None:
-        """Feed a prompt in chunks of ``n_batch``; only the last chunk computes logits.
+        """Feed a prompt in chunks of ``n_batch``; each chunk computes only the logits asked for.
 
-        Returns the last token's logits (vocab,) for ``"last"``; the chunk's rows for other
-        requests; None for ``"none"``.
+        ``logits``: ``"last"`` returns the last token's row (vocab,); ``"all"`` every row
+        (n, vocab); a sequence of prompt positions those rows, in the order asked; ``"none"``
+        returns None. Chunks with no requested row skip the head entirely.
         """
         ids = list(tokens)
+        n = len(ids)
         if not ids:
             raise ValueError("prefill needs at least one token")
         self._check(np.asarray(ids, dtype=np.int64))  # the whole prompt, before any chunk runs
-        out = None
-        for start in range(0, len(ids), self.n_batch):
+        rows: list[int] | None = None
+        if not isinstance(logits, str):
+            rows = [int(r) for r in logits]
+            if not rows or any(not 0 <= r < n for r in rows):
+                raise ValueError(f"logits rows {rows} must be non-empty and within 0..{n - 1}")
+        elif logits not in ("last", "all", "none"):
+            raise ValueError(f"logits must be 'last', 'all', 'none' or row numbers, not {logits!r}")
+        wanted = sorted(set(rows)) if rows is not None else []
+        outs = []
+        for start in range(0, n, self.n_batch):
             chunk = ids[start : start + self.n_batch]
-            last = start + self.n_batch >= len(ids)
-            out = self.forward(chunk, logits if last else "none")
-        if logits == "last" and out is not None:
-            return out[0]
-        return out
+            end = start + len(chunk)
+            if rows is not None:
+                local = tuple(r - start for r in wanted if start <= r < end)
+                request: Any = local if local else "none"
+            elif logits == "last":
+                request = "last" if end == n else "none"
+            else:
+                request = logits
+            out = self.forward(chunk, request)
+            if out is not None:
+                outs.append(out)
+        if logits == "none":
+            return None
+        if logits == "last":
+            return outs[-1][0]
+        stacked = np.concatenate(outs)
+        if rows is None:
+            return stacked
+        order = {r: i for i, r in enumerate(wanted)}
+        return stacked[[order[r] for r in rows]]
 
     def decode(self, token: int) -> np.ndarray:
         """One token in, the next token's logits (vocab,) out."""
         out = self.forward([token], "last")
         assert out is not None
         return out[0]
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        sampler: Sampler | None = None,
+        stop: Collection[int] = (),
+    ) -> Iterator[int]:
+        """Prefill ``prompt`` then yield up to ``max_tokens`` sampled tokens, one per decode step.
+
+        Ends early on a token in ``stop`` (not yielded) or when the context is full. No decode
+        is run for the last token (its logits would be unused). Timings land in ``self.stats``.
+        """
+        sampler = sampler or Sampler(SamplerConfig.greedy())
+        stats = self.stats = GenerationStats(n_prompt=len(prompt))
+        t0 = time.perf_counter()
+        logits = self.prefill(prompt)
+        stats.t_prompt = time.perf_counter() - t0
+        history = list(prompt)
+        t0 = time.perf_counter()
+        for i in range(max_tokens):
+            token = sampler(logits, history)
+            if token in stop:
+                stats.stopped_by = "eos"
+                break
+            stats.n_gen += 1
+            stats.t_gen = time.perf_counter() - t0
+            yield token
+            history.append(token)
+            if i + 1 == max_tokens:
+                break
+            if self.n_past >= self.n_ctx:
+                stats.stopped_by = "context"
+                break
+            logits = self.decode(token)
+        stats.t_gen = time.perf_counter() - t0
+
+
+@dataclass
+class GenerationStats:
+    """Counts and seconds of the last ``generate`` (prompt and generation separately)."""
+
+    n_prompt: int = 0
+    t_prompt: float = 0.0
+    n_gen: int = 0
+    t_gen: float = 0.0
+    stopped_by: str = "budget"
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.n_prompt / self.t_prompt if self.t_prompt else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        return self.n_gen / self.t_gen if self.t_gen else 0.0

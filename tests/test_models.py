@@ -312,3 +312,21 @@ def test_bf16_weights_run(cfg_w) -> None:
     w32 = {k: np.asarray(v, np.float32) for k, v in w.items()}
     exact = generate(Session(cfg, w32, n_ctx=16, n_batch=4), IDS[:12], 8)
     assert rel(got, exact) < 1e-4
+
+
+def test_chunked_prefill_returns_rows_from_every_chunk() -> None:
+    cfg = preset("gemma3-tiny")
+    weights = random_weights(cfg, seed=4)
+    ids = list(range(3, 20))
+    whole = Session(cfg, weights, n_ctx=64, n_batch=64).prefill(ids, logits="all")
+    chunked = Session(cfg, weights, n_ctx=64, n_batch=5)
+    np.testing.assert_allclose(chunked.prefill(ids, logits="all"), whole, atol=1e-5)
+    chunked.reset()
+    rows = chunked.prefill(ids, logits=(16, 3, 7, 3))  # any order, repeats, across chunks
+    np.testing.assert_allclose(rows, whole[[16, 3, 7, 3]], atol=1e-5)
+    chunked.reset()
+    assert chunked.prefill(ids, logits="none") is None
+    with pytest.raises(ValueError, match="within 0..16"):
+        chunked.prefill(ids, logits=(17,))
+    with pytest.raises(ValueError, match="logits must be"):
+        chunked.prefill(ids, logits="first")
