@@ -1,7 +1,10 @@
 """The ``streamgraph`` command: one entry point, a subcommand per tool.
 
-streamgraph bench [-m MODEL] [-p N,...] [-n N,...] [-r R] [--backend B] [-o md|json|jsonl|csv]
-streamgraph graph [-m MODEL] [-t N_TOKENS] [--plan] [--json]
+    streamgraph bench [-m MODEL] [-p N,...] [-n N,...] [-r R] [--backend B] [-o md|json|csv]
+    streamgraph graph [-m MODEL] [-t N_TOKENS] [--plan] [--json]
+    streamgraph generate -m MODEL "prompt" [-n N] [--temp T --top-k K --top-p P -s SEED]
+    streamgraph info -m MODEL
+    streamgraph perplexity -m MODEL -f FILE [-c N_CTX]
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def _graph_main(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     from graph.models import PRESETS
-    from tools import bench
+    from tools import bench, model_commands
 
     p = argparse.ArgumentParser(
         prog="streamgraph", description="A compute-graph engine for decoder LLMs."
@@ -53,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--plan", action="store_true", help="also print the memory plan")
     g.add_argument("--json", action="store_true", help="print the graph as JSON instead")
     g.set_defaults(func=_graph_main)
+    model_commands.add_generate(sub)
+    model_commands.add_info(sub)
+    model_commands.add_perplexity(sub)
     return p
 
 

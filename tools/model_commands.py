@@ -1,0 +1,184 @@
+"""The commands that run a real model file: ``generate``, ``info`` and ``perplexity``.
+
+    streamgraph generate -m gemma3-270m "The capital of France is" -n 32
+    streamgraph info -m path/to/model.gguf
+    streamgraph perplexity -m gemma3-270m -f text.txt -c 512
+
+``-m`` takes a GGUF path or a packaged model's name (``gemma3-270m`` is assembled into the cache
+directory on first use). Text goes to stdout as it is produced; load times, speeds and progress
+go to stderr, so ``> out.txt`` captures the text alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from backends import best_backend, get_backend
+
+__all__ = ["add_generate", "add_info", "add_perplexity"]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-m", "--model", required=True, help="GGUF file, or a packaged model: gemma3-270m"
+    )
+
+
+def _run_args(p: argparse.ArgumentParser, ctx: int) -> None:
+    p.add_argument(
+        "-c", "--ctx-size", type=int, default=ctx, help=f"context length (default {ctx})"
+    )
+    p.add_argument("--backend", default=None, help="numpy or cupy (default: the best one present)")
+    p.add_argument(
+        "--dtype",
+        default="f32",
+        choices=["f32", "f16", "bf16"],
+        help="weight type after dequantizing",
+    )
+
+
+def _load(args: argparse.Namespace, n_batch: int) -> tuple[Any, Any, Any]:
+    from engine.gguf import open_gguf
+    from engine.packaged import resolve_model
+    from engine.session import Session
+    from engine.tokenizer import Tokenizer
+
+    path = resolve_model(args.model)
+    t0 = time.perf_counter()
+    model = open_gguf(path)
+    tok = Tokenizer.from_gguf(model.reader)
+    cfg = model.config.replace(dtype=_dtype(args.dtype))
+    weights = model.weights(cfg.dtype)
+    be = get_backend(args.backend or best_backend())
+    sess = Session(cfg, weights, be, n_ctx=args.ctx_size, n_batch=min(n_batch, args.ctx_size))
+    _log(f"loaded {cfg.name} ({path.name}) on {be.name} in {time.perf_counter() - t0:.1f} s")
+    return model, tok, sess
+
+
+def _dtype(name: str) -> Any:
+    from graph.dtypes import dtype_of
+
+    return dtype_of(name)
+
+
+# -- generate ------------------------------------------------------------------------------------
+def add_generate(sub: Any) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed as it is produced")
+    _model_arg(p)
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument(
+        "-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)"
+    )
+    _run_args(p, 4096)
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k, 0 off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p, 1.0 off (default 0.95)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1.0 off (default 1.0)")
+    p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalty looks back")
+    p.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: random)")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to the prompt")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.sampling import Sampler, SamplerConfig
+
+    if args.n_predict < 0:
+        raise ValueError(f"-n must be >= 0, got {args.n_predict}")
+    sampler = Sampler(
+        SamplerConfig(
+            args.temp, args.top_k, args.top_p, args.repeat_penalty, args.repeat_last_n, args.seed
+        )
+    )
+    _, tok, sess = _load(args, 512)
+    ids = tok.encode(args.prompt, add_bos=False if args.no_bos else None)
+    if not ids:
+        raise ValueError("the prompt is empty and the model adds no BOS: nothing to start from")
+    if len(ids) + args.n_predict > sess.n_ctx:
+        raise ValueError(
+            f"prompt ({len(ids)} tokens) + -n {args.n_predict} exceed the context "
+            f"{sess.n_ctx}; raise -c"
+        )
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    stream = tok.stream()
+    for token in sess.generate(ids, args.n_predict, sampler, stop=tok.eot_ids):
+        text = stream.push(token)
+        if text:
+            out.write(text)
+            out.flush()
+    out.write(stream.flush() + "\n")
+    out.flush()
+    s = sess.stats
+    _log(
+        f"prompt: {s.n_prompt} tokens in {s.t_prompt:.2f} s ({s.prompt_tps:.1f} t/s) | "
+        f"generation: {s.n_gen} tokens in {s.t_gen:.2f} s ({s.gen_tps:.1f} t/s) | "
+        f"stopped: {s.stopped_by}"
+    )
+    return 0
+
+
+# -- info ----------------------------------------------------------------------------------------
+def add_info(sub: Any) -> None:
+    p = sub.add_parser("info", help="architecture, hyper-parameters, tensors and bytes per type")
+    _model_arg(p)
+    p.add_argument("--metadata", action="store_true", help="also list every metadata key")
+    p.set_defaults(func=_info)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from engine.gguf import open_gguf
+    from engine.packaged import resolve_model
+
+    model = open_gguf(resolve_model(args.model))
+    print(model.describe())
+    if args.metadata:
+        for k, v in model.metadata().items():
+            print(f"  {k} = {v}")
+    return 0
+
+
+# -- perplexity ----------------------------------------------------------------------------------
+def add_perplexity(sub: Any) -> None:
+    p = sub.add_parser("perplexity", help="perplexity of a text file, scored as llama.cpp does")
+    _model_arg(p)
+    p.add_argument("-f", "--file", required=True, help="text file to score")
+    _run_args(p, 512)
+    p.add_argument("--chunks", type=int, default=0, help="score at most this many windows (0: all)")
+    p.set_defaults(func=_perplexity)
+
+
+def _perplexity(args: argparse.Namespace) -> int:
+    from engine.perplexity import perplexity
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {args.file}: {e.strerror or e}") from None
+    _, tok, sess = _load(args, args.ctx_size)
+    ids = tok.encode(text, add_bos=False)
+    bos = tok.bos_id if tok.add_bos else None
+    if args.chunks > 0:
+        ids = ids[: max(args.chunks, 2) * args.ctx_size]
+    _log(f"{len(ids)} tokens, windows of {args.ctx_size}, scoring the second half of each")
+    t0 = time.perf_counter()
+    last = None
+    for step in perplexity(sess, ids, args.ctx_size, bos):
+        if args.chunks and step.window > args.chunks:
+            break
+        print(f"[{step.window}]{step.ppl:.4f}", end=" ", flush=True)
+        last = step
+    print()
+    if last is not None:
+        secs = time.perf_counter() - t0
+        print(f"Final estimate: PPL = {last.ppl:.4f} over {last.n_scored} tokens ({secs:.1f} s)")
+    return 0
