@@ -172,11 +172,15 @@ X = np.ones((5, 4), np.float32)
 RUN_ERRORS = {
     "missing_weight": ({"x": X}, {}, ["missing 1 weight(s): w"]),
     "misshaped_weight": (
-        {"x": X}, {"w": W.T}, ["weight w has shape (4, 3), the graph expects (3, 4)"]
+        {"x": X},
+        {"w": W.T},
+        ["weight w has shape (4, 3), the graph expects (3, 4)"],
     ),
     "missing_input": ({}, {"w": W}, ["missing input x (5, 4) f32"]),
     "misshaped_input": (
-        {"x": X.T}, {"w": W}, ["input x has shape (4, 5), the graph expects (5, 4)"]
+        {"x": X.T},
+        {"w": W},
+        ["input x has shape (4, 5), the graph expects (5, 4)"],
     ),
     "unknown_input": ({"x": X, "y": X}, {"w": W}, ["unknown input(s) ['y']", "['x']"]),
 }

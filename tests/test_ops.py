@@ -295,7 +295,8 @@ def attention_ref(q, k, v, q_pos, kv_pos, scale, window):
     out = np.zeros((n, H, Dv))
     for i in range(n):
         seen = [
-            j for j in range(m)
+            j
+            for j in range(m)
             if 0 <= kv_pos[j] <= q_pos[i] and (window == 0 or q_pos[i] - kv_pos[j] < window)
         ]
         for h in range(H if seen else 0):

@@ -1,10 +1,10 @@
 """The ``streamgraph`` command: one entry point, a subcommand per tool.
 
-    streamgraph bench [-m MODEL] [-p N,...] [-n N,...] [-r R] [--backend B] [-o md|json|csv]
-    streamgraph graph [-m MODEL] [-t N_TOKENS] [--plan] [--json]
-    streamgraph generate -m MODEL "prompt" [-n N] [--temp T --top-k K --top-p P -s SEED]
-    streamgraph info -m MODEL
-    streamgraph perplexity -m MODEL -f FILE [-c N_CTX]
+streamgraph bench [-m MODEL] [-p N,...] [-n N,...] [-r R] [--backend B] [-o md|json|csv]
+streamgraph graph [-m MODEL] [-t N_TOKENS] [--plan] [--json]
+streamgraph generate -m MODEL "prompt" [-n N] [--temp T --top-k K --top-p P -s SEED]
+streamgraph info -m MODEL
+streamgraph perplexity -m MODEL -f FILE [-c N_CTX]
 """
 
 from __future__ import annotations
