@@ -7,9 +7,10 @@ graph = build(cfg, n_tokens=8, slots=kv_slots(cfg, n_ctx=64, n_batch=8))
 
 from __future__ import annotations
 
+from graph.dtypes import DType, dtype_of, f32
 from graph.ir import Graph
 from graph.models import gemma3, llama
-from graph.models.common import Logits, kv_slots
+from graph.models.common import Forward, Logits, kv_slots
 from graph.models.config import (
     FULL,
     PRESETS,
@@ -32,7 +33,7 @@ __all__ = [
     "SWA",
 ]
 
-BUILDERS = {"llama": llama.build, "gemma3": gemma3.build}
+BODIES = {"llama": llama.body, "gemma3": gemma3.body}
 
 
 def build(
@@ -41,7 +42,8 @@ def build(
     slots: dict[str, int],
     n_kv: dict[str, int] | None = None,
     logits: Logits = "last",
-    cache_dtype: object = None,
+    cache_dtype: DType | str | None = None,
 ) -> Graph:
     """The forward graph of ``cfg`` for ``n_tokens`` tokens against caches of ``slots`` rows."""
-    return BUILDERS[cfg.arch](cfg, n_tokens, slots, n_kv, logits, cache_dtype)
+    f = Forward(cfg, n_tokens, dict(slots), dict(n_kv or {}), dtype_of(cache_dtype or f32))
+    return f.head(BODIES[cfg.arch](f), logits)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graph.builder import GraphBuilder, Tensor
-from graph.dtypes import f32, i32
+from graph.dtypes import DType, f32, i32
 from graph.ir import Graph
 from graph.models.config import FULL, SWA, ModelConfig, weight_layers, weight_shapes
 from graph.ops import GraphError, RopeMode
@@ -56,7 +56,7 @@ class Forward:
     n_tokens: int
     slots: dict[str, int]
     n_kv: dict[str, int]
-    cache_dtype: object = f32
+    cache_dtype: DType = f32
 
     def __post_init__(self) -> None:
         cfg, n = self.cfg, self.n_tokens
@@ -116,8 +116,8 @@ class Forward:
             k, self.pos, base=rope_base, mode=rope_mode, freq_scale=freq_scale, name=f"k.{il}"
         )
         shape = (self.slots[kind], cfg.n_head_kv, cfg.head_dim)
-        k_cache = g.state(f"cache_k.{il}", shape, self.cache_dtype)  # type: ignore[arg-type]
-        v_cache = g.state(f"cache_v.{il}", shape, self.cache_dtype)  # type: ignore[arg-type]
+        k_cache = g.state(f"cache_k.{il}", shape, self.cache_dtype)
+        v_cache = g.state(f"cache_v.{il}", shape, self.cache_dtype)
         k_all = g.set_rows(k_cache, k, self.kv_idx[kind], name=f"k_write.{il}")
         v_all = g.set_rows(v_cache, v, self.kv_idx[kind], name=f"v_write.{il}")
         m = self.n_kv[kind]

@@ -5,26 +5,16 @@ rope pairs adjacent dims (``RopeMode.NORMAL``), as llama.cpp does.
 
 from __future__ import annotations
 
-from graph.ir import Graph
-from graph.models.common import Forward, Logits
-from graph.models.config import ModelConfig
+from graph.builder import Tensor
+from graph.models.common import Forward
 from graph.ops import RopeMode
 
-__all__ = ["build"]
+__all__ = ["body"]
 
 
-def build(
-    cfg: ModelConfig,
-    n_tokens: int,
-    slots: dict[str, int],
-    n_kv: dict[str, int] | None = None,
-    logits: Logits = "last",
-    cache_dtype: object = None,
-) -> Graph:
-    f = Forward(cfg, n_tokens, dict(slots), dict(n_kv or {}))
-    if cache_dtype is not None:
-        f.cache_dtype = cache_dtype
-    g = f.g
+def body(f: Forward) -> Tensor:
+    """The token embedding and the decoder layers; returns the final hidden states."""
+    cfg, g = f.cfg, f.g
     h = g.get_rows(f.w("token_embd.weight"), f.tokens, name="inp_embd")
     for il in range(cfg.n_layer):
         p = f"blk.{il}."
@@ -42,4 +32,4 @@ def build(
         up = g.mul_mat(f.w(p + "ffn_up.weight"), x)
         ff = g.mul_mat(f.w(p + "ffn_down.weight"), g.swiglu(gate, up), name=f"ffn_out.{il}")
         h = g.add(h, ff, name=f"l_out.{il}")
-    return f.head(h, logits)
+    return h
