@@ -13,13 +13,15 @@ running them costs nothing. Leaves have no kernel either: the executor binds the
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
 from graph.dtypes import DType
+from graph.ir import Node
 from graph.ops import LEAF_OPS, VIEW_OPS, Op
 
 __all__ = ["Backend", "Kernel", "Stream", "Event", "BackendError", "COMPUTE_OPS"]
@@ -98,3 +100,29 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    # -- planning hooks (all called once, when an executor is built) -------------------------------
+    def scratch_bytes(self, node: Node, srcs: Sequence[Node]) -> int:
+        """Bytes of temporary memory ``node``'s kernel needs (planned in the arena), default 0."""
+        return 0
+
+    def compile(
+        self, node: Node, out: Array, srcs: Sequence[Array], scratch: Array | None
+    ) -> Callable[[], None]:
+        """One launch of ``node`` with everything bound: what the executor calls per run."""
+        kernel = self.kernels[node.op]
+        return functools.partial(kernel, node, out, *srcs)
+
+    def check_fits(self, nbytes: int, what: str) -> None:  # noqa: B027 - optional hook
+        """Refuse, before allocating, a plan that cannot fit in the device's free memory."""
+
+    def capture(self, launch: Callable[[], None]) -> Callable[[], None]:
+        """Record ``launch`` once and return a replay of it (a CUDA graph on a GPU).
+
+        Backends with no launch overhead to remove return ``launch`` itself.
+        """
+        return launch
+
+    def input_writer(self, dst: Array) -> Callable[[np.ndarray], None]:
+        """A function that copies a host array into ``dst`` (made once per input)."""
+        return functools.partial(self.copy_from_host, dst)

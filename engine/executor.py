@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,10 @@ from engine import memory
 from graph.ir import Graph, Node
 from graph.ops import ALIAS_OPS, GraphError, Op
 
-__all__ = ["Executor", "run"]
+__all__ = ["Executor", "run", "MODES"]
+
+MODES = ("eager", "graph")
+"""eager: one launch per node per run; graph: the run captured once and replayed."""
 
 Array = Any
 
@@ -45,18 +48,35 @@ class Executor:
         backend: str | Backend = "numpy",
         states: Mapping[str, Array] | None = None,
         plan: memory.MemoryPlan | None = None,
+        mode: str = "eager",
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         graph.validate()
-        self.graph = graph
-        self.backend = get_backend(backend)
-        self.plan = plan if plan is not None else memory.plan(graph)
-        self.arena = self.backend.alloc(self.plan.arena_bytes)
+        self.graph, self.mode = graph, mode
+        self.backend = be = get_backend(backend)
+        missing = sorted(
+            op.name
+            for op in {n.op for n in graph.nodes}
+            if op in COMPUTE_OPS and op not in be.kernels
+        )
+        if missing:
+            raise GraphError(f"backend {be.name} has no kernel for {', '.join(sorted(missing))}")
+        scratch = {}
+        for n in graph.nodes:
+            if n.op in be.kernels:
+                nbytes = be.scratch_bytes(n, [graph.nodes[s] for s in n.srcs])
+                if nbytes:
+                    scratch[n.id] = nbytes
+        self.plan = plan if plan is not None else memory.plan(graph, scratch)
+        be.check_fits(self.plan.arena_bytes, f"the arena of a {len(graph)}-node graph")
+        self.arena = be.alloc(self.plan.arena_bytes)
         self.states: dict[str, Array] = {}
         self.weights: dict[str, Array] = {}
         self._bind_weights(weights)
         self._bind_states(states or {})
 
-        be, nodes = self.backend, graph.nodes
+        nodes = graph.nodes
         offsets = self.plan.offset_of()
         arrays: list[Array] = [None] * len(nodes)
         storage: dict[int, Array] = {}  # storage root id -> flat byte buffer
@@ -79,19 +99,22 @@ class Executor:
                 arrays[n.id] = be.view(self.arena, offsets[n.id], n.shape, n.dtype, n.strides)
         self._arrays = arrays
 
-        missing = sorted(
-            op.name for op in {n.op for n in nodes} if op in COMPUTE_OPS and op not in be.kernels
-        )
-        if missing:
-            raise GraphError(f"backend {be.name} has no kernel for {', '.join(sorted(missing))}")
-        self._steps: list[tuple[Any, Node, Array, tuple[Array, ...]]] = [
-            (be.kernels[n.op], n, arrays[n.id], tuple(arrays[s] for s in n.srcs))
-            for n in nodes
-            if n.op in be.kernels
-        ]
-        self._inputs = {n.name: (n, arrays[n.id]) for n in graph.inputs}
+        scratch_at = self.plan.scratch_of()
+        self._steps: list[tuple[Callable[[], None], Node]] = []
+        for n in nodes:
+            if n.op not in be.kernels:
+                continue
+            tmp = None
+            if n.id in scratch_at:
+                off, size = scratch_at[n.id]
+                tmp = self.arena[off : off + size]  # a flat byte range of the arena
+            srcs = tuple(arrays[s] for s in n.srcs)
+            self._steps.append((be.compile(n, arrays[n.id], srcs, tmp), n))
+        self._inputs = {n.name: (n, be.input_writer(arrays[n.id])) for n in graph.inputs}
         self._outputs = [arrays[o] for o in graph.outputs]
         self._debug = int(os.environ.get("STREAMGRAPH_DEBUG", "0") or 0)
+        self._replay: Callable[[], None] | None = None
+        self._warmed = False
 
     # -- binding -------------------------------------------------------------------------------
     def _bind_weights(self, weights: Mapping[str, Any]) -> None:
@@ -160,12 +183,23 @@ class Executor:
                     f"input {name} has shape {_shape_text(shape)}, "
                     f"the graph expects {_shape_text(node.shape)}"
                 )
-            self.backend.copy_from_host(dst, np.asarray(value))
+            dst(np.asarray(value))
 
     def run(self, inputs: Mapping[str, Any]) -> list[np.ndarray]:
-        """Run once; returns host copies of the outputs in the graph's output order."""
+        """Run once; returns host copies of the outputs in the graph's output order.
+
+        In ``graph`` mode the first run is eager (kernels compile, libraries initialise), the
+        second captures the whole forward pass, and every later run replays the capture.
+        """
         self.set_inputs(inputs)
-        self.launch()
+        if self._replay is not None:
+            self._replay()
+        elif self.mode == "graph" and self._warmed and self._debug < 2:
+            self._replay = self.backend.capture(self.launch)
+            self._replay()
+        else:
+            self.launch()
+            self._warmed = True
         self.backend.synchronize()
         return [self.backend.to_host(o) for o in self._outputs]
 
@@ -175,8 +209,8 @@ class Executor:
             return self._launch_debug()
         i = 0
         try:
-            for i, (kernel, node, out, srcs) in enumerate(self._steps):  # noqa: B007
-                kernel(node, out, *srcs)
+            for i, (step, _) in enumerate(self._steps):  # noqa: B007
+                step()
         except Exception as e:
             node = self._steps[i][1]
             raise RuntimeError(
@@ -184,10 +218,10 @@ class Executor:
             ) from e
 
     def _launch_debug(self) -> None:
-        for kernel, node, out, srcs in self._steps:
+        for step, node in self._steps:
             t0 = time.perf_counter()
             try:
-                kernel(node, out, *srcs)
+                step()
             except Exception as e:
                 where = f"{node.op.name} {node.label} {_shape_text(node.shape)}"
                 raise RuntimeError(f"{where} failed: {e}") from e
@@ -219,3 +253,4 @@ def run(
 ) -> list[np.ndarray]:
     """Build an ``Executor`` and run it once: the one-call way to evaluate a graph."""
     return Executor(graph, weights, backend, states).run(inputs)
+

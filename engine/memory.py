@@ -15,6 +15,7 @@ aligned to ``ALIGN`` bytes (what GPU kernels and vector loads want).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from graph.ir import Graph
@@ -32,6 +33,7 @@ class Allocation:
     size: int  # bytes, rounded up to ALIGN
     first: int  # step that writes it (-1: inputs, written before the run)
     last: int  # last step that reads it (len(graph): an output, read after the run)
+    scratch: bool = False  # a kernel's temporary, live during its node's step only
 
     def overlaps(self, other: Allocation) -> bool:
         """True if the two share a byte while both are live."""
@@ -74,12 +76,17 @@ class MemoryPlan:
         }
 
     def offset_of(self) -> dict[int, int]:
-        return {a.node: a.offset for a in self.allocations}
+        """Arena offset of each node's value."""
+        return {a.node: a.offset for a in self.allocations if not a.scratch}
+
+    def scratch_of(self) -> dict[int, tuple[int, int]]:
+        """(offset, size) of each node's scratch memory, for nodes that asked for some."""
+        return {a.node: (a.offset, a.size) for a in self.allocations if a.scratch}
 
     def validate(self, graph: Graph) -> None:
         """Raise ``AssertionError`` if two simultaneously live values share bytes."""
         want = set(arena_nodes(graph))
-        have = {a.node for a in self.allocations}
+        have = {a.node for a in self.allocations if not a.scratch}
         assert want == have, f"plan covers {sorted(have ^ want)} wrongly"
         by_offset = sorted(self.allocations, key=lambda a: a.offset)
         for i, a in enumerate(by_offset):
@@ -114,8 +121,12 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def plan(graph: Graph) -> MemoryPlan:
-    """Place every arena value so that no two live ones share bytes; see the module doc."""
+def plan(graph: Graph, scratch: Mapping[int, int] | None = None) -> MemoryPlan:
+    """Place every arena value so that no two live ones share bytes; see the module doc.
+
+    ``scratch`` maps node ids to bytes of temporary memory their kernel needs (a backend's
+    request, e.g. a cast of a matrix product's input); it is live during that step only.
+    """
     n_steps = len(graph.nodes)
     last = [n.id for n in graph.nodes]  # last step reading each storage root
     for n in graph.nodes:
@@ -125,12 +136,19 @@ def plan(graph: Graph) -> MemoryPlan:
     for o in graph.outputs:
         last[graph.nodes[o].base] = n_steps
 
-    roots = arena_nodes(graph)
+    # keys: node id for values, -1 - node id for scratch (so both fit one table)
+    roots: list[int] = arena_nodes(graph)
     first = {i: (-1 if graph.nodes[i].op is Op.INPUT else i) for i in roots}
     size = {i: _aligned(graph.nodes[i].nbytes) for i in roots}
+    for i, nbytes in (scratch or {}).items():
+        if nbytes > 0:
+            key = -1 - i
+            roots.append(key)
+            first[key], size[key] = i, _aligned(nbytes)
+    lasts = {i: (last[i] if i >= 0 else -1 - i) for i in roots}
     frees: dict[int, list[int]] = {}
     for i in roots:
-        frees.setdefault(last[i], []).append(i)
+        frees.setdefault(lasts[i], []).append(i)
 
     free: list[tuple[int, int]] = []  # (offset, size), sorted by offset, coalesced
     top = 0
@@ -181,5 +199,8 @@ def plan(graph: Graph) -> MemoryPlan:
                 give(offsets[i], size[i])
             live -= size[i]
 
-    allocs = tuple(Allocation(i, offsets[i], size[i], first[i], last[i]) for i in roots)
+    allocs = tuple(
+        Allocation(i if i >= 0 else -1 - i, offsets[i], size[i], first[i], lasts[i], i < 0)
+        for i in roots
+    )
     return MemoryPlan(allocs, top, max_live, sum(size.values()))
