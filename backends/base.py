@@ -81,6 +81,10 @@ class Backend(ABC):
     def copy_from_host(self, dst: Array, host: np.ndarray) -> None:
         """Write ``host`` into the existing backend array ``dst`` (inputs), casting if needed."""
 
+    def concat_rows(self, arrays: Sequence[Array]) -> Array:
+        """One new array of the arrays stacked along the first axis (done once, at load)."""
+        return np.concatenate(arrays)
+
     def byte_buffer(self, arr: Array) -> Array:
         """The flat byte buffer behind a contiguous array, for making views of it."""
         return arr.reshape(-1).view(np.uint8)
@@ -122,6 +126,15 @@ class Backend(ABC):
         Backends with no launch overhead to remove return ``launch`` itself.
         """
         return launch
+
+    def output_reader(self, src: Array) -> Callable[[bool], np.ndarray]:
+        """A function ``read(copy)`` that returns ``src`` on the host after the queued work
+        (made once). ``copy=False`` may return a buffer the next run overwrites."""
+
+        def read(copy: bool = True) -> np.ndarray:
+            return self.to_host(src)
+
+        return read
 
     def input_writer(self, dst: Array) -> Callable[[np.ndarray], None]:
         """A function that copies a host array into ``dst`` (made once per input)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -230,6 +231,12 @@ class NumpyBackend(Backend):
 
     def to_host(self, arr: Array) -> np.ndarray:
         return np.array(arr, copy=True)
+
+    def output_reader(self, src: Array) -> Callable[[bool], np.ndarray]:
+        def read(copy: bool = True) -> np.ndarray:
+            return np.array(src, copy=True) if copy else src
+
+        return read
 
     def copy_from_host(self, dst: Array, host: np.ndarray) -> None:
         dst[...] = host

@@ -49,6 +49,7 @@ class Executor:
         states: Mapping[str, Array] | None = None,
         plan: memory.MemoryPlan | None = None,
         mode: str = "eager",
+        reuse: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -68,7 +69,7 @@ class Executor:
                 nbytes = be.scratch_bytes(n, [graph.nodes[s] for s in n.srcs])
                 if nbytes:
                     scratch[n.id] = nbytes
-        self.plan = plan if plan is not None else memory.plan(graph, scratch)
+        self.plan = plan if plan is not None else memory.plan(graph, scratch, reuse=reuse)
         be.check_fits(self.plan.arena_bytes, f"the arena of a {len(graph)}-node graph")
         self.arena = be.alloc(self.plan.arena_bytes)
         self.states: dict[str, Array] = {}
@@ -111,7 +112,7 @@ class Executor:
             srcs = tuple(arrays[s] for s in n.srcs)
             self._steps.append((be.compile(n, arrays[n.id], srcs, tmp), n))
         self._inputs = {n.name: (n, be.input_writer(arrays[n.id])) for n in graph.inputs}
-        self._outputs = [arrays[o] for o in graph.outputs]
+        self._outputs = [be.output_reader(arrays[o]) for o in graph.outputs]
         self._debug = int(os.environ.get("STREAMGRAPH_DEBUG", "0") or 0)
         self._replay: Callable[[], None] | None = None
         self._warmed = False
@@ -185,11 +186,12 @@ class Executor:
                 )
             dst(np.asarray(value))
 
-    def run(self, inputs: Mapping[str, Any]) -> list[np.ndarray]:
+    def run(self, inputs: Mapping[str, Any], copy: bool = True) -> list[np.ndarray]:
         """Run once; returns host copies of the outputs in the graph's output order.
 
         In ``graph`` mode the first run is eager (kernels compile, libraries initialise), the
         second captures the whole forward pass, and every later run replays the capture.
+        ``copy=False`` may return buffers that the next run overwrites (no host copy).
         """
         self.set_inputs(inputs)
         if self._replay is not None:
@@ -200,8 +202,9 @@ class Executor:
         else:
             self.launch()
             self._warmed = True
-        self.backend.synchronize()
-        return [self.backend.to_host(o) for o in self._outputs]
+        if not self._outputs:  # staged inputs must not be overwritten while copies are queued
+            self.backend.synchronize()
+        return [read(copy) for read in self._outputs]
 
     def launch(self) -> None:
         """Issue every kernel once (inputs must already be set)."""
@@ -253,4 +256,3 @@ def run(
 ) -> list[np.ndarray]:
     """Build an ``Executor`` and run it once: the one-call way to evaluate a graph."""
     return Executor(graph, weights, backend, states).run(inputs)
-

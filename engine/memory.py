@@ -121,11 +121,15 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def plan(graph: Graph, scratch: Mapping[int, int] | None = None) -> MemoryPlan:
+def plan(
+    graph: Graph, scratch: Mapping[int, int] | None = None, *, reuse: bool = True
+) -> MemoryPlan:
     """Place every arena value so that no two live ones share bytes; see the module doc.
 
     ``scratch`` maps node ids to bytes of temporary memory their kernel needs (a backend's
     request, e.g. a cast of a matrix product's input); it is live during that step only.
+    ``reuse=False`` gives every value bytes of its own: every intermediate survives the run,
+    for debugging and profiling.
     """
     n_steps = len(graph.nodes)
     last = [n.id for n in graph.nodes]  # last step reading each storage root
@@ -195,7 +199,7 @@ def plan(graph: Graph, scratch: Mapping[int, int] | None = None) -> MemoryPlan:
             live += size[i]
         max_live = max(max_live, live)
         for i in frees.get(step, ()):
-            if size[i]:
+            if size[i] and reuse:
                 give(offsets[i], size[i])
             live -= size[i]
 

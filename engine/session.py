@@ -31,7 +31,7 @@ from engine.executor import Executor
 from engine.sampling import Sampler, SamplerConfig
 from engine.weights import tie_output
 from graph.dtypes import DType, dtype_of, f32
-from graph.models import FULL, ModelConfig, build, kv_slots, weight_shapes
+from graph.models import FULL, FUSED, ModelConfig, build, kv_slots, weight_shapes
 from graph.ops import GraphError
 
 __all__ = ["Session", "GenerationStats", "KV_PAD"]
@@ -50,10 +50,13 @@ class Session:
         n_ctx: int = 2048,
         n_batch: int = 512,
         cache_dtype: DType | str = f32,
+        mode: str = "eager",
+        fuse: bool = True,
     ) -> None:
         if n_ctx < 1 or n_batch < 1:
             raise ValueError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
         self.cfg, self.n_ctx, self.n_batch = cfg, n_ctx, min(n_batch, n_ctx)
+        self.mode, self.fuse = mode, fuse
         self.backend = get_backend(backend)
         self.cache_dtype = dtype_of(cache_dtype)
         self.weights = self._upload(tie_output(cfg, dict(weights)))
@@ -71,8 +74,13 @@ class Session:
         self.reset()
 
     def _upload(self, weights: dict[str, Any]) -> dict[str, Any]:
-        """Weights in their graph dtype on the backend, once, shared by every executor."""
-        shapes = weight_shapes(self.cfg)
+        """Weights in their graph dtype on the backend, once, shared by every executor.
+
+        With ``fuse`` the stacked projections are made here from their GGUF parts.
+        """
+        shapes = weight_shapes(self.cfg, self.fuse)
+        if self.fuse:
+            weights = self._stack(weights, shapes)
         missing = sorted(set(shapes) - set(weights))
         if missing:
             raise GraphError(f"missing {len(missing)} weight(s): {', '.join(missing[:6])}")
@@ -86,9 +94,41 @@ class Session:
                     f"weight {name} has shape {tuple(w.shape)}, the graph expects {shape}"
                 )
             if id(w) not in uploaded:
-                host = np.ascontiguousarray(np.asarray(w).astype(want, copy=False))
-                uploaded[id(w)] = self.backend.from_host(host)
+                if isinstance(w, np.ndarray):
+                    host = np.ascontiguousarray(w.astype(want, copy=False))
+                    uploaded[id(w)] = self.backend.from_host(host)
+                elif w.dtype != want:  # already on the device (generated there): use as is
+                    raise GraphError(f"weight {name} is {w.dtype} on the device, expected {want}")
+                else:
+                    uploaded[id(w)] = w
             out[name] = uploaded[id(w)]
+        return out
+
+    def _stack(self, weights: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+        out = dict(weights)
+        separate = weight_shapes(self.cfg)
+        for name in shapes:
+            if name in weights:
+                continue
+            blk, layer, fused, _ = name.split(".")
+            if blk != "blk" or fused not in FUSED:
+                continue
+            names = [f"blk.{layer}.{m}.weight" for m in FUSED[fused]]
+            absent = [n for n in names if n not in weights]
+            if absent:
+                raise GraphError(f"missing {len(absent)} weight(s): {', '.join(absent)}")
+            parts = [weights[n] for n in names]
+            for n, w in zip(names, parts, strict=True):
+                del out[n]
+                if tuple(w.shape) != separate[n]:
+                    raise GraphError(
+                        f"weight {n} has shape {tuple(w.shape)}, the graph expects {separate[n]}"
+                    )
+            if all(isinstance(w, np.ndarray) for w in parts):
+                want = self.cfg.dtype.numpy
+                out[name] = np.concatenate([w.astype(want, copy=False) for w in parts])
+            else:
+                out[name] = self.backend.concat_rows(parts)
         return out
 
     # -- cache bookkeeping -----------------------------------------------------------------------
@@ -117,8 +157,10 @@ class Session:
         )
         ex = self._executors.get(key)
         if ex is None:
-            graph = build(self.cfg, n_tokens, self.slots, dict(n_kv), logits, self.cache_dtype)
-            ex = Executor(graph, self.weights, self.backend, self.states)
+            graph = build(
+                self.cfg, n_tokens, self.slots, dict(n_kv), logits, self.cache_dtype, self.fuse
+            )
+            ex = Executor(graph, self.weights, self.backend, self.states, mode=self.mode)
             self._executors[key] = ex
         return ex
 
@@ -133,7 +175,9 @@ class Session:
         if ids.min() < 0 or ids.max() >= self.cfg.n_vocab:
             raise ValueError(f"token ids must be in 0..{self.cfg.n_vocab - 1}")
 
-    def forward(self, tokens: Sequence[int], logits: Any = "last") -> np.ndarray | None:
+    def forward(
+        self, tokens: Sequence[int], logits: Any = "last", copy: bool = True
+    ) -> np.ndarray | None:
         """Process one chunk of at most ``n_batch`` tokens at the current position."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n = len(ids)
@@ -151,7 +195,7 @@ class Session:
             inputs[f"kv_pos.{kind}"] = self.row_pos[kind][: n_kv[kind]]
         ex = self.executor(n, n_kv, logits)
         try:
-            outs = ex.run({k: v for k, v in inputs.items() if k in ex.input_names})
+            outs = ex.run({k: v for k, v in inputs.items() if k in ex.input_names}, copy)
         except Exception:
             self.row_pos = saved
             raise
@@ -202,9 +246,10 @@ class Session:
         order = {r: i for i, r in enumerate(wanted)}
         return stacked[[order[r] for r in rows]]
 
-    def decode(self, token: int) -> np.ndarray:
-        """One token in, the next token's logits (vocab,) out."""
-        out = self.forward([token], "last")
+    def decode(self, token: int, copy: bool = True) -> np.ndarray:
+        """One token in, the next token's logits (vocab,) out (``copy=False``: valid until the
+        next call, no host copy)."""
+        out = self.forward([token], "last", copy)
         assert out is not None
         return out[0]
 
@@ -241,7 +286,7 @@ class Session:
             if self.n_past >= self.n_ctx:
                 stats.stopped_by = "context"
                 break
-            logits = self.decode(token)
+            logits = self.decode(token, copy=False)  # consumed by the sampler before the next
         stats.t_gen = time.perf_counter() - t0
 
 

@@ -8,12 +8,15 @@ through many layers; norm weights are 1 + small noise (the GGUF convention, wher
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from graph.dtypes import DType, dtype_of
+from graph.dtypes import DType, dtype_of, f32
+from graph.ir import contiguous_strides
 from graph.models.config import ModelConfig, weight_shapes
 
-__all__ = ["random_weights", "tie_output"]
+__all__ = ["random_weights", "device_weights", "tie_output"]
 
 
 def random_weights(
@@ -36,7 +39,31 @@ def random_weights(
     return tie_output(cfg, out)
 
 
-def tie_output(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def device_weights(
+    cfg: ModelConfig, backend: Any, seed: int = 0, dtype: DType | str | None = None
+) -> dict[str, Any]:
+    """Generated weights made on the backend's device when it can draw them (no host copy of a
+    multi-GB model), else ``random_weights``. Same distributions; different numbers than the
+    host generator, deterministic per seed."""
+    fill = getattr(backend, "fill_normal", None)
+    if fill is None:
+        return random_weights(cfg, seed, dtype)
+    mat_dtype = dtype_of(dtype) if dtype is not None else cfg.dtype
+    out: dict[str, Any] = {}
+    for i, (name, shape) in enumerate(weight_shapes(cfg).items()):
+        if name == "output.weight" and cfg.tied_embeddings:
+            continue
+        dt = f32 if len(shape) == 1 else mat_dtype
+        arr = backend.view(backend.alloc(dt.nbytes(shape)), 0, shape, dt, contiguous_strides(shape))
+        if len(shape) == 1:
+            fill(arr, seed * 1_000_003 + i, 1.0, 0.1)
+        else:
+            fill(arr, seed * 1_000_003 + i, 0.0, 1.0 / np.sqrt(shape[1]))
+        out[name] = arr
+    return tie_output(cfg, out)
+
+
+def tie_output(cfg: ModelConfig, weights: dict[str, Any]) -> dict[str, Any]:
     """Bind ``output.weight`` to the token embedding for tied models (no copy)."""
     if cfg.tied_embeddings and "output.weight" not in weights and "token_embd.weight" in weights:
         weights["output.weight"] = weights["token_embd.weight"]

@@ -18,7 +18,7 @@ def test_bench_markdown_table(capsys: pytest.CaptureFixture[str]) -> None:
     table = [line for line in out if line.startswith("|")]
     assert table[0].split("|")[1].strip() == "model"
     assert set(table[1].replace("|", "").replace(" ", "")) <= {"-", ":"}
-    tests = [row.split("|")[6].strip() for row in table[2:]]
+    tests = [row.split("|")[7].strip() for row in table[2:]]
     assert tests == ["pp4", "pp8", "tg3"]
     assert all("±" in row for row in table[2:])
     assert any(line.startswith("backend: numpy") for line in out)

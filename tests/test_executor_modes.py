@@ -36,7 +36,7 @@ def test_graph_mode_on_numpy_equals_eager_on_every_run() -> None:
     eager = Session(cfg, w, n_ctx=32, n_batch=8)
     outs = {}
     for mode in ("eager", "graph"):
-        g = build(cfg, 1, kv_slots(cfg, 32, 8))
+        g = build(cfg, 1, kv_slots(cfg, 32, 8), fuse=eager.fuse)
         ex = Executor(g, eager.weights, "numpy", mode=mode)
         outs[mode] = []
         for t in range(4):  # warm-up, capture, then replays
@@ -58,3 +58,22 @@ def test_unknown_mode_is_refused() -> None:
     x = g.input("x", (2,), f32)
     with pytest.raises(ValueError, match="mode must be one of eager, graph"):
         Executor(g.build([g.scale(x, 2.0)]), {}, mode="replay")
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gemma3-tiny"])
+def test_stacked_projections_equal_separate_ones(name: str) -> None:
+    """fuse=True: one product with stacked Q/K/V (and gate/up) rows, then strided views."""
+    cfg = preset(name)
+    w = random_weights(cfg, seed=6)
+    fused, plain = (
+        Session(cfg, w, n_ctx=32, n_batch=8),
+        Session(cfg, w, n_ctx=32, n_batch=8, fuse=False),
+    )
+    graph = fused.executor(8, fused.n_kv_for(8)).graph
+    names = {n.name for n in graph.weights}
+    assert "blk.0.attn_qkv.weight" in names and "blk.0.attn_q.weight" not in names
+    assert "blk.0.ffn_gate_up.weight" in names
+    ids = list(range(5, 17))  # two chunks: strided views of multi-row products too
+    np.testing.assert_allclose(fused.prefill(ids, "all"), plain.prefill(ids, "all"), atol=2e-5)
+    for tok in (3, 9, 27):
+        np.testing.assert_allclose(fused.decode(tok), plain.decode(tok), atol=2e-5)

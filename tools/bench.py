@@ -18,13 +18,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from backends import best_backend, get_backend
 from engine.session import Session
-from engine.weights import random_weights
+from engine.weights import device_weights
 from graph.dtypes import dtype_of
 from graph.models import PRESETS, preset
 
@@ -38,11 +38,13 @@ class BenchResult:
     params_m: float
     backend: str
     dtype: str
+    graphs: str  # "on": CUDA-graph replay of each forward pass; "off": eager launches
     test: str
     n_tokens: int
     reps: int
     ts_mean: float  # tokens/s
     ts_sd: float
+    ts_median: float
     launches: int  # kernel launches per forward pass of this test's graph
 
 
@@ -55,6 +57,13 @@ def _ints(text: str) -> list[int]:
         ) from None
     if any(v < 0 for v in vals):
         raise argparse.ArgumentTypeError(f"token counts must be >= 0, got {text!r}")
+    return vals
+
+
+def _on_off(text: str) -> list[str]:
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    if not vals or any(v not in ("on", "off") for v in vals):
+        raise argparse.ArgumentTypeError(f"expected on, off or on,off; got {text!r}")
     return vals
 
 
@@ -84,6 +93,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the generated weights")
     p.add_argument(
+        "--graphs",
+        type=_on_off,
+        default=["off"],
+        help="replay each forward pass as a captured graph: on, off or on,off (default off)",
+    )
+    p.add_argument(
         "-o", "--output", default="md", choices=["md", "json", "jsonl", "csv"], help="output format"
     )
 
@@ -97,82 +112,82 @@ def run_bench(
     dtype: str = "f32",
     seed: int = 0,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+    graphs: Sequence[str] = ("off",),
 ) -> list[BenchResult]:
     if reps < 1:
         raise ValueError(f"repetitions must be at least 1, got {reps}")
     be = get_backend(backend or best_backend())
     cfg = preset(model).replace(dtype=dtype_of(dtype))
-    log(f"generating {cfg.n_params() / 1e6:.2f}M {dtype} weights for {model} ...")
-    weights = random_weights(cfg, seed)
-    size_mib = (
-        sum(
-            w.nbytes
-            for k, w in weights.items()
-            if not (k == "output.weight" and cfg.tied_embeddings)
-        )
-        / 2**20
-    )
+    log(f"generating {cfg.n_params() / 1e6:.2f}M {dtype} weights for {model} on {be.name} ...")
+    weights = device_weights(cfg, be, seed)
+    unique = {id(w): w for w in weights.values()}
+    size_mib = sum(w.nbytes for w in unique.values()) / 2**20
     n_ctx = max([*n_prompt, 0]) + max([*n_gen, 0]) + 1
-    sess = Session(cfg, weights, be, n_ctx=n_ctx, n_batch=max([*n_prompt, 1]))
     rng = np.random.default_rng(seed)
     results = []
 
-    def record(test: str, n: int, secs: list[float], launches: int) -> None:
-        rates = [n / s for s in secs]
-        sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
-        results.append(
-            BenchResult(
-                model,
-                round(size_mib, 2),
-                round(cfg.n_params() / 1e6, 2),
-                be.name,
-                dtype,
-                test,
-                n,
-                reps,
-                statistics.fmean(rates),
-                sd,
-                launches,
+    def bench_mode(graph_mode: str) -> None:
+        mode = {"on": "graph", "off": "eager"}[graph_mode]
+        sess = Session(cfg, weights, be, n_ctx=n_ctx, n_batch=max([*n_prompt, 1]), mode=mode)
+
+        def record(test: str, n: int, secs: list[float], launches: int) -> None:
+            rates = [n / s for s in secs]
+            sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
+            params = round(cfg.n_params() / 1e6, 2)
+            results.append(
+                BenchResult(
+                    model,
+                    round(size_mib, 2),
+                    params,
+                    be.name,
+                    dtype,
+                    graph_mode,
+                    test,
+                    n,
+                    reps,
+                    statistics.fmean(rates),
+                    sd,
+                    statistics.median(rates),
+                    launches,
+                )
             )
-        )
-        log(f"  {test}: {results[-1].ts_mean:.2f} ± {sd:.2f} t/s")
+            log(f"  {test}: {results[-1].ts_mean:.2f} ± {sd:.2f} t/s")
 
-    for n in n_prompt:
-        if n == 0:
-            continue
-        prompt = [int(t) for t in rng.integers(0, cfg.n_vocab, n)]
+        for n in n_prompt:
+            if n == 0:
+                continue
+            prompt = [int(t) for t in rng.integers(0, cfg.n_vocab, n)]
 
-        def pp(prompt: list[int] = prompt) -> float:
-            sess.reset()
-            t0 = time.perf_counter()
-            sess.prefill(prompt)
-            return time.perf_counter() - t0
+            def pp(prompt: list[int] = prompt) -> float:
+                sess.reset()
+                t0 = time.perf_counter()
+                sess.prefill(prompt)
+                return time.perf_counter() - t0
 
-        log(f"pp{n}: warm-up + {reps} repetitions")
-        pp()
-        record(
-            f"pp{n}", n, [pp() for _ in range(reps)], sess.executor(n, sess.n_kv_for(n)).n_launches
-        )
-    for n in n_gen:
-        if n == 0:
-            continue
+            log(f"pp{n} graphs={graph_mode}: warm-up + {reps} repetitions")
+            pp()
+            pp()  # a second warm-up: graph mode captures on its second run
+            launches = sess.executor(n, sess.n_kv_for(n)).n_launches
+            record(f"pp{n}", n, [pp() for _ in range(reps)], launches)
+        for n in n_gen:
+            if n == 0:
+                continue
 
-        def tg(n: int = n) -> float:
-            sess.reset()
-            tok = int(np.argmax(sess.prefill([1])))
-            t0 = time.perf_counter()
-            for _ in range(n):
-                tok = int(np.argmax(sess.decode(tok)))
-            return time.perf_counter() - t0
+            def tg(n: int = n) -> float:
+                sess.reset()
+                tok = int(np.argmax(sess.prefill([1])))
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    tok = int(np.argmax(sess.decode(tok, copy=False)))  # greedy, as generate()
+                return time.perf_counter() - t0
 
-        log(f"tg{n}: warm-up + {reps} repetitions")
-        tg()
-        record(
-            f"tg{n}",
-            n,
-            [tg() for _ in range(reps)],
-            sess.executor(1, sess.n_kv_for(n + 1)).n_launches,
-        )
+            log(f"tg{n} graphs={graph_mode}: warm-up + {reps} repetitions")
+            tg()
+            launches = sess.executor(1, sess.n_kv_for(n + 1)).n_launches
+            record(f"tg{n}", n, [tg() for _ in range(reps)], launches)
+
+    for graph_mode in graphs:
+        bench_mode(graph_mode)
     return results
 
 
@@ -181,7 +196,7 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
         return json.dumps([asdict(r) for r in results], indent=2)
     if fmt == "jsonl":
         return "\n".join(json.dumps(asdict(r)) for r in results)
-    cols = ["model", "size", "params", "backend", "dtype", "test", "t/s", "launches"]
+    cols = ["model", "size", "params", "backend", "dtype", "graphs", "test", "t/s", "launches"]
     rows = [
         [
             r.model,
@@ -189,6 +204,7 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
             f"{r.params_m:.2f} M",
             r.backend,
             r.dtype,
+            r.graphs,
             r.test,
             f"{r.ts_mean:.2f} ± {r.ts_sd:.2f}",
             str(r.launches),
@@ -196,11 +212,9 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
         for r in results
     ]
     if fmt == "csv":
-        head = "model,size_mib,params_m,backend,dtype,test,n_tokens,reps,ts_mean,ts_sd,launches"
+        head = ",".join(f.name for f in fields(BenchResult))
         lines = [head] + [
-            f"{r.model},{r.size_mib},{r.params_m},{r.backend},{r.dtype},{r.test},{r.n_tokens},{r.reps},"
-            f"{r.ts_mean:.4f},{r.ts_sd:.4f},{r.launches}"
-            for r in results
+            ",".join(str(getattr(r, f.name)) for f in fields(BenchResult)) for r in results
         ]
         return "\n".join(lines)
     widths = [
@@ -231,7 +245,14 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     results = run_bench(
-        args.model, args.n_prompt, args.n_gen, args.repetitions, args.backend, args.dtype, args.seed
+        args.model,
+        args.n_prompt,
+        args.n_gen,
+        args.repetitions,
+        args.backend,
+        args.dtype,
+        args.seed,
+        graphs=args.graphs,
     )
     print(format_results(results, args.output))
     if results and args.output == "md":

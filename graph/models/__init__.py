@@ -13,6 +13,7 @@ from graph.models import gemma3, llama
 from graph.models.common import Forward, Logits, kv_slots
 from graph.models.config import (
     FULL,
+    FUSED,
     PRESETS,
     SWA,
     ModelConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "kv_slots",
     "weight_shapes",
     "weight_layers",
+    "FUSED",
     "FULL",
     "SWA",
 ]
@@ -43,7 +45,8 @@ def build(
     n_kv: dict[str, int] | None = None,
     logits: Logits = "last",
     cache_dtype: DType | str | None = None,
+    fuse: bool = False,
 ) -> Graph:
     """The forward graph of ``cfg`` for ``n_tokens`` tokens against caches of ``slots`` rows."""
-    f = Forward(cfg, n_tokens, dict(slots), dict(n_kv or {}), dtype_of(cache_dtype or f32))
+    f = Forward(cfg, n_tokens, dict(slots), dict(n_kv or {}), dtype_of(cache_dtype or f32), fuse)
     return f.head(BODIES[cfg.arch](f), logits)

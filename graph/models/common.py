@@ -27,8 +27,8 @@ import numpy as np
 
 from graph.builder import GraphBuilder, Tensor
 from graph.dtypes import DType, f32, i32
-from graph.ir import Graph
-from graph.models.config import FULL, SWA, ModelConfig, weight_layers, weight_shapes
+from graph.ir import Graph, contiguous_strides
+from graph.models.config import FULL, FUSED, SWA, ModelConfig, weight_layers, weight_shapes
 from graph.ops import GraphError, RopeMode
 
 __all__ = ["Forward", "Logits", "kv_slots"]
@@ -57,14 +57,15 @@ class Forward:
     slots: dict[str, int]
     n_kv: dict[str, int]
     cache_dtype: DType = f32
+    fuse: bool = False  # stacked projections (config.FUSED): fewer, larger matrix products
 
     def __post_init__(self) -> None:
         cfg, n = self.cfg, self.n_tokens
         if n < 1:
             raise GraphError(f"a forward pass needs at least one token, got n_tokens={n}")
         self.g = g = GraphBuilder()
-        self.shapes = weight_shapes(cfg)
-        self.layers = weight_layers(cfg)
+        self.shapes = weight_shapes(cfg, self.fuse)
+        self.layers = weight_layers(cfg, self.fuse)
         self._weights: dict[str, Tensor] = {}
         self.tokens = g.input("tokens", (n,), i32)
         self.pos = g.input("pos", (n,), i32)
@@ -103,9 +104,8 @@ class Forward:
         """Q/K/V projections, optional per-head norms, rope, cache write, attention, output proj."""
         cfg, g, n, p = self.cfg, self.g, self.n_tokens, f"blk.{il}."
         kind = cfg.layer_kinds[il]
-        q = g.reshape(g.mul_mat(self.w(p + "attn_q.weight"), x), (n, cfg.n_head, cfg.head_dim))
-        k = g.reshape(g.mul_mat(self.w(p + "attn_k.weight"), x), (n, cfg.n_head_kv, cfg.head_dim))
-        v = g.reshape(g.mul_mat(self.w(p + "attn_v.weight"), x), (n, cfg.n_head_kv, cfg.head_dim))
+        heads = [(h, cfg.head_dim) for h in (cfg.n_head, cfg.n_head_kv, cfg.n_head_kv)]
+        q, k, v = self.project(p, "attn_qkv", x, heads)
         if qk_norm:
             q = g.rms_norm(q, self.w(p + "attn_q_norm.weight"), cfg.rms_eps)
             k = g.rms_norm(k, self.w(p + "attn_k_norm.weight"), cfg.rms_eps)
@@ -136,6 +136,37 @@ class Forward:
         )
         a = g.reshape(a, (n, cfg.n_head * cfg.head_dim))
         return g.mul_mat(self.w(p + "attn_output.weight"), a, name=f"attn_out.{il}")
+
+    def project(
+        self,
+        prefix: str,
+        fused: str,
+        x: Tensor,
+        split: list[tuple[int, ...]] | None = None,
+    ) -> list[Tensor]:
+        """The projections of ``FUSED[fused]`` applied to ``x``: each (n, rows_i), or
+        (n, *split[i]) when ``split`` gives the trailing dims (e.g. heads, head_dim).
+
+        Unfused: one matrix product each. Fused: one product with the stacked matrix, then a
+        view per part (rows of the result strided by the stack's width, no copy).
+        """
+        g, n = self.g, self.n_tokens
+        names = [f"{prefix}{m}.weight" for m in FUSED[fused]]
+        rows = [weight_shapes(self.cfg)[name][0] for name in names]
+        dims = split or [(r,) for r in rows]
+        if not self.fuse:
+            return [
+                g.reshape(g.mul_mat(self.w(nm), x), (n, *d))
+                for nm, d in zip(names, dims, strict=True)
+            ]
+        y = g.mul_mat(self.w(f"{prefix}{fused}.weight"), x, name=f"{prefix}{fused}")
+        width = y.shape[-1]
+        out, start = [], 0
+        for r, d in zip(rows, dims, strict=True):
+            inner = contiguous_strides(d)
+            out.append(g.view(y, (n, *d), (width, *inner), start))
+            start += r
+        return out
 
     def head(self, h: Tensor, logits: Logits) -> Graph:
         """Final norm and output matrix on the requested rows only; returns the finished graph."""

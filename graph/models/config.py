@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from graph.dtypes import DType, f32
 from graph.ops import LAYER_INPUT
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "weight_shapes", "weight_layers", "FULL", "SWA"]
+__all__ = [
+    "ModelConfig",
+    "PRESETS",
+    "preset",
+    "weight_shapes",
+    "weight_layers",
+    "FUSED",
+    "FULL",
+    "SWA",
+]
 
 FULL = "full"
 SWA = "swa"
@@ -77,8 +86,40 @@ class ModelConfig:
         return total
 
 
-def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight the builders read, by GGUF name, with its NumPy shape."""
+FUSED: dict[str, tuple[str, ...]] = {
+    "attn_qkv": ("attn_q", "attn_k", "attn_v"),
+    "ffn_gate_up": ("ffn_gate", "ffn_up"),
+}
+"""Projections that read the same input, stored as one matrix (rows stacked in this order) when
+a graph is built with ``fuse=True``: one matrix product instead of three (or two)."""
+
+
+def weight_shapes(cfg: ModelConfig, fuse: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every weight the builders read, by GGUF name, with its NumPy shape.
+
+    With ``fuse`` the stacked projections of ``FUSED`` replace their parts.
+    """
+    shapes = _weight_shapes(cfg)
+    if not fuse:
+        return shapes
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0] == "blk":
+            for fused, members in FUSED.items():
+                if parts[2] in members:
+                    key = f"blk.{parts[1]}.{fused}.weight"
+                    rows = sum(shapes[f"blk.{parts[1]}.{m}.weight"][0] for m in members)
+                    out[key] = (rows, shape[1])
+                    break
+            else:
+                out[name] = shape
+        else:
+            out[name] = shape
+    return out
+
+
+def _weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     d, hd = cfg.n_embd, cfg.head_dim
     out: dict[str, tuple[int, ...]] = {"token_embd.weight": (cfg.n_vocab, d)}
     for i in range(cfg.n_layer):
@@ -102,10 +143,10 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def weight_layers(cfg: ModelConfig) -> dict[str, int]:
+def weight_layers(cfg: ModelConfig, fuse: bool = False) -> dict[str, int]:
     """The layer tag of every weight: blocks 0..n_layer-1, head n_layer, token embedding -1."""
     tags = {}
-    for name in weight_shapes(cfg):
+    for name in weight_shapes(cfg, fuse):
         if name.startswith("blk."):
             tags[name] = int(name.split(".")[1])
         elif name == "token_embd.weight":

@@ -28,8 +28,7 @@ def body(f: Forward) -> Tensor:
         )
         h = g.add(h, a, name=f"attn_res.{il}")
         x = g.rms_norm(h, f.w(p + "ffn_norm.weight"), cfg.rms_eps)
-        gate = g.mul_mat(f.w(p + "ffn_gate.weight"), x)
-        up = g.mul_mat(f.w(p + "ffn_up.weight"), x)
+        gate, up = f.project(p, "ffn_gate_up", x)
         ff = g.mul_mat(f.w(p + "ffn_down.weight"), g.swiglu(gate, up), name=f"ffn_out.{il}")
         h = g.add(h, ff, name=f"l_out.{il}")
     return h
