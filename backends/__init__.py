@@ -26,24 +26,31 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
     "cupy": (
         "backends.cupy_backend",
         "CupyBackend",
-        "install CuPy for your CUDA: pip install 'streamgraph[cuda12]' or 'streamgraph[cuda13]'",
+        "install CuPy for your CUDA: pip install 'streamgraph[cuda13]' (or [cuda12])",
     ),
 }
 _CACHE: dict[str, Backend] = {}
 
 
 def get_backend(name: str | Backend) -> Backend:
-    """The backend called ``name`` (one instance per process), or a clear ``BackendError``."""
+    """The backend called ``name`` (one instance per process), or a clear ``BackendError``.
+
+    ``"auto"`` is the best backend present: CuPy where a CUDA device works, else NumPy.
+    """
     if isinstance(name, Backend):
         return name
+    if name == "auto":
+        return get_backend(best_backend())
     if name not in _REGISTRY:
-        raise BackendError(f"unknown backend {name!r}; known: {', '.join(_REGISTRY)}")
+        raise BackendError(f"unknown backend {name!r}; known: auto, {', '.join(_REGISTRY)}")
     if name not in _CACHE:
         module, cls, how = _REGISTRY[name]
         try:
             mod = importlib.import_module(module)
         except ImportError as e:
-            raise BackendError(f"backend {name!r} is not available here ({e}); {how}") from None
+            raise BackendError(
+                f"backend {name!r} is not available here: {e}; {how}"
+            ) from None
         _CACHE[name] = getattr(mod, cls)()
     return _CACHE[name]
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import cupy as cp  # ImportError here: the registry turns it into a one-line BackendError
 import numpy as np
 
 from backends.base import Backend, BackendError
@@ -34,13 +35,6 @@ from graph.dtypes import DType, dtype_of, f32
 from graph.ir import Node
 from graph.ir import contiguous_strides as _contiguous
 from graph.ops import AttentionParams, Op, RmsNormParams, RopeMode, RopeParams, ScaleParams
-
-try:
-    import cupy as cp
-except ImportError as e:  # the registry turns this into a one-line BackendError
-    raise ImportError(
-        f"CuPy is not installed ({e}); pip install 'streamgraph[cuda13]' (or [cuda12])"
-    ) from e
 
 __all__ = ["CupyBackend"]
 

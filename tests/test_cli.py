@@ -75,3 +75,17 @@ def test_graph_command_prints_graph_plan_and_json(capsys: pytest.CaptureFixture[
     assert main(["graph", "-m", "llama-tiny", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["format"] == "streamgraph.graph" and doc["nodes"]
+
+
+def test_missing_cupy_is_one_line_and_auto_falls_back_to_numpy(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed here: the missing-CuPy message cannot be shown")
+    assert main(["bench", "-m", "llama-tiny", "--backend", "cupy", "-p", "4", "-n", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'streamgraph[cuda13]'" in err
+    assert main(["bench", "-m", "llama-tiny", "--backend", "auto", "-p", "4", "-n", "0"]) == 0
+    assert "| numpy " in capsys.readouterr().out
