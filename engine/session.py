@@ -40,7 +40,14 @@ KV_PAD = 256
 
 
 class Session:
-    """Runs one model on one backend, keeping its KV cache between calls."""
+    """Runs one model on one backend, keeping its KV cache between calls.
+
+    ``n_ctx``: positions the context holds; ``n_batch``: the longest chunk a prefill runs at
+    once; ``cache_dtype``: storage of K and V; ``mode``: ``"graph"`` replays each forward pass
+    as a captured CUDA graph after its first runs (the same as eager on the CPU), ``"eager"``
+    launches every kernel each time; ``fuse``: stack the Q/K/V and gate/up projections into one
+    matrix product each (``graph.models.FUSED``), fewer and larger launches.
+    """
 
     def __init__(
         self,
@@ -50,7 +57,7 @@ class Session:
         n_ctx: int = 2048,
         n_batch: int = 512,
         cache_dtype: DType | str = f32,
-        mode: str = "eager",
+        mode: str = "graph",
         fuse: bool = True,
     ) -> None:
         if n_ctx < 1 or n_batch < 1:
