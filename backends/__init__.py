@@ -48,9 +48,7 @@ def get_backend(name: str | Backend) -> Backend:
         try:
             mod = importlib.import_module(module)
         except ImportError as e:
-            raise BackendError(
-                f"backend {name!r} is not available here: {e}; {how}"
-            ) from None
+            raise BackendError(f"backend {name!r} is not available here: {e}; {how}") from None
         _CACHE[name] = getattr(mod, cls)()
     return _CACHE[name]
 

@@ -490,10 +490,21 @@ def _c_rms_norm(
     rows = x.size // d if d else 0
     if rows == 0:
         return lambda: None
-    w = srcs[1] if len(srcs) == 2 else x
+    w = srcs[1] if len(srcs) >= 2 else x
+    r = srcs[2] if len(srcs) == 3 else x
     threads = 256 if d >= 256 else max(32, 1 << (d - 1).bit_length())
-    f = be.fn(f"k_rms_norm<{CTYPE[_dt(x).name]}, {CTYPE[_dt(w).name]}, {CTYPE[node.dtype.name]}>")
-    args = (_ptr(x), _ptr(w), _ptr(out), np.int32(d), np.float32(p.eps), np.int32(len(srcs) == 2))
+    types = ", ".join(CTYPE[t.name] for t in (_dt(x), _dt(w), _dt(r), node.dtype))
+    f = be.fn(f"k_rms_norm<{types}>")
+    args = (
+        _ptr(x),
+        _ptr(w),
+        _ptr(r),
+        _ptr(out),
+        np.int32(d),
+        np.float32(p.eps),
+        np.int32(len(srcs) >= 2),
+        np.int32(len(srcs) == 3),
+    )
     return _launch(f, (rows,), (threads,), args)
 
 
@@ -601,7 +612,7 @@ def _c_mul_mat(
     wt = _dt(a)
     if _uses_gemv(m, _dt(b)):
         vec = 4 if wt == f32 else 8
-        vec_ok = int(k % vec == 0 and a.data.ptr % 16 == 0)
+        vec_ok = int(k % vec == 0 and a.data.ptr % 16 == 0 and b.data.ptr % 16 == 0)
         wpr = 1  # warps per output row: split K when rows alone cannot fill the GPU
         while wpr < 8 and n_out * wpr < 64 * 132 and wpr * 32 * vec <= k:
             wpr *= 2

@@ -110,8 +110,9 @@ __global__ void k_set_rows(const TS* src, const int* idx, TD* dst, i64 n, i64 ro
 }
 
 // ---- rms norm: one block per row -------------------------------------------------------------
-template <typename TX, typename TW, typename TO>
-__global__ void k_rms_norm(const TX* x, const TW* w, TO* out, int D, float eps, int has_w) {
+template <typename TX, typename TW, typename TR, typename TO>
+__global__ void k_rms_norm(const TX* x, const TW* w, const TR* res, TO* out, int D, float eps,
+                           int has_w, int has_res) {
     __shared__ float part[32];
     const i64 base = (i64)blockIdx.x * D;
     float ss = 0.f;
@@ -132,6 +133,7 @@ __global__ void k_rms_norm(const TX* x, const TW* w, TO* out, int D, float eps, 
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float v = ld(x, base + d) * r;
         if (has_w) v *= ld(w, d);
+        if (has_res) v += ld(res, base + d);
         st(out, base + d, v);
     }
 }
@@ -386,6 +388,17 @@ template <> struct VecOf<float> { static const int n = 4; };
 #define GEMV_WARPS 8
 #define GEMV_MAXM 8
 
+template <int V>
+__device__ __forceinline__ float dotv(const float* f, const float* xp) {
+    float s = 0.f;
+#pragma unroll
+    for (int e = 0; e < V; e += 4) {
+        const float4 xv = *reinterpret_cast<const float4*>(xp + e);
+        s += f[e] * xv.x + f[e + 1] * xv.y + f[e + 2] * xv.z + f[e + 3] * xv.w;
+    }
+    return s;
+}
+
 // WPR warps share one output row (split K) when rows are too few to fill the GPU.
 template <typename TW, int WPR>
 __global__ void k_gemv(const TW* w, const float* x, float* out, int M, int N, int K, int vec_ok) {
@@ -401,17 +414,25 @@ __global__ void k_gemv(const TW* w, const float* x, float* out, int M, int N, in
     if (live) {
         const TW* row = w + (i64)n * K;
         if (vec_ok) {
-            for (int k0 = (part * 32 + lane) * V; k0 < K; k0 += WPR * 32 * V) {
+            // four 16-byte weight loads in flight per lane before any is used, x in float4s
+            const int step = WPR * 32 * V;
+            int k0 = (part * 32 + lane) * V;
+            for (; k0 + 3 * step < K; k0 += 4 * step) {
+                float f[4][8];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) unpack(row + k0 + u * step, f[u]);
+#pragma unroll
+                for (int r = 0; r < GEMV_MAXM; ++r)
+                    if (r < M)
+#pragma unroll
+                        for (int u = 0; u < 4; ++u) acc[r] += dotv<V>(f[u], x + (i64)r * K + k0 + u * step);
+            }
+            for (; k0 < K; k0 += step) {
                 float f[8];
                 unpack(row + k0, f);
 #pragma unroll
-                for (int r = 0; r < GEMV_MAXM; ++r) {
-                    if (r < M) {
-                        const float* xr = x + (i64)r * K + k0;
-#pragma unroll
-                        for (int e = 0; e < V; ++e) acc[r] += f[e] * xr[e];
-                    }
-                }
+                for (int r = 0; r < GEMV_MAXM; ++r)
+                    if (r < M) acc[r] += dotv<V>(f, x + (i64)r * K + k0);
             }
         } else {
             for (int k = part * 32 + lane; k < K; k += WPR * 32) {

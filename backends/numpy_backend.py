@@ -61,12 +61,20 @@ def k_scale(node: Node, out: np.ndarray, x: np.ndarray) -> None:
     _store(out, _f32(x) * F32(p.scale))
 
 
-def k_rms_norm(node: Node, out: np.ndarray, x: np.ndarray, w: np.ndarray | None = None) -> None:
+def k_rms_norm(
+    node: Node,
+    out: np.ndarray,
+    x: np.ndarray,
+    w: np.ndarray | None = None,
+    residual: np.ndarray | None = None,
+) -> None:
     p: RmsNormParams = node.params  # type: ignore[assignment]
     x32 = _f32(x)
     r = x32 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + F32(p.eps))
     if w is not None:
         r = r * _f32(w)
+    if residual is not None:
+        r = r + _f32(residual)
     _store(out, r)
 
 

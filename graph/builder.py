@@ -204,9 +204,20 @@ class GraphBuilder:
         return self._add(Op.SCALE, [x], ScaleParams(float(s)), name)
 
     def rms_norm(
-        self, x: Tensor, w: Tensor | None = None, eps: float = 1e-6, name: str = ""
+        self,
+        x: Tensor,
+        w: Tensor | None = None,
+        eps: float = 1e-6,
+        name: str = "",
+        residual: Tensor | None = None,
     ) -> Tensor:
-        return self._add(Op.RMS_NORM, [x] if w is None else [x, w], RmsNormParams(float(eps)), name)
+        """``norm(x) * w``, plus ``residual`` when given (one op for norm-then-add)."""
+        srcs = [x] if w is None else [x, w]
+        if residual is not None:
+            if w is None:
+                raise GraphError(f"RMS_NORM({x.name} {x.shape}): a residual needs a weight")
+            srcs.append(residual)
+        return self._add(Op.RMS_NORM, srcs, RmsNormParams(float(eps)), name)
 
     def mul_mat(self, a: Tensor, b: Tensor, name: str = "") -> Tensor:
         """``b @ a.T``: a is (out, in) as GGUF stores weights, b is (..., in)."""

@@ -18,7 +18,8 @@ CAST        copy into a fresh contiguous tensor of another float type
 GET_ROWS    out[i] = table[idx[i]]; table (R, ...) idx (n,) i32 -> (n, ...) f32
 ADD, MUL    a + b, a * b with NumPy broadcasting; result in a's dtype
 SCALE       x * s
-RMS_NORM    x / sqrt(mean(x^2, last axis) + eps) [* w]; w (D,) optional
+RMS_NORM    x / sqrt(mean(x^2, last axis) + eps) [* w] [+ r]; w (D,) optional; r, a residual of
+            x's shape, optional (needs w): Gemma's post-norm-and-add is one op, one launch
 MUL_MAT     a (N, K) stored as GGUF stores weights (out, in); b (..., K) -> (..., N) f32
 ROPE        rotary embedding of x (n, heads, d) at positions pos (n,); the first n_dims of d rotate;
             NORMAL pairs (2i, 2i+1) (GGUF llama), NEOX pairs (i, i + n_dims/2) (Gemma, HF layout)
@@ -204,7 +205,7 @@ SRC_COUNT: dict[Op, tuple[int, ...]] = {
     Op.ADD: (2,),
     Op.MUL: (2,),
     Op.SCALE: (1,),
-    Op.RMS_NORM: (1, 2),
+    Op.RMS_NORM: (1, 2, 3),
     Op.MUL_MAT: (2,),
     Op.ROPE: (2,),
     Op.ATTENTION: (5,),
@@ -344,8 +345,10 @@ def _rms_norm(op: Op, p: RmsNormParams, s: list[TensorMeta]) -> Inferred:
     _need_float(op, s, *range(len(s)))
     if not s[0].shape:
         raise _fail(op, s, "cannot normalise a scalar")
-    if len(s) == 2 and s[1].shape != s[0].shape[-1:]:
+    if len(s) >= 2 and s[1].shape != s[0].shape[-1:]:
         raise _fail(op, s, f"weight must have shape {s[0].shape[-1:]}")
+    if len(s) == 3 and s[2].shape != s[0].shape:
+        raise _fail(op, s, f"residual must have shape {s[0].shape}")
     return s[0].shape, s[0].dtype
 
 

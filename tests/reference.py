@@ -107,11 +107,14 @@ def _scale(n: Node, x: np.ndarray) -> np.ndarray:
     return _f(x) * n.params.scale  # type: ignore[union-attr]
 
 
-def _rms_norm(n: Node, x: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+def _rms_norm(
+    n: Node, x: np.ndarray, w: np.ndarray | None = None, r: np.ndarray | None = None
+) -> np.ndarray:
     x = _f(x)
     ms = (x**2).sum(axis=-1, keepdims=True) / x.shape[-1]
     y = x / np.sqrt(ms + n.params.eps)  # type: ignore[union-attr]
-    return y if w is None else y * _f(w)
+    y = y if w is None else y * _f(w)
+    return y if r is None else y + _f(r)
 
 
 def _mul_mat(n: Node, a: np.ndarray, b: np.ndarray) -> np.ndarray:

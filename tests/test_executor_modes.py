@@ -77,3 +77,24 @@ def test_stacked_projections_equal_separate_ones(name: str) -> None:
     np.testing.assert_allclose(fused.prefill(ids, "all"), plain.prefill(ids, "all"), atol=2e-5)
     for tok in (3, 9, 27):
         np.testing.assert_allclose(fused.decode(tok), plain.decode(tok), atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_rms_norm_with_residual_is_norm_then_add(dtype: str) -> None:
+    g = GraphBuilder()
+    x = g.input("x", (3, 5), dtype)
+    r = g.input("r", (3, 5), dtype)
+    w = g.weight("w", (5,), f32, layer=0)
+    fused = g.rms_norm(x, w, 1e-5, residual=r)
+    apart = g.add(r, g.rms_norm(x, w, 1e-5))
+    graph = g.build([fused, apart])
+    rng = np.random.default_rng(0)
+    feed = {k: rng.standard_normal((3, 5)).astype(np.float32) for k in ("x", "r")}
+    a, b = Executor(graph, {"w": rng.standard_normal(5).astype(np.float32)}).run(feed)
+    # the fused op rounds once, norm-then-add rounds the norm to storage first
+    tol = 0 if dtype == "f32" else 2.0**-7
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=tol * 4, rtol=tol)
+    with pytest.raises(Exception, match="residual must have shape"):
+        g.rms_norm(x, w, residual=g.input("r2", (5,), f32))
+    with pytest.raises(Exception, match="a residual needs a weight"):
+        g.rms_norm(x, residual=r)

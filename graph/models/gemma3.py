@@ -33,11 +33,11 @@ def body(f: Forward) -> Tensor:
             rope_base=cfg.rope_base_swa if local else cfg.rope_base,
             freq_scale=1.0 if local else cfg.rope_freq_scale,
         )
-        a = g.rms_norm(a, f.w(p + "post_attention_norm.weight"), cfg.rms_eps)
-        h = g.add(h, a, name=f"attn_res.{il}")
+        w_post = f.w(p + "post_attention_norm.weight")
+        h = g.rms_norm(a, w_post, cfg.rms_eps, name=f"attn_res.{il}", residual=h)
         x = g.rms_norm(h, f.w(p + "ffn_norm.weight"), cfg.rms_eps)
         gate, up = f.project(p, "ffn_gate_up", x)
         ff = g.mul_mat(f.w(p + "ffn_down.weight"), g.geglu(gate, up))
-        ff = g.rms_norm(ff, f.w(p + "post_ffw_norm.weight"), cfg.rms_eps, name=f"ffn_out.{il}")
-        h = g.add(h, ff, name=f"l_out.{il}")
+        w_post = f.w(p + "post_ffw_norm.weight")
+        h = g.rms_norm(ff, w_post, cfg.rms_eps, name=f"l_out.{il}", residual=h)
     return h
