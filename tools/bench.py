@@ -95,8 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--graphs",
         type=_on_off,
-        default=["off"],
-        help="replay each forward pass as a captured graph: on, off or on,off (default off)",
+        default=["on"],
+        help="replay each forward pass as a captured graph: on, off or on,off (default on)",
     )
     p.add_argument(
         "-o", "--output", default="md", choices=["md", "json", "jsonl", "csv"], help="output format"
@@ -112,7 +112,7 @@ def run_bench(
     dtype: str = "f32",
     seed: int = 0,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
-    graphs: Sequence[str] = ("off",),
+    graphs: Sequence[str] = ("on",),
 ) -> list[BenchResult]:
     if reps < 1:
         raise ValueError(f"repetitions must be at least 1, got {reps}")
