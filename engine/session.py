@@ -13,8 +13,9 @@ session is the only place that knows which cache row holds which position:
   chunk's queries never lose a key they can still see.
 
 It turns that bookkeeping into the ``kv_idx.*`` / ``kv_pos.*`` inputs of ``graph.models.common``.
-Full layers attend to the first ``n_kv`` rows only, with ``n_kv`` rounded up to ``KV_PAD``
-(as llama.cpp pads), so the attended length - and the executor - changes only every KV_PAD tokens.
+Layers attend to the first ``n_kv`` rows only (the filled ones, until a ring wraps), rounded up
+to ``KV_PAD`` as llama.cpp pads, so the attended length - and the executor - changes only every
+KV_PAD tokens.
 """
 
 from __future__ import annotations
@@ -148,11 +149,11 @@ class Session:
         return pos if kind == FULL else pos % self.slots[kind]
 
     def n_kv_for(self, n_end: int) -> dict[str, int]:
-        """Rows each attention kind attends to once ``n_end`` positions are filled."""
-        out = {}
-        for kind, n in self.slots.items():
-            out[kind] = min(n, -(-n_end // KV_PAD) * KV_PAD) if kind == FULL else n
-        return out
+        """Rows each attention kind attends to once ``n_end`` positions are filled: the filled
+        prefix rounded up to ``KV_PAD``. A sliding ring fills rows 0, 1, ... too until it wraps,
+        so early in a context its layers also skip the empty rows."""
+        pad = -(-n_end // KV_PAD) * KV_PAD
+        return {kind: min(n, pad) for kind, n in self.slots.items()}
 
     # -- running ---------------------------------------------------------------------------------
     def executor(self, n_tokens: int, n_kv: Mapping[str, int], logits: Any = "last") -> Executor:

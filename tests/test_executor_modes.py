@@ -98,3 +98,24 @@ def test_rms_norm_with_residual_is_norm_then_add(dtype: str) -> None:
         g.rms_norm(x, w, residual=g.input("r2", (5,), f32))
     with pytest.raises(Exception, match="a residual needs a weight"):
         g.rms_norm(x, residual=r)
+
+
+def test_attending_only_the_filled_rows_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers attend to the filled prefix of their cache, padded to KV_PAD; with a pad of 4 on a
+    tiny model the prefix grows every 4 tokens, through the ring's wrap, and must equal
+    attending to every row."""
+    import engine.session as session_module
+
+    cfg = preset("gemma3-tiny")
+    w = random_weights(cfg, seed=7)
+    ids = [int(t) for t in np.random.default_rng(2).integers(0, cfg.n_vocab, 30)]
+    outs = []
+    for pad in (4, 10_000):
+        monkeypatch.setattr(session_module, "KV_PAD", pad)
+        sess = Session(cfg, w, n_ctx=40, n_batch=4)
+        rows = [sess.prefill(ids[:6])]
+        rows += [sess.decode(t) for t in ids[6:]]
+        outs.append(np.array(rows))
+        if pad == 4:
+            assert sess.n_kv_for(9) == {"full": 12, "swa": 7}  # swa ring: 4 + 4 - 1 rows
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
