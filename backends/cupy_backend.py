@@ -108,9 +108,10 @@ class CupyBackend(Backend):
         if n_dev < 1:
             raise BackendError("CuPy is installed but there is no CUDA device")
         self.device = cp.cuda.Device(0)
-        self.stream = cp.cuda.Stream(non_blocking=True)
-        self.stream.use()  # kernels launch on the current stream: make it ours
-        self.blas = _Cublas(self.stream.ptr)
+        # every launch, copy and capture of this backend goes to one stream; stream() makes others
+        self.compute_stream = cp.cuda.Stream(non_blocking=True)
+        self.compute_stream.use()  # kernels launch on the current stream: make it ours
+        self.blas = _Cublas(self.compute_stream.ptr)
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
         self._source = (Path(__file__).with_name("kernels.cu")).read_text()
@@ -143,7 +144,7 @@ class CupyBackend(Backend):
         """One cudaMalloc of ``nbytes``, zeroed (caches and arenas start clean)."""
         n = max(int(nbytes), 1)
         mem = cp.cuda.Memory(n)
-        cp.cuda.runtime.memsetAsync(mem.ptr, 0, n, self.stream.ptr)
+        cp.cuda.runtime.memsetAsync(mem.ptr, 0, n, self.compute_stream.ptr)
         return cp.ndarray((n,), cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
 
     def view(
@@ -170,10 +171,10 @@ class CupyBackend(Backend):
         for a in arrays:
             src = a if a.flags.c_contiguous else cp.ascontiguousarray(a)
             cp.cuda.runtime.memcpyAsync(
-                out.data.ptr + offset, src.data.ptr, src.nbytes, 3, self.stream.ptr
+                out.data.ptr + offset, src.data.ptr, src.nbytes, 3, self.compute_stream.ptr
             )
             offset += src.nbytes
-        self.stream.synchronize()
+        self.compute_stream.synchronize()
         return out
 
     def byte_buffer(self, arr: Any) -> Any:
@@ -185,9 +186,9 @@ class CupyBackend(Backend):
         dst = cp.ndarray(host.shape, host.dtype, memptr=buf.data)
         if host.nbytes:
             cp.cuda.runtime.memcpyAsync(
-                dst.data.ptr, host.ctypes.data, host.nbytes, H2D, self.stream.ptr
+                dst.data.ptr, host.ctypes.data, host.nbytes, H2D, self.compute_stream.ptr
             )
-            self.stream.synchronize()
+            self.compute_stream.synchronize()
         return dst
 
     def to_host(self, arr: Any) -> np.ndarray:
@@ -195,9 +196,9 @@ class CupyBackend(Backend):
         src = arr if arr.flags.c_contiguous else cp.ascontiguousarray(arr)
         if out.nbytes:
             cp.cuda.runtime.memcpyAsync(
-                out.ctypes.data, src.data.ptr, out.nbytes, D2H, self.stream.ptr
+                out.ctypes.data, src.data.ptr, out.nbytes, D2H, self.compute_stream.ptr
             )
-            self.stream.synchronize()
+            self.compute_stream.synchronize()
         return out
 
     def copy_from_host(self, dst: Any, host: np.ndarray) -> None:
@@ -207,7 +208,7 @@ class CupyBackend(Backend):
         nbytes = dst.nbytes
         pinned = cp.cuda.alloc_pinned_memory(max(nbytes, 1))
         stage = np.frombuffer(pinned, dst.dtype, dst.size).reshape(dst.shape)
-        ptr, stream = dst.data.ptr, self.stream.ptr
+        ptr, stream = dst.data.ptr, self.compute_stream.ptr
         memcpy = cp.cuda.runtime.memcpyAsync
 
         def write(host: np.ndarray) -> None:
@@ -224,7 +225,7 @@ class CupyBackend(Backend):
         nbytes = src.nbytes
         pinned = cp.cuda.alloc_pinned_memory(max(nbytes, 1))
         stage = np.frombuffer(pinned, src.dtype, src.size).reshape(src.shape)
-        ptr, stream = src.data.ptr, self.stream
+        ptr, stream = src.data.ptr, self.compute_stream
 
         def read(copy: bool = True) -> np.ndarray:
             if nbytes:
@@ -244,17 +245,17 @@ class CupyBackend(Backend):
             )
 
     # -- execution -----------------------------------------------------------------------------
-    def stream(self) -> Any:  # type: ignore[override]
+    def stream(self) -> Any:
         return cp.cuda.Stream(non_blocking=True)
 
     def event(self) -> Any:
         return cp.cuda.Event(disable_timing=True)
 
     def synchronize(self) -> None:
-        self.stream.synchronize()
+        self.compute_stream.synchronize()
 
     def capture(self, launch: Callable[[], None]) -> Callable[[], None]:
-        s = self.stream
+        s = self.compute_stream
         s.begin_capture()
         try:
             launch()

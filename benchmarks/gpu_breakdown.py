@@ -65,9 +65,9 @@ def per_op(
         a, b = cp.cuda.Event(), cp.cuda.Event()
         times = []
         for _ in range(20):
-            a.record(be.stream)
+            a.record(be.compute_stream)
             replay()
-            b.record(be.stream)
+            b.record(be.compute_stream)
             b.synchronize()
             times.append(cp.cuda.get_elapsed_time(a, b))
         rows.append((op, statistics.median(times), len(steps)))
@@ -128,9 +128,9 @@ def main() -> None:
             times = []
             for _ in range(args.steps):
                 Executor.set_inputs(ex, fed)
-                start.record(be.stream)
+                start.record(be.compute_stream)
                 ex._replay()
-                end.record(be.stream)
+                end.record(be.compute_stream)
                 end.synchronize()
                 times.append(cp.cuda.get_elapsed_time(start, end))
             replay = statistics.median(times)

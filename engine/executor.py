@@ -38,6 +38,11 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
+def _failed(node: Node, e: Exception) -> RuntimeError:
+    """A kernel's failure, naming the node it ran for."""
+    return RuntimeError(f"{node.op.name} {node.label} {_shape_text(node.shape)} failed: {e}")
+
+
 class Executor:
     """A graph bound to a backend, its weights and its states, ready to run many times."""
 
@@ -215,10 +220,7 @@ class Executor:
             for i, (step, _) in enumerate(self._steps):  # noqa: B007
                 step()
         except Exception as e:
-            node = self._steps[i][1]
-            raise RuntimeError(
-                f"{node.op.name} {node.label} {_shape_text(node.shape)} failed: {e}"
-            ) from e
+            raise _failed(self._steps[i][1], e) from e
 
     def _launch_debug(self) -> None:
         for step, node in self._steps:
@@ -226,8 +228,7 @@ class Executor:
             try:
                 step()
             except Exception as e:
-                where = f"{node.op.name} {node.label} {_shape_text(node.shape)}"
-                raise RuntimeError(f"{where} failed: {e}") from e
+                raise _failed(node, e) from e
             self.backend.synchronize()
             dt = (time.perf_counter() - t0) * 1e6
             print(f"{dt:9.1f} us  {node}", flush=True)

@@ -160,3 +160,9 @@ def test_arena_is_what_the_plan_says_and_oversized_plans_are_refused(gpu) -> Non
         BackendError, match=r"needs .* GiB of GPU memory; .* GiB of .* GiB are free"
     ):
         gpu.check_fits(1 << 50, "a test plan")
+
+
+def test_stream_makes_new_streams_beside_the_compute_stream(gpu) -> None:  # noqa: ANN001
+    s = gpu.stream()
+    assert s.ptr != gpu.compute_stream.ptr
+    s.synchronize()
