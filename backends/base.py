@@ -117,6 +117,13 @@ class Backend(ABC):
         kernel = self.kernels[node.op]
         return functools.partial(kernel, node, out, *srcs)
 
+    def compile_fused(
+        self, fusion: Any, graph: Any, arrays: Sequence[Array]
+    ) -> Callable[[], None] | None:
+        """One launch for a whole fused group (``engine.fusion.Fusion``; ``arrays`` indexed by
+        node id), or None to have its members run one by one (the default)."""
+        return None
+
     def check_fits(self, nbytes: int, what: str) -> None:  # noqa: B027 - optional hook
         """Refuse, before allocating, a plan that cannot fit in the device's free memory."""
 

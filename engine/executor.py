@@ -9,6 +9,10 @@ base) and turns the graph into a list of ``(kernel, node, out, srcs)`` steps. ``
 inputs into their arena slots, walks the steps and copies the outputs out. Nothing is looked up,
 allocated or decided per node per call.
 
+The fusion pass (``engine.fusion``) marks chains that one kernel can run; a backend with a kernel
+for a group's pattern runs it as one launch at the group's last node, any other runs its members
+one by one there. ``fusion=False`` turns the pass off (one launch per node, for comparison).
+
 ``STREAMGRAPH_DEBUG=2`` prints one line per node with its time, the way tinygrad's DEBUG does.
 """
 
@@ -22,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from backends import COMPUTE_OPS, Backend, get_backend
+from engine import fusion as fusion_pass
 from engine import memory
 from graph.ir import Graph, Node
 from graph.ops import ALIAS_OPS, GraphError, Op
@@ -55,6 +60,7 @@ class Executor:
         plan: memory.MemoryPlan | None = None,
         mode: str = "eager",
         reuse: bool = True,
+        fusion: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -74,7 +80,12 @@ class Executor:
                 nbytes = be.scratch_bytes(n, [graph.nodes[s] for s in n.srcs])
                 if nbytes:
                     scratch[n.id] = nbytes
-        self.plan = plan if plan is not None else memory.plan(graph, scratch, reuse=reuse)
+        # a caller's own plan knows nothing of fused groups, so it runs without them
+        self.fusions = fusion_pass.find(graph) if fusion and plan is None else []
+        steps = fusion_pass.step_of(graph, self.fusions)
+        self.plan = (
+            plan if plan is not None else memory.plan(graph, scratch, reuse=reuse, steps=steps)
+        )
         be.check_fits(self.plan.arena_bytes, f"the arena of a {len(graph)}-node graph")
         self.arena = be.alloc(self.plan.arena_bytes)
         self.states: dict[str, Array] = {}
@@ -106,16 +117,32 @@ class Executor:
         self._arrays = arrays
 
         scratch_at = self.plan.scratch_of()
-        self._steps: list[tuple[Callable[[], None], Node]] = []
-        for n in nodes:
-            if n.op not in be.kernels:
-                continue
+
+        def one(n: Node) -> tuple[Callable[[], None], Node]:
             tmp = None
             if n.id in scratch_at:
                 off, size = scratch_at[n.id]
                 tmp = self.arena[off : off + size]  # a flat byte range of the arena
             srcs = tuple(arrays[s] for s in n.srcs)
-            self._steps.append((be.compile(n, arrays[n.id], srcs, tmp), n))
+            return be.compile(n, arrays[n.id], srcs, tmp), n
+
+        group_at = {f.anchor: f for f in self.fusions}
+        in_group = {i for f in self.fusions for i in f.nodes}
+        self._steps: list[tuple[Callable[[], None], Node]] = []
+        self.fused: list[fusion_pass.Fusion] = []  # the groups that run as one launch
+        for n in nodes:
+            if n.op not in be.kernels or (n.id in in_group and n.id not in group_at):
+                continue
+            f = group_at.get(n.id)
+            if f is None:
+                self._steps.append(one(n))
+                continue
+            launch = be.compile_fused(f, graph, arrays)
+            if launch is not None:
+                self._steps.append((launch, n))
+                self.fused.append(f)
+            else:
+                self._steps.extend(one(nodes[i]) for i in f.nodes)
         self._inputs = {n.name: (n, be.input_writer(arrays[n.id])) for n in graph.inputs}
         self._outputs = [be.output_reader(arrays[o]) for o in graph.outputs]
         self._debug = int(os.environ.get("STREAMGRAPH_DEBUG", "0") or 0)

@@ -15,7 +15,7 @@ aligned to ``ALIGN`` bytes (what GPU kernels and vector loads want).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from graph.ir import Graph
@@ -122,7 +122,11 @@ def _aligned(n: int) -> int:
 
 
 def plan(
-    graph: Graph, scratch: Mapping[int, int] | None = None, *, reuse: bool = True
+    graph: Graph,
+    scratch: Mapping[int, int] | None = None,
+    *,
+    reuse: bool = True,
+    steps: Sequence[int] | None = None,
 ) -> MemoryPlan:
     """Place every arena value so that no two live ones share bytes; see the module doc.
 
@@ -130,26 +134,34 @@ def plan(
     request, e.g. a cast of a matrix product's input); it is live during that step only.
     ``reuse=False`` gives every value bytes of its own: every intermediate survives the run,
     for debugging and profiling.
+    ``steps`` gives the step each node runs at when that is not its own id: the members of a
+    fused group (``engine.fusion.step_of``) all run at their anchor, so their inputs live to it
+    and their results are all placed at it.
     """
     n_steps = len(graph.nodes)
-    last = [n.id for n in graph.nodes]  # last step reading each storage root
+    at = list(steps) if steps is not None else [n.id for n in graph.nodes]
+    if len(at) != n_steps or any(
+        not n.id <= s < n_steps for n, s in zip(graph.nodes, at, strict=False)
+    ):
+        raise ValueError("steps must give each node a step at or after its own id")
+    last = list(at)  # last step reading each storage root
     for n in graph.nodes:
         for s in n.srcs:
             root = graph.nodes[s].base
-            last[root] = max(last[root], n.id)
+            last[root] = max(last[root], at[n.id])
     for o in graph.outputs:
         last[graph.nodes[o].base] = n_steps
 
     # keys: node id for values, -1 - node id for scratch (so both fit one table)
     roots: list[int] = arena_nodes(graph)
-    first = {i: (-1 if graph.nodes[i].op is Op.INPUT else i) for i in roots}
+    first = {i: (-1 if graph.nodes[i].op is Op.INPUT else at[i]) for i in roots}
     size = {i: _aligned(graph.nodes[i].nbytes) for i in roots}
     for i, nbytes in (scratch or {}).items():
         if nbytes > 0:
             key = -1 - i
             roots.append(key)
-            first[key], size[key] = i, _aligned(nbytes)
-    lasts = {i: (last[i] if i >= 0 else -1 - i) for i in roots}
+            first[key], size[key] = at[i], _aligned(nbytes)
+    lasts = {i: (last[i] if i >= 0 else at[-1 - i]) for i in roots}
     frees: dict[int, list[int]] = {}
     for i in roots:
         frees.setdefault(lasts[i], []).append(i)

@@ -47,7 +47,9 @@ class Session:
     once; ``cache_dtype``: storage of K and V; ``mode``: ``"graph"`` replays each forward pass
     as a captured CUDA graph after its first runs (the same as eager on the CPU), ``"eager"``
     launches every kernel each time; ``fuse``: stack the Q/K/V and gate/up projections into one
-    matrix product each (``graph.models.FUSED``), fewer and larger launches.
+    matrix product each (``graph.models.FUSED``), fewer and larger launches; ``fusion``: run
+    the groups the fusion pass finds (``engine.fusion``) as one kernel each where the backend
+    has one.
     """
 
     def __init__(
@@ -60,11 +62,12 @@ class Session:
         cache_dtype: DType | str = f32,
         mode: str = "graph",
         fuse: bool = True,
+        fusion: bool = True,
     ) -> None:
         if n_ctx < 1 or n_batch < 1:
             raise ValueError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
         self.cfg, self.n_ctx, self.n_batch = cfg, n_ctx, min(n_batch, n_ctx)
-        self.mode, self.fuse = mode, fuse
+        self.mode, self.fuse, self.fusion = mode, fuse, fusion
         self.backend = get_backend(backend)
         self.cache_dtype = dtype_of(cache_dtype)
         self.weights = self._upload(tie_output(cfg, dict(weights)))
@@ -168,7 +171,9 @@ class Session:
             graph = build(
                 self.cfg, n_tokens, self.slots, dict(n_kv), logits, self.cache_dtype, self.fuse
             )
-            ex = Executor(graph, self.weights, self.backend, self.states, mode=self.mode)
+            ex = Executor(
+                graph, self.weights, self.backend, self.states, mode=self.mode, fusion=self.fusion
+            )
             self._executors[key] = ex
         return ex
 
