@@ -102,7 +102,8 @@ def own_scratch_bytes(node: Node, srcs: Sequence[Node]) -> int:
             return m * b.shape[-1] * a.dtype.itemsize
     if node.op is Op.ATTENTION:
         n, h, dv = node.shape
-        splits = _attn_splits(_attn_rows(n, h, srcs[1].shape[1]), srcs[1].shape[0])
+        rows, m = _attn_rows(n, h, srcs[1].shape[1]), srcs[1].shape[0]
+        splits = max(_attn_splits(rows, m), _decode_splits(rows, m)[0])
         if splits > 1:
             return n * h * splits * (dv + 2) * 4
     return 0
@@ -281,6 +282,26 @@ def _attn_splits(rows: int, m: int) -> int:
     return max(1, min(want, -(-m // ATTN_KEYS), 1024))  # kernels.cu MAX_SPLITS
 
 
+DECODE_MAX_TOKENS = 8  # query tokens up to which attention uses the one-launch decode kernel
+DECODE_TILE = 64  # kernels.cu DT_KEYS
+
+
+def _decode_splits(rows: int, m: int) -> tuple[int, int]:
+    """(splits, keys per split) for the decode kernel: about two blocks per SM in all, at most
+    32 splits (the merge walks them), each a whole number of 64-key tiles."""
+    tiles = -(-m // DECODE_TILE)
+    splits = max(1, min(-(-264 // max(rows, 1)), tiles, 32))
+    chunk = -(-tiles // splits) * DECODE_TILE
+    return -(-m // chunk) if m else 1, chunk
+
+
+def _decode_ok(q: Any, k: Any, v: Any) -> bool:
+    n, _, d = q.shape
+    dv = v.shape[2]
+    dense = all(a.data.ptr % 16 == 0 for a in (k, v))
+    return n <= DECODE_MAX_TOKENS and d % 8 == 0 and dv % 8 == 0 and dense
+
+
 def _c_attention(
     be: CupyBackend, node: Node, out: Any, srcs: list[Any], scratch: Any
 ) -> Callable[[], None]:
@@ -297,9 +318,23 @@ def _c_attention(
     if n * h == 0:
         return lambda: None
     rows = _attn_rows(n, h, hk)
+    types = ", ".join(CTYPE[dtype_of_array(a).name] for a in (q, k, v))
+    if _decode_ok(q, k, v):
+        splits, chunk = _decode_splits(rows, m)
+        f = be.fn(f"k_attn_decode<{types}>")
+        tickets = be.counters(rows)
+        dargs = (
+            *(ptr(a) for a in (q, k, v, qpos, kpos, out)),
+            ptr(scratch) if splits > 1 else np.uint64(0),
+            ptr(tickets),
+            *(np.int32(x) for x in (h, hk, m, d, dv)),
+            np.float32(p.scale),
+            np.int32(p.window),
+            np.int32(chunk),
+        )
+        return _launch(f, (rows, splits), (256,), dargs)
     splits = _attn_splits(rows, m)
     chunk = -(-m // splits) if m else 1
-    types = ", ".join(CTYPE[dtype_of_array(a).name] for a in (q, k, v))
     f = be.fn(f"k_attention<{types}>")
     part = ptr(scratch) if splits > 1 else np.uint64(0)
     args = (
@@ -333,6 +368,108 @@ def _c_attention(
     return both
 
 
+PRE_NORM, PRE_NORM_RES, PRE_ADD, PRE_GEGLU, PRE_SWIGLU, PRE_COPY = range(6)  # k_matvec's PRE
+MATVEC_WARPS = 4  # kernels.cu MV_WARPS
+MAX_INPUT_FLOATS = 11 * 1024  # the built input in shared memory: 44 KiB of a block's 48 KiB
+
+
+def _f32_rows(arr: Any, k: int) -> bool:
+    """An f32 array whose last axis is dense (rows of ``k`` at any row stride)."""
+    return dtype_of_array(arr) == f32 and arr.shape[-1] == k and arr.strides[-1] == 4
+
+
+def _row_stride(arr: Any) -> int:
+    """Elements between consecutive rows of length ``shape[-1]``, leading axes folded into
+    one; -1 if they do not fold."""
+    if arr.ndim == 1 or arr.size == arr.shape[-1]:
+        return arr.shape[-1]
+    lead = [(d, s // 4) for d, s in zip(arr.shape[:-1], arr.strides[:-1], strict=True) if d != 1]
+    for (d_out, s_out), (_, s_in) in zip(lead, lead[1:], strict=False):
+        if s_out != s_in * d_out:
+            return -1
+    return lead[-1][1]
+
+
+def _resident_blocks(be: CupyBackend, f: Any, smem: int) -> int:
+    """Blocks of ``MATVEC_WARPS`` warps that fit on the GPU at once (registers, shared memory)."""
+    threads = 32 * MATVEC_WARPS
+    by_regs = 65536 // max(1, f.num_regs * threads)
+    by_smem = (227 * 1024) // (smem + f.shared_size_bytes + 1024)
+    return max(1, min(by_regs, by_smem, 2048 // threads, 32)) * be.sm_count
+
+
+def matvec(
+    be: CupyBackend,
+    w: Any,
+    out: Any,
+    pre: int,
+    a: Any,
+    b: Any,
+    w1: Any | None = None,
+    w2: Any | None = None,
+    v_out: Any | None = None,
+    eps1: float = 0.0,
+    eps2: float = 0.0,
+) -> Callable[[], None] | None:
+    """``k_matvec``: out = build(a, b, ...) @ w.T for up to ``GEMV_MAX_M`` rows, the input
+    built in shared memory (see kernels.cu for ``pre``); None if the layout does not suit it.
+
+    Rows per warp (R) are the fewest that let every block be resident at once (no second
+    wave, whose latency a short product cannot hide); a matrix too large for that (the output
+    head) is walked by a grid of resident blocks.
+    """
+    n_out, k = w.shape
+    wt = dtype_of_array(w)
+    m = a.size // k if k else 0
+    if not 0 < m <= GEMV_MAX_M or n_out == 0 or wt.name not in CTYPE or m * k > MAX_INPUT_FLOATS:
+        return None
+    vec = 4 if wt == f32 else 8
+    if k % vec or w.data.ptr % 16 or not w.flags.c_contiguous:
+        return None
+    if dtype_of_array(out) != f32 or not out.flags.c_contiguous or out.size != m * n_out:
+        return None
+    for arr in (a, b):
+        if not _f32_rows(arr, k) or _row_stride(arr) < 0:
+            return None
+    for arr in (w1, w2):
+        if arr is not None and (arr.shape != (k,) or dtype_of_array(arr) != f32):
+            return None
+    if v_out is not None and (not v_out.flags.c_contiguous or dtype_of_array(v_out) != f32):
+        return None
+    smem = m * k * 4
+    need = -(-(k // vec) // 32)  # 16-byte pieces per lane per row
+    choices = [r for r in (1, 2, 4) if r == 1 or r * need <= 16]
+    for r in choices:
+        f = be.fn(f"k_matvec<{CTYPE[wt.name]}, {r}, {pre}>")
+        resident = _resident_blocks(be, f, smem)
+        blocks = -(-n_out // (MATVEC_WARPS * r))
+        if blocks <= resident or r == choices[-1]:
+            grid = min(blocks, resident)
+            break
+    null = np.uint64(0)
+    args = (
+        ptr(w),
+        ptr(a),
+        ptr(b),
+        ptr(w1) if w1 is not None else null,
+        ptr(w2) if w2 is not None else null,
+        ptr(v_out) if v_out is not None else null,
+        ptr(out),
+        np.int32(m),
+        np.int32(n_out),
+        np.int32(k),
+        np.int64(_row_stride(a)),
+        np.int64(_row_stride(b)),
+        np.float32(eps1),
+        np.float32(eps2),
+    )
+
+    def go() -> None:
+        f((grid,), (32 * MATVEC_WARPS,), args, shared_mem=smem)
+
+    return go
+
+
 def _uses_gemv(m: int, b_dtype: DType) -> bool:
     return m <= GEMV_MAX_M and b_dtype == f32
 
@@ -348,6 +485,9 @@ def _c_mul_mat(
         return lambda: None
     wt = dtype_of_array(a)
     if _uses_gemv(m, dtype_of_array(b)):
+        mv = matvec(be, a, out, PRE_COPY, b, b)
+        if mv is not None:
+            return mv
         vec = 4 if wt == f32 else 8
         vec_ok = int(k % vec == 0 and a.data.ptr % 16 == 0 and b.data.ptr % 16 == 0)
         wpr = 1  # warps per output row: split K when rows alone cannot fill the GPU

@@ -31,6 +31,7 @@ import cupy as cp  # ImportError here: the registry turns it into a one-line Bac
 import numpy as np
 
 from backends.base import Backend, BackendError
+from backends.cuda_fused import FUSED_COMPILERS
 from backends.cuda_launch import (
     COMPILERS,
     CTYPE,
@@ -118,6 +119,7 @@ class CupyBackend(Backend):
         self._functions: dict[str, Any] = {}
         self._keep: list[Any] = []  # device metadata arrays bound into launches
         self.kernels = {op: self._unsupported for op in COMPILERS}
+        self.sm_count = int(cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"])
 
     def _unsupported(self, *args: Any) -> None:  # pragma: no cover - compile() is the entry
         raise BackendError("the CuPy backend runs nodes through compile(), not kernels[op]")
@@ -303,6 +305,17 @@ class CupyBackend(Backend):
                 step()
 
         return with_copies
+
+    def compile_fused(
+        self, fusion: Any, graph: Any, arrays: Sequence[Any]
+    ) -> Callable[[], None] | None:
+        return FUSED_COMPILERS[fusion.pattern](self, graph, fusion, arrays)
+
+    def counters(self, n: int) -> Any:
+        """``n`` zeroed int32 counters that live as long as the backend (kernels' tickets)."""
+        arr = cp.zeros(max(n, 1), np.int32)
+        self._keep.append(arr)
+        return arr
 
     def meta(self, values: Sequence[int]) -> Any:
         arr = cp.asarray(np.asarray(values, np.int64))

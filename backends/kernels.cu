@@ -482,3 +482,461 @@ __global__ void k_fill_normal(TO* out, i64 n, unsigned long long seed, float mea
         st(out, i, mean + std * z);
     }
 }
+
+// ---- matrix-vector products from a built input vector (decode) ------------------------------
+// out (M, N) f32 = u (M, K) @ w (N, K)^T, M <= 8, where the block first builds u in shared
+// memory from its inputs:
+//   PRE 0: u = rms(a) * w2            PRE 1: v = rms(a) * w1 + b, u = rms(v) * w2
+//   PRE 2: v = a + b, u = rms(v) * w2 PRE 3: u = gelu(a) * b     PRE 4: u = silu(a) * b
+//   PRE 5: u = a
+// Where v_out is given, block 0 also writes v there (another node reads it).
+// Each warp owns R rows and each lane up to 16 / R 16-byte pieces of each, all loaded before
+// any is used: short rows (K = 640) still keep enough bytes in flight to stream the matrix at
+// memory speed. The first rows' loads are issued before the prologue, hiding its latency.
+// The prologue loads all of a thread's inputs in one round trip (PRE_REGS per thread held in
+// registers; longer rows read again from cache).
+#define MV_WARPS 4
+#define PRE_REGS 8
+
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    v = warp_sum(v);
+    __syncthreads();  // an earlier call may still be reading red
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    return warp_sum(lane < (int)(blockDim.x >> 5) ? red[lane] : 0.f);
+}
+
+__device__ __forceinline__ void cvt8(const uint4& u, const float*, float* f) {
+    f[0] = __uint_as_float(u.x);
+    f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z);
+    f[3] = __uint_as_float(u.w);
+}
+__device__ __forceinline__ void cvt8(const uint4& u, const half_t*, float* f) {
+    unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        f[2 * e] = h2f((unsigned short)(w[e] & 0xffffu));
+        f[2 * e + 1] = h2f((unsigned short)(w[e] >> 16));
+    }
+}
+__device__ __forceinline__ void cvt8(const uint4& u, const bf16_t*, float* f) {
+    unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        f[2 * e] = __uint_as_float(w[e] << 16);
+        f[2 * e + 1] = __uint_as_float(w[e] & 0xffff0000u);
+    }
+}
+
+template <int PRE>
+__device__ __forceinline__ void build_input(float* xs, const float* a, const float* b,
+                                            const float* w1, const float* w2, float* v_out,
+                                            int M, int K, i64 a_rs, i64 b_rs, float eps1,
+                                            float eps2, float* red) {
+    const int tid = threadIdx.x, nt = blockDim.x;
+    const bool write_v = v_out != nullptr && blockIdx.x == 0;
+    for (int r = 0; r < M; ++r) {
+        float* x = xs + (i64)r * K;
+        const float* ar = a + r * a_rs;
+        const float* br = b + r * b_rs;
+        if (PRE >= 3) {
+            for (int k = tid; k < K; k += nt) {
+                const float g = ar[k];
+                x[k] = PRE == 5 ? g : (PRE == 3 ? gelu_tanh(g) : silu(g)) * br[k];
+            }
+            continue;
+        }
+        // one round trip: every input element this thread needs, loaded together
+        float av[PRE_REGS], bv[PRE_REGS], w1v[PRE_REGS], w2v[PRE_REGS];
+#pragma unroll
+        for (int e = 0; e < PRE_REGS; ++e) {
+            const int k = tid + e * nt;
+            const bool in = k < K;
+            av[e] = in ? ar[k] : 0.f;
+            bv[e] = (in && PRE >= 1) ? br[k] : 0.f;
+            w1v[e] = (in && PRE == 1) ? w1[k] : 0.f;
+            w2v[e] = in ? w2[k] : 0.f;
+        }
+        float ss = 0.f;
+        if (PRE == 1) {
+#pragma unroll
+            for (int e = 0; e < PRE_REGS; ++e) ss += av[e] * av[e];
+            for (int k = tid + PRE_REGS * nt; k < K; k += nt) ss += ar[k] * ar[k];
+            const float s1 = rsqrtf(block_sum(ss, red) / K + eps1);
+            ss = 0.f;
+#pragma unroll
+            for (int e = 0; e < PRE_REGS; ++e) {
+                const int k = tid + e * nt;
+                if (k < K) {
+                    const float v = av[e] * s1 * w1v[e] + bv[e];
+                    av[e] = v;
+                    ss += v * v;
+                }
+            }
+            for (int k = tid + PRE_REGS * nt; k < K; k += nt) {
+                const float v = ar[k] * s1 * w1[k] + br[k];
+                x[k] = v;
+                ss += v * v;
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < PRE_REGS; ++e) {
+                if (PRE == 2) av[e] += bv[e];
+                ss += av[e] * av[e];
+            }
+            for (int k = tid + PRE_REGS * nt; k < K; k += nt) {
+                const float v = PRE == 2 ? ar[k] + br[k] : ar[k];
+                x[k] = v;
+                ss += v * v;
+            }
+        }
+        const float s2 = rsqrtf(block_sum(ss, red) / K + eps2);
+#pragma unroll
+        for (int e = 0; e < PRE_REGS; ++e) {
+            const int k = tid + e * nt;
+            if (k < K) {
+                if (PRE >= 1 && write_v) v_out[(i64)r * K + k] = av[e];
+                x[k] = av[e] * s2 * w2v[e];
+            }
+        }
+        for (int k = tid + PRE_REGS * nt; k < K; k += nt) {
+            if (PRE >= 1 && write_v) v_out[(i64)r * K + k] = x[k];
+            x[k] = x[k] * s2 * w2[k];
+        }
+    }
+}
+
+template <typename TW, int R, int PRE>
+__global__ void k_matvec(const TW* w, const float* a, const float* b, const float* w1,
+                         const float* w2, float* v_out, float* out, int M, int N, int K, i64 a_rs,
+                         i64 b_rs, float eps1, float eps2) {
+    constexpr int T = 16 / R;  // 16-byte pieces per lane per row per pass
+    constexpr int V = VecOf<TW>::n;
+    extern __shared__ float xs[];  // M rows of K: the product's input
+    __shared__ float red[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int rows_per_block = MV_WARPS * R;
+    const int pieces = K / V;  // 16-byte pieces per row
+    uint4 raw[R][T];
+    int row0 = blockIdx.x * rows_per_block + warp * R;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            const int p = lane + 32 * t;
+            if (row0 + r < N && p < pieces)
+                raw[r][t] = *reinterpret_cast<const uint4*>(w + (i64)(row0 + r) * K + p * V);
+        }
+    build_input<PRE>(xs, a, b, w1, w2, v_out, M, K, a_rs, b_rs, eps1, eps2, red);
+    __syncthreads();
+    bool loaded = true;
+    for (int base = blockIdx.x * rows_per_block; base < N; base += gridDim.x * rows_per_block) {
+        row0 = base + warp * R;
+        float acc[GEMV_MAXM][R];
+#pragma unroll
+        for (int m = 0; m < GEMV_MAXM; ++m)
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+        for (int p0 = 0; p0 < pieces; p0 += 32 * T) {
+            if (!loaded) {
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+#pragma unroll
+                    for (int t = 0; t < T; ++t) {
+                        const int p = p0 + lane + 32 * t;
+                        if (row0 + r < N && p < pieces)
+                            raw[r][t] = *reinterpret_cast<const uint4*>(w + (i64)(row0 + r) * K + p * V);
+                    }
+            }
+            loaded = false;
+#pragma unroll
+            for (int t = 0; t < T; ++t) {
+                const int p = p0 + lane + 32 * t;
+                if (p >= pieces) break;
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    float f[8];
+                    cvt8(raw[r][t], w, f);
+#pragma unroll
+                    for (int m = 0; m < GEMV_MAXM; ++m)
+                        if (m < M && row0 + r < N) acc[m][r] += dotv<V>(f, xs + (i64)m * K + p * V);
+                }
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < GEMV_MAXM; ++m)
+            if (m < M)
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const float s = warp_sum(acc[m][r]);
+                    if (lane == 0 && row0 + r < N) out[(i64)m * N + row0 + r] = s;
+                }
+    }
+}
+
+// ---- attention front end: per-head RMS norm, rope, both cache writes -------------------------
+// One block per (token, head slot); slots are the query heads, then the key heads, then the
+// value heads. q, k, v are (n, heads, D) views with any token and head strides.
+template <typename TC>
+__global__ void k_rope_store(const float* q, const float* k, const float* v, i64 q_ts, i64 q_hs,
+                             i64 k_ts, i64 k_hs, i64 v_ts, i64 v_hs, const float* qw,
+                             const float* kw, float q_eps, float k_eps, const int* pos,
+                             const int* idx, float* q_out, TC* k_cache, TC* v_cache, int Hq, int Hk,
+                             int D, int Dv, i64 n_cache, int n_dims, int neox, double base,
+                             double freq_scale) {
+    extern __shared__ float xs[];  // one head vector, normalised
+    __shared__ float red[32];
+    const int t = blockIdx.x, s = blockIdx.y;
+    const i64 row = idx[t];
+    if (s >= Hq + Hk) {
+        const int h = s - Hq - Hk;
+        if (row < 0 || row >= n_cache) return;
+        for (int d = threadIdx.x; d < Dv; d += blockDim.x)
+            st(v_cache, (row * Hk + h) * Dv + d, v[t * v_ts + h * v_hs + d]);
+        return;
+    }
+    const bool is_q = s < Hq;
+    const int h = is_q ? s : s - Hq;
+    const float* x = is_q ? q + t * q_ts + h * q_hs : k + t * k_ts + h * k_hs;
+    const float* w = is_q ? qw : kw;
+    float ss = 0.f;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        const float val = x[d];
+        xs[d] = val;
+        ss += val * val;
+    }
+    if (w != nullptr) {
+        const float r = rsqrtf(block_sum(ss, red) / D + (is_q ? q_eps : k_eps));
+        for (int d = threadIdx.x; d < D; d += blockDim.x) xs[d] = xs[d] * r * w[d];
+    }
+    __syncthreads();
+    if (!is_q && (row < 0 || row >= n_cache)) return;
+    const int half = n_dims / 2;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float y;
+        if (d >= n_dims) {
+            y = xs[d];
+        } else {
+            int i, d0, d1;
+            bool lo;
+            if (neox) {
+                i = d % half;
+                d0 = i;
+                d1 = i + half;
+                lo = d < half;
+            } else {
+                i = d / 2;
+                d0 = 2 * i;
+                d1 = 2 * i + 1;
+                lo = (d & 1) == 0;
+            }
+            const double theta = (double)pos[t] * freq_scale * pow(base, -2.0 * i / n_dims);
+            double sn, cs;
+            sincos(theta, &sn, &cs);
+            const float c = (float)cs, sv = (float)sn;
+            y = lo ? xs[d0] * c - xs[d1] * sv : xs[d0] * sv + xs[d1] * c;
+        }
+        if (is_q) q_out[((i64)t * Hq + h) * D + d] = y;
+        else st(k_cache, (row * Hk + h) * D + d, y);
+    }
+}
+
+// ---- attention for few query tokens (decode) -------------------------------------------------
+// grid (n * Hk * groups, splits); 256 threads. A block walks its share of keys in tiles of 64:
+// four threads per key compute the scores of up to GB query heads, one warp per head turns
+// them into probabilities (online softmax across tiles), then each warp takes 8 keys' V rows
+// with each lane on 8 output dims. Splits leave partials; the last block of a row to finish
+// (a ticket per row, reset by it) merges them, so the whole op is one launch.
+#define DT_KEYS 64
+#define DT_WARPS 8
+
+__device__ __forceinline__ void load8(const float* p, float* f) {
+    unpack(p, f);
+    unpack(p + 4, f + 4);
+}
+__device__ __forceinline__ void load8(const half_t* p, float* f) { unpack(p, f); }
+__device__ __forceinline__ void load8(const bf16_t* p, float* f) { unpack(p, f); }
+
+template <typename TQ, typename TK, typename TV>
+__global__ void k_attn_decode(const TQ* q, const TK* k, const TV* v, const int* qpos,
+                              const int* kpos, float* out, float* part, int* tickets, int H,
+                              int Hk, int m, int D, int Dv, float scale, int window, int chunk) {
+    __shared__ float qs[GB][DMAX];
+    __shared__ float sc[GB][DT_KEYS];
+    __shared__ bool vis_s[DT_KEYS];
+    __shared__ float pacc[DT_WARPS][GB][DMAX];
+    __shared__ float run_max[GB], run_sum[GB], corr[GB];
+    __shared__ bool merge;
+    const int G = H / Hk, groups = (G + GB - 1) / GB;
+    const int row = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+    const int i = row / (Hk * groups), rest = row - i * Hk * groups;
+    const int hk = rest / groups, h0 = hk * G + (rest - hk * groups) * GB;
+    const int nh = min(GB, hk * G + G - h0);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    for (int e = tid; e < GB * DMAX; e += blockDim.x) {
+        const int g = e / DMAX, d = e - g * DMAX;
+        qs[g][d] = (g < nh && d < D) ? ld(q, ((i64)i * H + h0 + g) * D + d) : 0.f;
+    }
+    if (tid < GB) {
+        run_max[tid] = neg_inf();
+        run_sum[tid] = 0.f;
+    }
+    float acc[GB][8];
+#pragma unroll
+    for (int g = 0; g < GB; ++g)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+    __syncthreads();
+    const int qp = qpos[i];
+    const int j0 = split * chunk, j1 = min(m, j0 + chunk);
+    const int key = tid >> 2, quarter = tid & 3;
+    for (int jt = j0; jt < j1; jt += DT_KEYS) {
+        {  // scores
+            const int j = jt + key;
+            const bool vis = j < j1 && visible(kpos[j], qp, window);
+            float s[GB];
+#pragma unroll
+            for (int g = 0; g < GB; ++g) s[g] = 0.f;
+            if (vis) {
+                const TK* kr = k + ((i64)j * Hk + hk) * D;
+                float f[DMAX / 32][8];
+#pragma unroll
+                for (int c = 0; c < DMAX / 32; ++c)
+                    if ((quarter + 4 * c) * 8 < D) load8(kr + (quarter + 4 * c) * 8, f[c]);
+#pragma unroll
+                for (int c = 0; c < DMAX / 32; ++c) {
+                    const int d0 = (quarter + 4 * c) * 8;
+                    if (d0 < D)
+#pragma unroll
+                        for (int g = 0; g < GB; ++g)
+#pragma unroll
+                            for (int e = 0; e < 8; ++e) s[g] += qs[g][d0 + e] * f[c][e];
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < GB; ++g) {
+                s[g] += __shfl_xor_sync(0xffffffffu, s[g], 1);
+                s[g] += __shfl_xor_sync(0xffffffffu, s[g], 2);
+            }
+            if (quarter == 0) {
+                vis_s[key] = vis;
+#pragma unroll
+                for (int g = 0; g < GB; ++g) sc[g][key] = vis ? s[g] * scale : neg_inf();
+            }
+        }
+        __syncthreads();
+        if (warp < nh) {  // probabilities of head `warp`, online across tiles
+            const int g = warp;
+            const float a0 = sc[g][lane], a1 = sc[g][lane + 32];
+            const float old = run_max[g];
+            const float nm = fmaxf(old, warp_max(fmaxf(a0, a1)));
+            const float p0 = a0 == neg_inf() ? 0.f : expf(a0 - nm);
+            const float p1 = a1 == neg_inf() ? 0.f : expf(a1 - nm);
+            sc[g][lane] = p0;
+            sc[g][lane + 32] = p1;
+            const float ts = warp_sum(p0 + p1);
+            if (lane == 0) {
+                const float c = old == neg_inf() ? 0.f : expf(old - nm);
+                corr[g] = c;
+                run_sum[g] = run_sum[g] * c + ts;
+                run_max[g] = nm;
+            }
+        } else if (warp < GB && lane == 0) {
+            corr[warp] = 0.f;
+        }
+        __syncthreads();
+        {  // weighted V rows: warp takes keys warp*8.., lane takes dims lane*8..
+#pragma unroll
+            for (int g = 0; g < GB; ++g)
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[g][e] *= corr[g];
+            const int d0 = lane * 8;
+            if (d0 < Dv) {
+                float vr[8][8];
+#pragma unroll
+                for (int b = 0; b < 8; ++b) {
+                    const int jj = warp * 8 + b;
+                    if (vis_s[jj]) {
+                        load8(v + ((i64)(jt + jj) * Hk + hk) * Dv + d0, vr[b]);
+                    } else {
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) vr[b][e] = 0.f;
+                    }
+                }
+#pragma unroll
+                for (int b = 0; b < 8; ++b)
+#pragma unroll
+                    for (int g = 0; g < GB; ++g) {
+                        const float p = sc[g][warp * 8 + b];
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) acc[g][e] += p * vr[b][e];
+                    }
+            }
+        }
+        __syncthreads();  // sc and vis_s are rewritten by the next tile
+    }
+    if (lane * 8 < Dv)
+#pragma unroll
+        for (int g = 0; g < GB; ++g)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) pacc[warp][g][lane * 8 + e] = acc[g][e];
+    __syncthreads();
+    for (int g = 0; g < nh; ++g) {
+        const i64 ih = (i64)i * H + h0 + g;
+        for (int d = tid; d < Dv; d += blockDim.x) {
+            float o = 0.f;
+#pragma unroll
+            for (int w = 0; w < DT_WARPS; ++w) o += pacc[w][g][d];
+            if (splits == 1) {
+                out[ih * Dv + d] = run_sum[g] > 0.f ? o / run_sum[g] : 0.f;
+            } else {
+                part[(ih * splits + split) * (Dv + 2) + 2 + d] = o;
+            }
+        }
+        if (splits > 1 && tid == 0) {
+            part[(ih * splits + split) * (Dv + 2)] = run_max[g];
+            part[(ih * splits + split) * (Dv + 2) + 1] = run_sum[g];
+        }
+    }
+    if (splits == 1) return;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) merge = atomicAdd(&tickets[row], 1) == splits - 1;
+    __syncthreads();
+    if (!merge) return;
+    __threadfence();
+    // every split's (max, sum) in one round trip, then the weights from shared memory
+    __shared__ float split_w[GB][32];
+    __shared__ float total[GB];
+    for (int e = tid; e < nh * splits; e += blockDim.x) {
+        const int g = e / splits, s = e - g * splits;
+        const float* p = part + (((i64)i * H + h0 + g) * splits + s) * (Dv + 2);
+        split_w[g][s] = __ldcg(p);
+        sc[g][s] = __ldcg(p + 1);  // the tile buffer is free now: sums go there
+    }
+    __syncthreads();
+    if (tid < nh) {
+        float M = neg_inf();
+        for (int s = 0; s < splits; ++s) M = fmaxf(M, split_w[tid][s]);
+        float S = 0.f;
+        for (int s = 0; s < splits; ++s) {
+            const float ws = split_w[tid][s] == neg_inf() ? 0.f : expf(split_w[tid][s] - M);
+            split_w[tid][s] = ws;
+            S += sc[tid][s] * ws;
+        }
+        total[tid] = S;
+    }
+    __syncthreads();
+    for (int e = tid; e < nh * Dv; e += blockDim.x) {
+        const int g = e / Dv, d = e - g * Dv;
+        const i64 ih = (i64)i * H + h0 + g;
+        const float* p = part + ih * splits * (Dv + 2) + 2 + d;
+        float o = 0.f;
+#pragma unroll 8
+        for (int s = 0; s < splits; ++s) o += __ldcg(p + (i64)s * (Dv + 2)) * split_w[g][s];
+        out[ih * Dv + d] = total[g] > 0.f ? o / total[g] : 0.f;
+    }
+    if (tid == 0) tickets[row] = 0;
+}

@@ -46,13 +46,14 @@ def per_op(
     memory reuse so every value stays valid, run once eagerly, then the launches of each op
     kind captured on their own and replayed."""
     be = sess.backend
-    full = Executor(ex.graph, sess.weights, be, sess.states, reuse=False)
+    full = Executor(ex.graph, sess.weights, be, sess.states, reuse=False, fusion=sess.fusion)
     Executor.set_inputs(full, fed)
     full.launch()
     be.synchronize()
+    fused = {f.anchor: f.pattern for f in full.fused}
     kinds: dict[str, list[Any]] = collections.defaultdict(list)
     for step, node in full._steps:
-        kinds[node.op.name].append(step)
+        kinds[fused.get(node.id, node.op.name)].append(step)
     rows = []
     for op, steps in kinds.items():
 
@@ -91,8 +92,8 @@ def main() -> None:
     print(be.describe())
     print(f"{args.model} {args.dtype}: {wbytes / 1e6:.1f} MB of weights")
     prompt = list(range(2, 2 + args.prompt))
-    for mode in ("graph", "eager"):
-        sess = Session(cfg, w, be, n_ctx=args.ctx, n_batch=args.prompt, mode=mode)
+    for mode, fusion in (("graph", True), ("graph", False), ("eager", True)):
+        sess = Session(cfg, w, be, n_ctx=args.ctx, n_batch=args.prompt, mode=mode, fusion=fusion)
         pp = []
         for _ in range(5):
             sess.reset()
@@ -117,8 +118,9 @@ def main() -> None:
         for _ in range(50):
             int(np.argmax(out))
         argmax = (time.perf_counter() - t0) / 50
+        label = mode if fusion else f"{mode} (no fusion)"
         print(
-            f"{mode}: prefill {args.prompt} {statistics.median(pp[2:]) * 1e3:.2f} ms "
+            f"{label}: prefill {args.prompt} {statistics.median(pp[2:]) * 1e3:.2f} ms "
             f"({args.prompt / statistics.median(pp[2:]):.0f} t/s); decode() "
             f"{statistics.median(step) * 1e3:.3f} ms ({1 / statistics.median(step):.0f} t/s), "
             f"launches {ex.n_launches}, host argmax {argmax * 1e3:.3f} ms"
@@ -136,14 +138,14 @@ def main() -> None:
             replay = statistics.median(times)
             gbs = wbytes / replay / 1e6
             print(f"  decode replay alone {replay:.3f} ms ({gbs:.0f} GB/s of weights)")
-        if mode == "graph":
+        if mode == "graph" and fusion:
             for name, ex_, feed in (("decode", ex, fed), (f"prefill {args.prompt}", pex, pfed)):
                 rows = per_op(sess, ex_, feed, cp)
                 total = sum(ms for _, ms, _ in rows)
                 print(f"  {name}: device time by op, each kind replayed alone (sum {total:.3f} ms)")
                 for op, ms, n in rows:
                     print(
-                        f"    {op:10s} {ms:8.3f} ms  {n:4d} launches  {ms / n * 1e3:7.1f} us each"
+                        f"    {op:12s} {ms:8.3f} ms  {n:4d} launches  {ms / n * 1e3:7.1f} us each"
                     )
 
 

@@ -64,7 +64,7 @@ def test_random_graphs_equal_numpy(case: Case) -> None:
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 64])
 @pytest.mark.parametrize("wdtype", ["f32", "f16", "bf16"])
-@pytest.mark.parametrize("k", [640, 333, 2048])
+@pytest.mark.parametrize("k", [640, 333, 2048, 11008])
 @pytest.mark.parametrize("n_out", [517, 64])
 def test_mul_mat_gemv_and_cublas_paths(gpu, rows: int, wdtype: str, k: int, n_out: int) -> None:  # noqa: ANN001
     """GEMV (one or several warps per output) up to 8 rows, cuBLAS beyond."""

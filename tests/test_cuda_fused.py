@@ -1,0 +1,240 @@
+"""The CuPy backend's fused groups and its decode attention against the NumPy reference
+(``gpu`` marker: skipped without CUDA).
+
+Each test asserts that the fused kernel really ran (the group is in ``Executor.fused``), then
+compares with NumPy, which runs the same members one by one. Tolerances as in
+``test_cupy_backend``: relative to the largest magnitude, scaled by sqrt(K) for products.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backends import get_backend
+from engine.executor import Executor
+from engine.session import Session
+from engine.weights import random_weights
+from graph import GraphBuilder, f32
+from graph.models import preset
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu():  # noqa: ANN201
+    return get_backend("cupy")
+
+
+def _close(got: np.ndarray, want: np.ndarray, tol: float, what: str = "") -> None:
+    g, w = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert g.shape == w.shape, what
+    assert np.isfinite(g).all() == np.isfinite(w).all(), what
+    scale = max(1.0, float(np.abs(w).max(initial=0.0)))
+    np.testing.assert_allclose(g, w, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+def _both(graph, weights, inputs, gpu, states=None, runs=2):  # noqa: ANN001, ANN202
+    """Outputs (and final states) of NumPy and of the GPU executor, which is returned too."""
+    cpu_states = {k: v.copy() for k, v in (states or {}).items()}
+    dev_states = {k: gpu.from_host(v) for k, v in (states or {}).items()}
+    cpu = Executor(graph, weights, "numpy", states=cpu_states)
+    dev = Executor(graph, weights, gpu, states=dev_states, mode="graph")
+    inputs = {k: v for k, v in inputs.items() if k in cpu.input_names}
+    for _ in range(runs):  # graph mode: warm run, capture, replays
+        want, got = cpu.run(inputs), dev.run(inputs)
+    host_states = {k: gpu.to_host(v) for k, v in dev_states.items()}
+    return want, got, cpu_states, host_states, dev
+
+
+def _patterns(ex: Executor) -> list[str]:
+    return sorted(f.pattern for f in ex.fused)
+
+
+@pytest.mark.parametrize("pre", ["none", "norm_res", "add"])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize(("k", "n_out"), [(64, 5), (640, 1536), (2048, 20000), (4096, 300)])
+@pytest.mark.parametrize("wdtype", ["f32", "bf16"])
+def test_norm_matvec(gpu, pre: str, rows: int, k: int, n_out: int, wdtype: str) -> None:  # noqa: ANN001
+    g = GraphBuilder()
+    a = g.input("a", (rows, k), f32)
+    b = g.input("b", (rows, k), f32)
+    w1 = g.weight("w1", (k,), f32, layer=0)
+    w2 = g.weight("w2", (k,), f32, layer=0)
+    w = g.weight("w", (n_out, k), wdtype, layer=0)
+    if pre == "norm_res":
+        v = g.rms_norm(a, w1, 1e-6, residual=b)
+    elif pre == "add":
+        v = g.add(a, b)
+    else:
+        v = a
+    y = g.mul_mat(w, g.rms_norm(v, w2, 1e-5))
+    # v read again after the product (a residual): the kernel must write it
+    graph = g.build([y, g.scale(v, 2.0)] if pre != "none" else [y])
+    rng = np.random.default_rng(k + rows)
+    inputs = {x: rng.standard_normal((rows, k), np.float32) for x in ("a", "b")}
+    weights = {
+        "w1": rng.standard_normal(k).astype(np.float32),
+        "w2": rng.standard_normal(k).astype(np.float32),
+        "w": rng.standard_normal((n_out, k)).astype(np.float32),
+    }
+    weights = {n: v for n, v in weights.items() if any(x.name == n for x in graph.weights)}
+    want, got, _, _, dev = _both(graph, weights, inputs, gpu)
+    assert [f.pattern for f in dev.fusions] == ["norm_matvec"]
+    assert ("pre" in dev.fusions[0].roles) == (pre != "none")
+    # the input vectors are built in shared memory: larger ones run as separate launches
+    assert _patterns(dev) == (["norm_matvec"] if rows * k <= 11 * 1024 else [])
+    for i, (a_, b_) in enumerate(zip(got, want, strict=True)):
+        _close(a_, b_, 2e-5 * np.sqrt(k), f"output {i}")
+
+
+@pytest.mark.parametrize("act", ["geglu", "swiglu"])
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize(("k", "n_out"), [(64, 7), (2048, 640), (11008, 4096)])
+@pytest.mark.parametrize("wdtype", ["f16", "bf16"])
+def test_glu_matvec_on_halves_of_a_stacked_projection(gpu, act, rows, k, n_out, wdtype) -> None:  # noqa: ANN001
+    g = GraphBuilder()
+    x = g.input("x", (rows, 2 * k), f32)
+    gate = g.view(x, (rows, k), (2 * k, 1), 0)
+    up = g.view(x, (rows, k), (2 * k, 1), k)
+    w = g.weight("w", (n_out, k), wdtype, layer=0)
+    y = g.mul_mat(w, getattr(g, act)(gate, up))
+    graph = g.build([y])
+    rng = np.random.default_rng(k)
+    inputs = {"x": rng.standard_normal((rows, 2 * k), np.float32)}
+    weights = {"w": (rng.standard_normal((n_out, k)) / np.sqrt(k)).astype(np.float32)}
+    want, got, _, _, dev = _both(graph, weights, inputs, gpu)
+    assert _patterns(dev) == (["glu_matvec"] if rows * k <= 11 * 1024 else [])
+    _close(got[0], want[0], 8 * 2.0**-8, act)
+
+
+def test_unsupported_layouts_fall_back_to_one_launch_per_node(gpu) -> None:  # noqa: ANN001
+    """K = 333 is not a whole number of 16-byte weight loads: the members run one by one."""
+    g = GraphBuilder()
+    a = g.input("a", (1, 333), f32)
+    w2 = g.weight("w2", (333,), f32, layer=0)
+    w = g.weight("w", (50, 333), "bf16", layer=0)
+    graph = g.build([g.mul_mat(w, g.rms_norm(a, w2, 1e-6))])
+    rng = np.random.default_rng(0)
+    weights = {"w2": np.ones(333, np.float32), "w": rng.standard_normal((50, 333), np.float32)}
+    inputs = {"a": rng.standard_normal((1, 333), np.float32)}
+    want, got, _, _, dev = _both(graph, weights, inputs, gpu)
+    assert dev.fusions and not dev.fused and dev.n_launches == 2
+    _close(got[0], want[0], 1e-4)
+
+
+def _front_end(n, hq, hk, d, dv, m, *, norms, mode, n_dims, cache):  # noqa: ANN001, ANN202
+    """Projection views -> (norms) -> rope -> cache writes -> attention, as the builders make."""
+    g = GraphBuilder()
+    width = hq * d + hk * d + hk * dv
+    qkv = g.input("qkv", (n, width), f32)
+    pos = g.input("pos", (n,), "i32")
+    idx = g.input("idx", (n,), "i32")
+    kpos = g.input("kpos", (m,), "i32")
+    q = g.view(qkv, (n, hq, d), (width, d, 1), 0)
+    k = g.view(qkv, (n, hk, d), (width, d, 1), hq * d)
+    v = g.view(qkv, (n, hk, dv), (width, dv, 1), hq * d + hk * d)
+    if norms:
+        q = g.rms_norm(q, g.weight("qn", (d,), f32, layer=0), 1e-6)
+        k = g.rms_norm(k, g.weight("kn", (d,), f32, layer=0), 1e-6)
+    q = g.rope(q, pos, base=10000.0, mode=mode, n_dims=n_dims, freq_scale=0.5)
+    k = g.rope(k, pos, base=10000.0, mode=mode, n_dims=n_dims, freq_scale=0.5)
+    kc = g.set_rows(g.state("ck", (m, hk, d), cache), k, idx)
+    vc = g.set_rows(g.state("cv", (m, hk, dv), cache), v, idx)
+    att = g.attention(q, kc, vc, pos, kpos, scale=d**-0.5)
+    return g.build([att])
+
+
+@pytest.mark.parametrize(
+    ("hq", "hk", "d", "dv", "norms", "mode", "n_dims"),
+    [
+        (4, 1, 256, 256, True, "neox", 256),  # Gemma 3 270M
+        (8, 2, 64, 64, False, "normal", 64),  # Llama-like
+        (6, 3, 128, 64, True, "neox", 96),  # partial rotary, Dv != D
+    ],
+)
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("cache", ["f32", "bf16"])
+def test_rope_store(gpu, hq, hk, d, dv, norms, mode, n_dims, n, cache) -> None:  # noqa: ANN001
+    m = 40
+    graph = _front_end(n, hq, hk, d, dv, m, norms=norms, mode=mode, n_dims=n_dims, cache=cache)
+    rng = np.random.default_rng(hq * d + n)
+    width = hq * d + hk * d + hk * dv
+    start = 17
+    inputs = {
+        "qkv": rng.standard_normal((n, width), np.float32),
+        "pos": np.arange(start, start + n, dtype=np.int32),
+        "idx": np.arange(start, start + n, dtype=np.int32),
+        "kpos": np.where(np.arange(m) < start + n, np.arange(m), -1).astype(np.int32),
+    }
+    weights = {"qn": rng.standard_normal(d).astype(np.float32)} if norms else {}
+    if norms:
+        weights["kn"] = rng.standard_normal(d).astype(np.float32)
+    dt = graph.states[0].dtype.numpy
+    states = {s: rng.standard_normal((m, hk, w)).astype(dt) for s, w in (("ck", d), ("cv", dv))}
+    want, got, cpu_states, dev_states, dev = _both(graph, weights, inputs, gpu, states)
+    assert _patterns(dev) == ["rope_store"]
+    tol = 2e-5 if cache == "f32" else 8 * 2.0**-8
+    _close(got[0], want[0], tol, "attention output")
+    for s in states:
+        _close(dev_states[s], cpu_states[s], tol, f"cache {s}")
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "h", "hk", "d", "dv", "window"),
+    [
+        (1, 1, 4, 1, 256, 256, 0),
+        (1, 64, 4, 1, 256, 256, 0),
+        (1, 65, 4, 1, 256, 256, 0),
+        (1, 300, 4, 1, 256, 256, 512),
+        (1, 2100, 4, 1, 256, 256, 0),  # several tiles per split and 32 splits
+        (5, 300, 6, 1, 64, 32, 7),  # two groups of query heads, one of two heads
+        (8, 700, 8, 8, 128, 128, 0),
+        (2, 130, 2, 2, 80, 48, 0),
+    ],
+)
+@pytest.mark.parametrize("kv", ["f32", "f16", "bf16"])
+def test_decode_attention(gpu, n, m, h, hk, d, dv, window, kv) -> None:  # noqa: ANN001
+    g = GraphBuilder()
+    q = g.input("q", (n, h, d), f32)
+    k = g.input("k", (m, hk, d), kv)
+    v = g.input("v", (m, hk, dv), kv)
+    qp, kp = g.input("qpos", (n,), "i32"), g.input("kpos", (m,), "i32")
+    graph = g.build([g.attention(q, k, v, qp, kp, scale=d**-0.5, window=window)])
+    rng = np.random.default_rng(m + n)
+    filled = max(1, m - 9)  # the last rows are empty (-1)
+    kpos = np.full(m, -1, np.int32)
+    kpos[:filled] = rng.permutation(filled)  # ring order: positions out of row order
+    inputs = {
+        "q": rng.standard_normal((n, h, d), np.float32),
+        "k": rng.standard_normal((m, hk, d), np.float32),
+        "v": rng.standard_normal((m, hk, dv), np.float32),
+        "qpos": np.arange(filled - n, filled, dtype=np.int32).clip(0),
+        "kpos": kpos,
+    }
+    want, got, _, _, _ = _both(graph, {}, inputs, gpu, runs=4)  # tickets reset between runs
+    assert any(name.startswith("k_attn_decode") for name in gpu._functions)
+    tol = {"f32": 2e-5, "f16": 8 * 2.0**-11, "bf16": 8 * 2.0**-8}[kv]
+    _close(got[0], want[0], tol)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gemma3-tiny"])
+def test_models_fused_and_unfused_agree_with_numpy(gpu, name: str) -> None:  # noqa: ANN001
+    cfg = preset(name)
+    w = random_weights(cfg, seed=3)
+    cpu = Session(cfg, w, "numpy", n_ctx=64, n_batch=8)
+    fused = Session(cfg, w, gpu, n_ctx=64, n_batch=8)
+    plain = Session(cfg, w, gpu, n_ctx=64, n_batch=8, fusion=False)
+    ids = list(range(3, 9))
+    for s in (cpu, fused, plain):
+        s.prefill(ids)
+    tok = 5
+    for step in range(7):
+        want = cpu.decode(tok)
+        _close(fused.decode(tok), want, 1e-4, f"fused, step {step}")
+        _close(plain.decode(tok), want, 1e-4, f"unfused, step {step}")
+        tok = (tok * 7 + 3) % cfg.n_vocab
+    ex = fused.executor(1, fused.n_kv_for(fused.n_past + 1))
+    assert {"norm_matvec", "glu_matvec", "rope_store"} <= set(_patterns(ex))
+    unfused = plain.executor(1, plain.n_kv_for(plain.n_past + 1))
+    assert not unfused.fused and ex.n_launches < unfused.n_launches
