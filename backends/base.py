@@ -111,9 +111,16 @@ class Backend(ABC):
         return 0
 
     def compile(
-        self, node: Node, out: Array, srcs: Sequence[Array], scratch: Array | None
+        self,
+        node: Node,
+        out: Array,
+        srcs: Sequence[Array],
+        scratch: Array | None,
+        fixed: Sequence[bool] = (),
     ) -> Callable[[], None]:
-        """One launch of ``node`` with everything bound: what the executor calls per run."""
+        """One launch of ``node`` with everything bound: what the executor calls per run.
+        ``fixed[i]``: source ``i`` is never written while the graph runs (a weight or constant),
+        so a kernel may read it before earlier kernels finish."""
         kernel = self.kernels[node.op]
         return functools.partial(kernel, node, out, *srcs)
 

@@ -46,21 +46,24 @@ def _norm_matvec(be: CupyBackend, graph: Graph, fu: Fusion, arrays: Sequence[Any
     nodes = graph.nodes
     mm, norm = nodes[fu.roles["matmul"]], nodes[fu.roles["norm"]]
     w, out = arrays[mm.srcs[0]], arrays[mm.id]
+    early = _fixed(graph, mm.srcs[0])
     w2 = arrays[norm.srcs[1]]
     eps2 = _eps(norm.params)
     pre_id = fu.roles.get("pre")
     if pre_id is None:
         a = arrays[norm.srcs[0]]
-        return matvec(be, w, out, PRE_NORM, a, a, None, w2, None, 0.0, eps2)
+        return matvec(be, w, out, PRE_NORM, a, a, None, w2, None, 0.0, eps2, early)
     pre = nodes[pre_id]
     v_out = arrays[pre.id] if pre.id in fu.outputs else None
     if pre.op is Op.RMS_NORM:
         a, w1, res = (arrays[s] for s in pre.srcs)
         if res.shape != a.shape:
             return None
-        return matvec(be, w, out, PRE_NORM_RES, a, res, w1, w2, v_out, _eps(pre.params), eps2)
+        return matvec(
+            be, w, out, PRE_NORM_RES, a, res, w1, w2, v_out, _eps(pre.params), eps2, early
+        )
     a, b = (arrays[s] for s in pre.srcs)
-    return matvec(be, w, out, PRE_ADD, a, b, None, w2, v_out, 0.0, eps2)
+    return matvec(be, w, out, PRE_ADD, a, b, None, w2, v_out, 0.0, eps2, early)
 
 
 def _glu_matvec(be: CupyBackend, graph: Graph, fu: Fusion, arrays: Sequence[Any]) -> Launch | None:
@@ -70,7 +73,13 @@ def _glu_matvec(be: CupyBackend, graph: Graph, fu: Fusion, arrays: Sequence[Any]
     if gate.shape != up.shape:
         return None
     pre = PRE_GEGLU if glu.op is Op.GEGLU else PRE_SWIGLU
-    return matvec(be, arrays[mm.srcs[0]], arrays[mm.id], pre, gate, up, None, None, None, 0.0, 0.0)
+    w, early = arrays[mm.srcs[0]], _fixed(graph, mm.srcs[0])
+    return matvec(be, w, arrays[mm.id], pre, gate, up, None, None, None, 0.0, 0.0, early)
+
+
+def _fixed(graph: Graph, i: int) -> bool:
+    """Nothing writes node ``i`` while the graph runs (a weight or constant)."""
+    return graph.nodes[i].op in (Op.WEIGHT, Op.CONSTANT)
 
 
 def _eps(params: object) -> float:
@@ -161,12 +170,7 @@ def _rope_store(be: CupyBackend, graph: Graph, fu: Fusion, arrays: Sequence[Any]
         np.float64(p.base),
         np.float64(p.freq_scale),
     )
-    grid, smem = (n, hq + 2 * hk), d * 4
-
-    def go() -> None:
-        f(grid, (128,), args, shared_mem=smem)
-
-    return go
+    return be.prepare(f, (n, hq + 2 * hk), (128,), args, d * 4)
 
 
 FUSED_COMPILERS: dict[str, Callable[..., Launch | None]] = {

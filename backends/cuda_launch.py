@@ -123,12 +123,16 @@ def _need_contiguous(node: Node, srcs: Sequence[Any], which: Sequence[int]) -> N
 
 
 def _launch(
-    f: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple
+    be: CupyBackend,
+    f: Any,
+    grid: tuple[int, ...],
+    block: tuple[int, ...],
+    args: tuple,
+    smem: int = 0,
 ) -> Callable[[], None]:
-    def go() -> None:
-        f(grid, block, args)
-
-    return go
+    """One prepared launch on the backend's stream (programmatic dependent launch where the
+    GPU has it: see ``CupyBackend.prepare``)."""
+    return be.prepare(f, grid, block, args, smem)
 
 
 def elementwise(
@@ -158,17 +162,27 @@ def elementwise(
     else:
         f = be.fn(f"k_binary<{types[0]}, {types[1]}, {types[2]}, {op_code}>")
         args = (ptr(srcs[0]), ptr(srcs[1]), ptr(out), np.int64(n), ptr(meta))
-    return _launch(f, (blocks(n),), (THREADS,), args)
+    return _launch(be, f, (blocks(n),), (THREADS,), args)
 
 
 def _c_copy(
-    be: CupyBackend, node: Node, out: Any, srcs: list[Any], scratch: Any
+    be: CupyBackend,
+    node: Node,
+    out: Any,
+    srcs: list[Any],
+    scratch: Any,
+    fixed: Sequence[bool] = (),
 ) -> Callable[[], None]:
     return elementwise(be, node.shape, node.dtype, out, srcs, 0)
 
 
 def _c_scale(
-    be: CupyBackend, node: Node, out: Any, srcs: list[Any], scratch: Any
+    be: CupyBackend,
+    node: Node,
+    out: Any,
+    srcs: list[Any],
+    scratch: Any,
+    fixed: Sequence[bool] = (),
 ) -> Callable[[], None]:
     p: ScaleParams = node.params  # type: ignore[assignment]
     return elementwise(be, node.shape, node.dtype, out, srcs, 1, p.scale)
@@ -176,7 +190,12 @@ def _c_scale(
 
 def _binary(code: int) -> Callable[..., Callable[[], None]]:
     def c(
-        be: CupyBackend, node: Node, out: Any, srcs: list[Any], scratch: Any
+        be: CupyBackend,
+        node: Node,
+        out: Any,
+        srcs: list[Any],
+        scratch: Any,
+        fixed: Sequence[bool] = (),
     ) -> Callable[[], None]:
         return elementwise(be, node.shape, node.dtype, out, srcs, code)
 
@@ -184,7 +203,12 @@ def _binary(code: int) -> Callable[..., Callable[[], None]]:
 
 
 def _c_get_rows(
-    be: CupyBackend, node: Node, out: Any, srcs: list[Any], scratch: Any
+    be: CupyBackend,
+    node: Node,
+    out: Any,
+    srcs: list[Any],
+    scratch: Any,
+    fixed: Sequence[bool] = (),
 ) -> Callable[[], None]:
     _need_contiguous(node, srcs, (0, 1))
     table, idx = srcs
@@ -192,6 +216,7 @@ def _c_get_rows(
     n = idx.shape[0]
     f = be.fn(f"k_get_rows<{CTYPE[dtype_of_array(table).name]}>")
     return _launch(
+        be,
         f,
         (blocks(n * row),),
         (THREADS,),
@@ -200,7 +225,12 @@ def _c_get_rows(
 
 
 def _c_set_rows(
-    be: CupyBackend, node: Node, out: Any, srcs: list[Any], scratch: Any
+    be: CupyBackend,
+    node: Node,
+    out: Any,
+    srcs: list[Any],
+    scratch: Any,
+    fixed: Sequence[bool] = (),
 ) -> Callable[[], None]:
     _need_contiguous(node, srcs, (1, 2))
     _, src, idx = srcs
@@ -208,6 +238,7 @@ def _c_set_rows(
     n = idx.shape[0]
     f = be.fn(f"k_set_rows<{CTYPE[dtype_of_array(src).name]}, {CTYPE[node.dtype.name]}>")
     return _launch(
+        be,
         f,
         (blocks(n * row),),
         (THREADS,),
@@ -216,7 +247,12 @@ def _c_set_rows(
 
 
 def _c_rms_norm(
-    be: CupyBackend, node: Node, out: Any, srcs: list[Any], scratch: Any
+    be: CupyBackend,
+    node: Node,
+    out: Any,
+    srcs: list[Any],
+    scratch: Any,
+    fixed: Sequence[bool] = (),
 ) -> Callable[[], None]:
     _need_contiguous(node, srcs, range(len(srcs)))
     p: RmsNormParams = node.params  # type: ignore[assignment]
@@ -242,11 +278,16 @@ def _c_rms_norm(
         np.int32(len(srcs) >= 2),
         np.int32(len(srcs) == 3),
     )
-    return _launch(f, (rows,), (threads,), args)
+    return _launch(be, f, (rows,), (threads,), args)
 
 
 def _c_rope(
-    be: CupyBackend, node: Node, out: Any, srcs: list[Any], scratch: Any
+    be: CupyBackend,
+    node: Node,
+    out: Any,
+    srcs: list[Any],
+    scratch: Any,
+    fixed: Sequence[bool] = (),
 ) -> Callable[[], None]:
     _need_contiguous(node, srcs, (0, 1))
     p: RopeParams = node.params  # type: ignore[assignment]
@@ -268,7 +309,7 @@ def _c_rope(
         np.float64(p.base),
         np.float64(p.freq_scale),
     )
-    return _launch(f, (blocks(total),), (THREADS,), args)
+    return _launch(be, f, (blocks(total),), (THREADS,), args)
 
 
 def _attn_rows(n: int, h: int, hk: int) -> int:
@@ -303,7 +344,12 @@ def _decode_ok(q: Any, k: Any, v: Any) -> bool:
 
 
 def _c_attention(
-    be: CupyBackend, node: Node, out: Any, srcs: list[Any], scratch: Any
+    be: CupyBackend,
+    node: Node,
+    out: Any,
+    srcs: list[Any],
+    scratch: Any,
+    fixed: Sequence[bool] = (),
 ) -> Callable[[], None]:
     _need_contiguous(node, srcs, range(5))
     p: AttentionParams = node.params  # type: ignore[assignment]
@@ -332,7 +378,7 @@ def _c_attention(
             np.int32(p.window),
             np.int32(chunk),
         )
-        return _launch(f, (rows, splits), (256,), dargs)
+        return _launch(be, f, (rows, splits), (256,), dargs)
     splits = _attn_splits(rows, m)
     chunk = -(-m // splits) if m else 1
     f = be.fn(f"k_attention<{types}>")
@@ -354,11 +400,15 @@ def _c_attention(
         np.int32(p.window),
         np.int32(chunk),
     )
-    main = _launch(f, (rows, splits), (32 * ATTN_WARPS,), args)
+    main = _launch(be, f, (rows, splits), (32 * ATTN_WARPS,), args)
     if splits == 1:
         return main
     comb = _launch(
-        be.fn("k_attn_combine"), (n * h,), (128,), (part, ptr(out), np.int32(splits), np.int32(dv))
+        be,
+        be.fn("k_attn_combine"),
+        (n * h,),
+        (128,),
+        (part, ptr(out), np.int32(splits), np.int32(dv)),
     )
 
     def both() -> None:
@@ -410,9 +460,12 @@ def matvec(
     v_out: Any | None = None,
     eps1: float = 0.0,
     eps2: float = 0.0,
+    early: bool = False,
 ) -> Callable[[], None] | None:
     """``k_matvec``: out = build(a, b, ...) @ w.T for up to ``GEMV_MAX_M`` rows, the input
     built in shared memory (see kernels.cu for ``pre``); None if the layout does not suit it.
+    ``early``: ``w`` is a weight (nothing writes it while the graph runs), so its first loads
+    may be issued before the previous kernel has finished.
 
     Rows per warp (R) are the fewest that let every block be resident at once (no second
     wave, whose latency a short product cannot hide); a matrix too large for that (the output
@@ -462,12 +515,9 @@ def matvec(
         np.int64(_row_stride(b)),
         np.float32(eps1),
         np.float32(eps2),
+        np.int32(early),
     )
-
-    def go() -> None:
-        f((grid,), (32 * MATVEC_WARPS,), args, shared_mem=smem)
-
-    return go
+    return _launch(be, f, (grid,), (32 * MATVEC_WARPS,), args, smem)
 
 
 def _uses_gemv(m: int, b_dtype: DType) -> bool:
@@ -475,7 +525,12 @@ def _uses_gemv(m: int, b_dtype: DType) -> bool:
 
 
 def _c_mul_mat(
-    be: CupyBackend, node: Node, out: Any, srcs: list[Any], scratch: Any
+    be: CupyBackend,
+    node: Node,
+    out: Any,
+    srcs: list[Any],
+    scratch: Any,
+    fixed: Sequence[bool] = (),
 ) -> Callable[[], None]:
     _need_contiguous(node, srcs, (0, 1))
     a, b = srcs
@@ -485,7 +540,7 @@ def _c_mul_mat(
         return lambda: None
     wt = dtype_of_array(a)
     if _uses_gemv(m, dtype_of_array(b)):
-        mv = matvec(be, a, out, PRE_COPY, b, b)
+        mv = matvec(be, a, out, PRE_COPY, b, b, early=bool(fixed) and fixed[0])
         if mv is not None:
             return mv
         vec = 4 if wt == f32 else 8
@@ -503,7 +558,7 @@ def _c_mul_mat(
             np.int32(k),
             np.int32(vec_ok),
         )
-        return _launch(f, (-(-n_out // (8 // wpr)),), (256,), args)
+        return _launch(be, f, (-(-n_out // (8 // wpr)),), (256,), args)
     if wt.name not in CUDA_DTYPE:
         raise BackendError(f"MUL_MAT {node.label}: weight type {wt} has no cuBLAS path")
     cast = None

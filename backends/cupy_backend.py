@@ -5,15 +5,22 @@ Built around plans that are captured once and replayed, not around calling CuPy 
 * Kernels are our own (``kernels.cu``, compiled by NVRTC on first use of each type combination
   and cached by CuPy on disk); ``compile`` binds a node's pointers, grid and arguments once,
   so a run is a list of prepared launches, and a CUDA-graph replay of that list.
-* Matrix products with few rows (decode) use a vectorised GEMV kernel reading 16-byte chunks of
-  the weight; larger ones call cuBLAS ``gemmEx`` through a handle bound to our stream before
-  any capture (``cupy.matmul`` refuses to run under capture; batch is folded into M). A f32
-  activation meeting a 16-bit weight is cast into planned scratch first.
+* Matrix products with few rows (decode) use a matrix-vector kernel that keeps every row of
+  the matrix in flight at once (16-byte loads, all blocks resident); larger ones call cuBLAS
+  ``gemmEx`` through a handle bound to our stream before any capture (``cupy.matmul`` refuses
+  to run under capture; batch is folded into M). A f32 activation meeting a 16-bit weight is
+  cast into planned scratch first.
 * Memory is ours: every arena, weight and cache is one ``cudaMalloc`` (``cupy.cuda.Memory``),
   arrays are views at planned offsets; nothing is taken from CuPy's pool during a forward pass,
   whose reuse of freed blocks is unsafe under graph replay.
 * Inputs go through pinned staging buffers and ``memcpyAsync`` on the compute stream; outputs
   come back the same way.
+
+* Launches go through the driver's ``cuLaunchKernelEx`` with arguments packed once and, on
+  Hopper, programmatic dependent launch: a kernel starts (and loads its weights) while the one
+  before it finishes (``backends.cuda_driver``).
+* Groups found by the fusion pass (``engine.fusion``) run as one kernel each
+  (``backends.cuda_fused``): decode is launch-bound, so fewer launches is the main lever.
 
 How each op becomes a launch is ``backends.cuda_launch``; this module owns the device: memory,
 streams, capture, the NVRTC module cache, cuBLAS. Inputs that a row kernel needs dense but that
@@ -31,6 +38,7 @@ import cupy as cp  # ImportError here: the registry turns it into a one-line Bac
 import numpy as np
 
 from backends.base import Backend, BackendError
+from backends.cuda_driver import DriverLauncher, load_driver
 from backends.cuda_fused import FUSED_COMPILERS
 from backends.cuda_launch import (
     COMPILERS,
@@ -119,7 +127,16 @@ class CupyBackend(Backend):
         self._functions: dict[str, Any] = {}
         self._keep: list[Any] = []  # device metadata arrays bound into launches
         self.kernels = {op: self._unsupported for op in COMPILERS}
-        self.sm_count = int(cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"])
+        props = cp.cuda.runtime.getDeviceProperties(0)
+        self.sm_count = int(props["multiProcessorCount"])
+        lib = load_driver()
+        self._driver = DriverLauncher(lib, self.compute_stream.ptr) if lib is not None else None
+        # programmatic dependent launch: Hopper (compute capability 9.0) and later
+        self.pdl = self._driver is not None and int(props["major"]) >= 9
+        self.pdl_trigger_at_start = True  # False: dependents launch as a kernel's blocks exit
+        self.pdl_kernels: tuple[str, ...] | None = (
+            None  # name prefixes launched with PDL; None: all
+        )
 
     def _unsupported(self, *args: Any) -> None:  # pragma: no cover - compile() is the entry
         raise BackendError("the CuPy backend runs nodes through compile(), not kernels[op]")
@@ -134,11 +151,13 @@ class CupyBackend(Backend):
     # -- kernels -------------------------------------------------------------------------------
     def fn(self, expr: str) -> Any:
         """The compiled kernel of a template instance: ``k_binary<float, bf16_t, float, 0>``."""
-        f = self._functions.get(expr)
+        key = f"{expr} trigger={int(self.pdl_trigger_at_start)}"
+        f = self._functions.get(key)
         if f is None:
-            mod = cp.RawModule(code=self._source, options=("-std=c++17",), name_expressions=[expr])
+            options = ("-std=c++17", f"-DPDL_TRIGGER_AT_START={int(self.pdl_trigger_at_start)}")
+            mod = cp.RawModule(code=self._source, options=options, name_expressions=[expr])
             f = mod.get_function(expr)
-            self._functions[expr] = f
+            self._functions[key] = f
         return f
 
     # -- memory --------------------------------------------------------------------------------
@@ -280,10 +299,16 @@ class CupyBackend(Backend):
         return sum(dense_copy_bytes(node, srcs)) + own_scratch_bytes(node, srcs)
 
     def compile(
-        self, node: Node, out: Any, srcs: Sequence[Any], scratch: Any | None
+        self,
+        node: Node,
+        out: Any,
+        srcs: Sequence[Any],
+        scratch: Any | None,
+        fixed: Sequence[bool] = (),
     ) -> Callable[[], None]:
         """Bind one node; inputs its kernel needs dense are first copied into planned scratch."""
         srcs = list(srcs)
+        fixed = list(fixed) + [False] * (len(srcs) - len(fixed))
         copies: list[Callable[[], None]] = []
         offset = 0
         if node.op not in STRIDED_OPS:
@@ -291,11 +316,12 @@ class CupyBackend(Backend):
                 if s.flags.c_contiguous:
                     continue
                 dense = cp.ndarray(s.shape, s.dtype, memptr=scratch.data + offset)
+                fixed[i] = False  # the copy is written by a kernel of this run
                 offset += aligned(s.nbytes)
                 copies.append(elementwise(self, s.shape, dtype_of_array(s), dense, [s], 0))
                 srcs[i] = dense
         own = scratch[offset:] if scratch is not None and offset < scratch.size else None
-        launch = COMPILERS[node.op](self, node, out, srcs, own)
+        launch = COMPILERS[node.op](self, node, out, srcs, own, fixed)
         if not copies:
             return launch
         steps = [*copies, launch]
@@ -305,6 +331,24 @@ class CupyBackend(Backend):
                 step()
 
         return with_copies
+
+    def prepare(
+        self, f: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, smem: int = 0
+    ) -> Callable[[], None]:
+        """One launch of kernel ``f`` with everything bound, on the compute stream: through the
+        driver with programmatic dependent launch where the GPU has it (``self.pdl``; see
+        ``backends.cuda_driver``), else through CuPy."""
+        if self._driver is not None:
+            handle = getattr(f, "kernel", f).ptr  # RawKernel -> its CUfunction
+            pdl = self.pdl and (
+                self.pdl_kernels is None or str(f.name).startswith(self.pdl_kernels)
+            )
+            return self._driver.prepare(int(handle), grid, block, args, smem, pdl)
+
+        def go() -> None:
+            f(grid, block, args, shared_mem=smem)
+
+        return go
 
     def compile_fused(
         self, fusion: Any, graph: Any, arrays: Sequence[Any]

@@ -9,6 +9,31 @@ typedef long long i64;
 struct half_t { unsigned short x; };
 struct bf16_t { unsigned short x; };
 
+// Programmatic dependent launch (Hopper and later): a kernel lets the next one start as soon as
+// all of its blocks run (PDL_LAUNCH), and waits for the previous one to finish, its writes
+// visible, before touching anything that kernel may write or read (PDL_WAIT). Work before the
+// wait may only read what no kernel writes: the weights. On older GPUs both are no-ops (and
+// the backend launches without the attribute).
+#ifndef PDL_TRIGGER_AT_START  // 0: dependents launch as this kernel's blocks exit
+#define PDL_TRIGGER_AT_START 1
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && PDL_TRIGGER_AT_START
+#define PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_LAUNCH()
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#else
+#ifndef PDL_LAUNCH
+#define PDL_LAUNCH()
+#endif
+#define PDL_WAIT()
+#endif
+#define PDL_ENTRY() \
+    PDL_LAUNCH();   \
+    PDL_WAIT()
+
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
 __device__ __forceinline__ float h2f(unsigned short h) {
@@ -67,6 +92,7 @@ __device__ __forceinline__ void offsets(const i64* meta, i64 i, i64& ia, i64& ib
 // OP: 0 copy, 1 scale
 template <typename TA, typename TO, int OP>
 __global__ void k_unary(const TA* a, TO* out, i64 n, const i64* meta, float s) {
+    PDL_ENTRY();
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         i64 ia, ib;
         offsets(meta, i, ia, ib);
@@ -78,6 +104,7 @@ __global__ void k_unary(const TA* a, TO* out, i64 n, const i64* meta, float s) {
 // OP: 0 add, 1 mul, 2 geglu, 3 swiglu
 template <typename TA, typename TB, typename TO, int OP>
 __global__ void k_binary(const TA* a, const TB* b, TO* out, i64 n, const i64* meta) {
+    PDL_ENTRY();
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         i64 ia, ib;
         offsets(meta, i, ia, ib);
@@ -93,6 +120,7 @@ __global__ void k_binary(const TA* a, const TB* b, TO* out, i64 n, const i64* me
 // ---- rows ----------------------------------------------------------------------------------
 template <typename TT>
 __global__ void k_get_rows(const TT* table, const int* idx, float* out, i64 n, i64 row, i64 n_table) {
+    PDL_ENTRY();
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n * row; i += (i64)gridDim.x * blockDim.x) {
         i64 r = i / row, c = i - r * row;
         const i64 t = idx[r];  // out of range: NaN, visibly wrong instead of a fault
@@ -102,6 +130,7 @@ __global__ void k_get_rows(const TT* table, const int* idx, float* out, i64 n, i
 
 template <typename TS, typename TD>
 __global__ void k_set_rows(const TS* src, const int* idx, TD* dst, i64 n, i64 row, i64 n_dst) {
+    PDL_ENTRY();
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n * row; i += (i64)gridDim.x * blockDim.x) {
         i64 r = i / row, c = i - r * row;
         const i64 t = idx[r];  // out of range: skipped, never a write outside the cache
@@ -113,6 +142,7 @@ __global__ void k_set_rows(const TS* src, const int* idx, TD* dst, i64 n, i64 ro
 template <typename TX, typename TW, typename TR, typename TO>
 __global__ void k_rms_norm(const TX* x, const TW* w, const TR* res, TO* out, int D, float eps,
                            int has_w, int has_res) {
+    PDL_ENTRY();
     __shared__ float part[32];
     const i64 base = (i64)blockIdx.x * D;
     float ss = 0.f;
@@ -142,6 +172,7 @@ __global__ void k_rms_norm(const TX* x, const TW* w, const TR* res, TO* out, int
 template <typename TX, typename TO>
 __global__ void k_rope(const TX* x, const int* pos, TO* out, i64 total, int H, int D, int n_dims,
                        int neox, double base, double freq_scale) {
+    PDL_ENTRY();
     for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total; e += (i64)gridDim.x * blockDim.x) {
         const int d = (int)(e % D);
         const i64 row = e - d;  // start of this head's vector
@@ -194,6 +225,7 @@ template <typename TQ, typename TK, typename TV>
 __global__ void k_attention(const TQ* q, const TK* k, const TV* v, const int* qpos, const int* kpos,
                             float* out, float* part, int H, int Hk, int m, int D, int Dv, float scale,
                             int window, int chunk) {
+    PDL_ENTRY();
     __shared__ float smax[AW][GB], ssum[AW][GB];
     __shared__ float sacc[AW][GB][DMAX];
     const int G = H / Hk, groups = (G + GB - 1) / GB;
@@ -331,6 +363,7 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 __global__ void k_attn_combine(const float* part, float* out, int splits, int Dv) {
+    PDL_ENTRY();
     __shared__ float weight[MAX_SPLITS];
     __shared__ float total;
     const int ih = blockIdx.x, lane = threadIdx.x & 31;
@@ -402,6 +435,7 @@ __device__ __forceinline__ float dotv(const float* f, const float* xp) {
 // WPR warps share one output row (split K) when rows are too few to fill the GPU.
 template <typename TW, int WPR>
 __global__ void k_gemv(const TW* w, const float* x, float* out, int M, int N, int K, int vec_ok) {
+    PDL_ENTRY();
     __shared__ float red[GEMV_WARPS][GEMV_MAXM];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n = blockIdx.x * (GEMV_WARPS / WPR) + warp / WPR;
@@ -611,7 +645,8 @@ __device__ __forceinline__ void build_input(float* xs, const float* a, const flo
 template <typename TW, int R, int PRE>
 __global__ void k_matvec(const TW* w, const float* a, const float* b, const float* w1,
                          const float* w2, float* v_out, float* out, int M, int N, int K, i64 a_rs,
-                         i64 b_rs, float eps1, float eps2) {
+                         i64 b_rs, float eps1, float eps2, int early) {
+    PDL_LAUNCH();
     constexpr int T = 16 / R;  // 16-byte pieces per lane per row per pass
     constexpr int V = VecOf<TW>::n;
     extern __shared__ float xs[];  // M rows of K: the product's input
@@ -621,14 +656,19 @@ __global__ void k_matvec(const TW* w, const float* a, const float* b, const floa
     const int pieces = K / V;  // 16-byte pieces per row
     uint4 raw[R][T];
     int row0 = blockIdx.x * rows_per_block + warp * R;
+    // early: w is a weight, which no kernel writes, so its loads may precede the wait
+    for (int pass = 0; pass < 2; ++pass) {
+        if (pass == 1) PDL_WAIT();  // the input is the previous kernel's
+        if ((pass == 0) != (early != 0)) continue;
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+        for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int t = 0; t < T; ++t) {
-            const int p = lane + 32 * t;
-            if (row0 + r < N && p < pieces)
-                raw[r][t] = *reinterpret_cast<const uint4*>(w + (i64)(row0 + r) * K + p * V);
-        }
+            for (int t = 0; t < T; ++t) {
+                const int p = lane + 32 * t;
+                if (row0 + r < N && p < pieces)
+                    raw[r][t] = *reinterpret_cast<const uint4*>(w + (i64)(row0 + r) * K + p * V);
+            }
+    }
     build_input<PRE>(xs, a, b, w1, w2, v_out, M, K, a_rs, b_rs, eps1, eps2, red);
     __syncthreads();
     bool loaded = true;
@@ -686,6 +726,7 @@ __global__ void k_rope_store(const float* q, const float* k, const float* v, i64
                              const int* idx, float* q_out, TC* k_cache, TC* v_cache, int Hq, int Hk,
                              int D, int Dv, i64 n_cache, int n_dims, int neox, double base,
                              double freq_scale) {
+    PDL_ENTRY();
     extern __shared__ float xs[];  // one head vector, normalised
     __shared__ float red[32];
     const int t = blockIdx.x, s = blockIdx.y;
@@ -763,6 +804,7 @@ template <typename TQ, typename TK, typename TV>
 __global__ void k_attn_decode(const TQ* q, const TK* k, const TV* v, const int* qpos,
                               const int* kpos, float* out, float* part, int* tickets, int H,
                               int Hk, int m, int D, int Dv, float scale, int window, int chunk) {
+    PDL_ENTRY();
     __shared__ float qs[GB][DMAX];
     __shared__ float sc[GB][DT_KEYS];
     __shared__ bool vis_s[DT_KEYS];

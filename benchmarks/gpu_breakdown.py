@@ -92,7 +92,13 @@ def main() -> None:
     print(be.describe())
     print(f"{args.model} {args.dtype}: {wbytes / 1e6:.1f} MB of weights")
     prompt = list(range(2, 2 + args.prompt))
-    for mode, fusion in (("graph", True), ("graph", False), ("eager", True)):
+    for mode, fusion, pdl in (
+        ("graph", True, True),
+        ("graph", True, False),
+        ("graph", False, True),
+        ("eager", True, True),
+    ):
+        be.pdl = pdl and be._driver is not None
         sess = Session(cfg, w, be, n_ctx=args.ctx, n_batch=args.prompt, mode=mode, fusion=fusion)
         pp = []
         for _ in range(5):
@@ -118,7 +124,7 @@ def main() -> None:
         for _ in range(50):
             int(np.argmax(out))
         argmax = (time.perf_counter() - t0) / 50
-        label = mode if fusion else f"{mode} (no fusion)"
+        label = mode + ("" if fusion else " (no fusion)") + ("" if pdl else " (no PDL)")
         print(
             f"{label}: prefill {args.prompt} {statistics.median(pp[2:]) * 1e3:.2f} ms "
             f"({args.prompt / statistics.median(pp[2:]):.0f} t/s); decode() "
@@ -138,7 +144,7 @@ def main() -> None:
             replay = statistics.median(times)
             gbs = wbytes / replay / 1e6
             print(f"  decode replay alone {replay:.3f} ms ({gbs:.0f} GB/s of weights)")
-        if mode == "graph" and fusion:
+        if mode == "graph" and fusion and pdl:
             for name, ex_, feed in (("decode", ex, fed), (f"prefill {args.prompt}", pex, pfed)):
                 rows = per_op(sess, ex_, feed, cp)
                 total = sum(ms for _, ms, _ in rows)

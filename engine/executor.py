@@ -124,7 +124,8 @@ class Executor:
                 off, size = scratch_at[n.id]
                 tmp = self.arena[off : off + size]  # a flat byte range of the arena
             srcs = tuple(arrays[s] for s in n.srcs)
-            return be.compile(n, arrays[n.id], srcs, tmp), n
+            fixed = tuple(nodes[s].op in (Op.WEIGHT, Op.CONSTANT) for s in n.srcs)
+            return be.compile(n, arrays[n.id], srcs, tmp, fixed), n
 
         group_at = {f.anchor: f for f in self.fusions}
         in_group = {i for f in self.fusions for i in f.nodes}

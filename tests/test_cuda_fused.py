@@ -14,8 +14,9 @@ import pytest
 from backends import get_backend
 from engine.executor import Executor
 from engine.session import Session
-from engine.weights import random_weights
+from engine.weights import device_weights, random_weights
 from graph import GraphBuilder, f32
+from graph.dtypes import bf16
 from graph.models import preset
 
 pytestmark = pytest.mark.gpu
@@ -238,3 +239,29 @@ def test_models_fused_and_unfused_agree_with_numpy(gpu, name: str) -> None:  # n
     assert {"norm_matvec", "glu_matvec", "rope_store"} <= set(_patterns(ex))
     unfused = plain.executor(1, plain.n_kv_for(plain.n_past + 1))
     assert not unfused.fused and ex.n_launches < unfused.n_launches
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_programmatic_dependent_launch_changes_no_bit(gpu, mode: str) -> None:  # noqa: ANN001
+    """Kernels that start before their predecessor ends (PDL) must wait for it before reading
+    its results: any missing wait shows up as a difference from plain launches."""
+    if gpu._driver is None:
+        pytest.skip("no cuLaunchKernelEx in this CUDA driver")
+    cfg = preset("gemma3-270m").replace(dtype=bf16)
+    w = device_weights(cfg, gpu, seed=2)
+    saved = gpu.pdl
+    outs = {}
+    try:
+        for pdl in (False, True):
+            gpu.pdl = pdl
+            s = Session(cfg, w, gpu, n_ctx=128, n_batch=16, mode=mode)
+            got = [s.prefill(list(range(5, 21)))]
+            tok = 9
+            for _ in range(5):
+                got.append(s.decode(tok))
+                tok = (tok * 13 + 1) % cfg.n_vocab
+            outs[pdl] = got
+    finally:
+        gpu.pdl = saved
+    for a, b in zip(outs[True], outs[False], strict=True):
+        np.testing.assert_array_equal(a, b)
