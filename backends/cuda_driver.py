@@ -104,14 +104,15 @@ class DriverLauncher:
         )
         g = (*grid, 1, 1)[:3]
         b = (*block, 1, 1)[:3]
-        attr = _Attr(id=PROGRAMMATIC_STREAM_SERIALIZATION)
-        attr.value.programmatic = 1
+        attrs = (_Attr * 1)()
+        attrs[0].id = PROGRAMMATIC_STREAM_SERIALIZATION
+        attrs[0].value.programmatic = 1
         cfg = _Config(*g, *b, shared, ctypes.c_void_p(self.stream_ptr), None, 0)
         if pdl:
-            cfg.attrs = ctypes.pointer(attr)
+            cfg.attrs = ctypes.cast(attrs, ctypes.POINTER(_Attr))
             cfg.n_attrs = 1
         fn, launch_ex, cfg_ref = ctypes.c_void_p(function_ptr), self.launch_ex, ctypes.byref(cfg)
-        keep = (values, params, attr, cfg)  # the C structures must outlive the closure's calls
+        keep = (values, params, attrs, cfg)  # the C structures must outlive the closure's calls
 
         def go(_keep: tuple = keep) -> None:
             status = launch_ex(cfg_ref, fn, params, None)

@@ -367,6 +367,7 @@ def _c_attention(
     types = ", ".join(CTYPE[dtype_of_array(a).name] for a in (q, k, v))
     if _decode_ok(q, k, v):
         splits, chunk = _decode_splits(rows, m)
+        last_block = be.attn_merge == "last_block"
         f = be.fn(f"k_attn_decode<{types}>")
         tickets = be.counters(rows)
         dargs = (
@@ -377,8 +378,12 @@ def _c_attention(
             np.float32(p.scale),
             np.int32(p.window),
             np.int32(chunk),
+            np.int32(last_block),
         )
-        return _launch(be, f, (rows, splits), (256,), dargs)
+        main = _launch(be, f, (rows, splits), (256,), dargs)
+        if splits == 1 or last_block:
+            return main
+        return _then(main, _combine(be, n * h, splits, dv, dargs[6], out))
     splits = _attn_splits(rows, m)
     chunk = -(-m // splits) if m else 1
     f = be.fn(f"k_attention<{types}>")
@@ -403,17 +408,19 @@ def _c_attention(
     main = _launch(be, f, (rows, splits), (32 * ATTN_WARPS,), args)
     if splits == 1:
         return main
-    comb = _launch(
-        be,
-        be.fn("k_attn_combine"),
-        (n * h,),
-        (128,),
-        (part, ptr(out), np.int32(splits), np.int32(dv)),
-    )
+    return _then(main, _combine(be, n * h, splits, dv, part, out))
 
+
+def _combine(be: CupyBackend, heads: int, splits: int, dv: int, part: Any, out: Any) -> Any:
+    """The launch that merges the key splits' partials of every query head."""
+    args = (part, ptr(out), np.int32(splits), np.int32(dv))
+    return _launch(be, be.fn("k_attn_combine"), (heads,), (128,), args)
+
+
+def _then(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
     def both() -> None:
-        main()
-        comb()
+        first()
+        second()
 
     return both
 
@@ -493,7 +500,7 @@ def matvec(
     need = -(-(k // vec) // 32)  # 16-byte pieces per lane per row
     choices = [r for r in (1, 2, 4) if r == 1 or r * need <= 16]
     for r in choices:
-        f = be.fn(f"k_matvec<{CTYPE[wt.name]}, {r}, {pre}>")
+        f = be.fn(f"k_matvec<{CTYPE[wt.name]}, {r}, {pre}, {1 if m == 1 else GEMV_MAX_M}>")
         resident = _resident_blocks(be, f, smem)
         blocks = -(-n_out // (MATVEC_WARPS * r))
         if blocks <= resident or r == choices[-1]:

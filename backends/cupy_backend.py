@@ -133,7 +133,13 @@ class CupyBackend(Backend):
         self._driver = DriverLauncher(lib, self.compute_stream.ptr) if lib is not None else None
         # programmatic dependent launch: Hopper (compute capability 9.0) and later
         self.pdl = self._driver is not None and int(props["major"]) >= 9
-        self.pdl_trigger_at_start = True  # False: dependents launch as a kernel's blocks exit
+        # decode attention: its key splits merged by a second launch ("kernel"), or by the last
+        # block to finish ("last_block": a fence and an atomic, measured 1.7 us slower per layer)
+        self.attn_merge = "kernel"
+        # dependents launched at a kernel's start crowd the GPU with waiting blocks (measured:
+        # a decode step 19% slower); at its blocks' exit they gain a little
+        self.pdl_trigger_at_start = False
+        self.defines: tuple[str, ...] = ()  # extra kernels.cu macros (experiments, profiling)
         self.pdl_kernels: tuple[str, ...] | None = (
             None  # name prefixes launched with PDL; None: all
         )
@@ -151,10 +157,11 @@ class CupyBackend(Backend):
     # -- kernels -------------------------------------------------------------------------------
     def fn(self, expr: str) -> Any:
         """The compiled kernel of a template instance: ``k_binary<float, bf16_t, float, 0>``."""
-        key = f"{expr} trigger={int(self.pdl_trigger_at_start)}"
+        defines = (f"PDL_TRIGGER_AT_START={int(self.pdl_trigger_at_start)}", *self.defines)
+        key = f"{expr} {' '.join(defines)}"
         f = self._functions.get(key)
         if f is None:
-            options = ("-std=c++17", f"-DPDL_TRIGGER_AT_START={int(self.pdl_trigger_at_start)}")
+            options = ("-std=c++17", *(f"-D{d}" for d in defines))
             mod = cp.RawModule(code=self._source, options=options, name_expressions=[expr])
             f = mod.get_function(expr)
             self._functions[key] = f
@@ -333,7 +340,12 @@ class CupyBackend(Backend):
         return with_copies
 
     def prepare(
-        self, f: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, smem: int = 0
+        self,
+        f: Any,
+        grid: tuple[int, ...],
+        block: tuple[int, ...],
+        args: tuple,
+        smem: int = 0,
     ) -> Callable[[], None]:
         """One launch of kernel ``f`` with everything bound, on the compute stream: through the
         driver with programmatic dependent launch where the GPU has it (``self.pdl``; see

@@ -15,7 +15,7 @@ struct bf16_t { unsigned short x; };
 // wait may only read what no kernel writes: the weights. On older GPUs both are no-ops (and
 // the backend launches without the attribute).
 #ifndef PDL_TRIGGER_AT_START  // 0: dependents launch as this kernel's blocks exit
-#define PDL_TRIGGER_AT_START 1
+#define PDL_TRIGGER_AT_START 0
 #endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && PDL_TRIGGER_AT_START
 #define PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
@@ -642,8 +642,8 @@ __device__ __forceinline__ void build_input(float* xs, const float* a, const flo
     }
 }
 
-template <typename TW, int R, int PRE>
-__global__ void k_matvec(const TW* w, const float* a, const float* b, const float* w1,
+template <typename TW, int R, int PRE, int MM>
+__global__ void __launch_bounds__(MV_WARPS * 32) k_matvec(const TW* w, const float* a, const float* b, const float* w1,
                          const float* w2, float* v_out, float* out, int M, int N, int K, i64 a_rs,
                          i64 b_rs, float eps1, float eps2, int early) {
     PDL_LAUNCH();
@@ -674,9 +674,9 @@ __global__ void k_matvec(const TW* w, const float* a, const float* b, const floa
     bool loaded = true;
     for (int base = blockIdx.x * rows_per_block; base < N; base += gridDim.x * rows_per_block) {
         row0 = base + warp * R;
-        float acc[GEMV_MAXM][R];
+        float acc[MM][R];
 #pragma unroll
-        for (int m = 0; m < GEMV_MAXM; ++m)
+        for (int m = 0; m < MM; ++m)
 #pragma unroll
             for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
         for (int p0 = 0; p0 < pieces; p0 += 32 * T) {
@@ -700,13 +700,13 @@ __global__ void k_matvec(const TW* w, const float* a, const float* b, const floa
                     float f[8];
                     cvt8(raw[r][t], w, f);
 #pragma unroll
-                    for (int m = 0; m < GEMV_MAXM; ++m)
+                    for (int m = 0; m < MM; ++m)
                         if (m < M && row0 + r < N) acc[m][r] += dotv<V>(f, xs + (i64)m * K + p * V);
                 }
             }
         }
 #pragma unroll
-        for (int m = 0; m < GEMV_MAXM; ++m)
+        for (int m = 0; m < MM; ++m)
             if (m < M)
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
@@ -792,6 +792,7 @@ __global__ void k_rope_store(const float* q, const float* k, const float* v, i64
 // (a ticket per row, reset by it) merges them, so the whole op is one launch.
 #define DT_KEYS 64
 #define DT_WARPS 8
+#define DT_THREADS (DT_WARPS * 32)
 
 __device__ __forceinline__ void load8(const float* p, float* f) {
     unpack(p, f);
@@ -801,15 +802,17 @@ __device__ __forceinline__ void load8(const half_t* p, float* f) { unpack(p, f);
 __device__ __forceinline__ void load8(const bf16_t* p, float* f) { unpack(p, f); }
 
 template <typename TQ, typename TK, typename TV>
-__global__ void k_attn_decode(const TQ* q, const TK* k, const TV* v, const int* qpos,
+__global__ void __launch_bounds__(DT_THREADS) k_attn_decode(const TQ* q, const TK* k, const TV* v, const int* qpos,
                               const int* kpos, float* out, float* part, int* tickets, int H,
-                              int Hk, int m, int D, int Dv, float scale, int window, int chunk) {
+                              int Hk, int m, int D, int Dv, float scale, int window, int chunk,
+                              int merge_here) {
     PDL_ENTRY();
     __shared__ float qs[GB][DMAX];
     __shared__ float sc[GB][DT_KEYS];
-    __shared__ bool vis_s[DT_KEYS];
     __shared__ float pacc[DT_WARPS][GB][DMAX];
     __shared__ float run_max[GB], run_sum[GB], corr[GB];
+    __shared__ float split_w[GB][32];
+    __shared__ float total[GB];
     __shared__ bool merge;
     const int G = H / Hk, groups = (G + GB - 1) / GB;
     const int row = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
@@ -817,56 +820,75 @@ __global__ void k_attn_decode(const TQ* q, const TK* k, const TV* v, const int* 
     const int hk = rest / groups, h0 = hk * G + (rest - hk * groups) * GB;
     const int nh = min(GB, hk * G + G - h0);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    for (int e = tid; e < GB * DMAX; e += blockDim.x) {
-        const int g = e / DMAX, d = e - g * DMAX;
-        qs[g][d] = (g < nh && d < D) ? ld(q, ((i64)i * H + h0 + g) * D + d) : 0.f;
+    float qv[GB * DMAX / DT_THREADS];  // this thread's share of the query heads
+#pragma unroll
+    for (int u = 0; u < GB * DMAX / DT_THREADS; ++u) {
+        const int e = tid + DT_THREADS * u, g = e / DMAX, d = e - g * DMAX;
+        qv[u] = (g < nh && d < D) ? ld(q, ((i64)i * H + h0 + g) * D + d) : 0.f;
     }
+    const int qp = qpos[i];
     if (tid < GB) {
         run_max[tid] = neg_inf();
         run_sum[tid] = 0.f;
     }
+    __syncthreads();
     float acc[GB][8];
 #pragma unroll
     for (int g = 0; g < GB; ++g)
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
-    __syncthreads();
-    const int qp = qpos[i];
     const int j0 = split * chunk, j1 = min(m, j0 + chunk);
-    const int key = tid >> 2, quarter = tid & 3;
+    const int key = tid >> 2, quarter = tid & 3, d0 = lane * 8;
     for (int jt = j0; jt < j1; jt += DT_KEYS) {
-        {  // scores
-            const int j = jt + key;
-            const bool vis = j < j1 && visible(kpos[j], qp, window);
-            float s[GB];
+        // every load of the tile first, in one round trip: the key positions, this thread's
+        // pieces of its key's K row, and the V rows of its warp's 8 keys. Rows past the end
+        // are not read; rows that are not visible are read but never used (select, not a
+        // product, so garbage in an empty row cannot turn into NaN).
+        const int j = jt + key;
+        const int kp = j < j1 ? kpos[j] : -1;
+        float f[DMAX / 32][8];
 #pragma unroll
-            for (int g = 0; g < GB; ++g) s[g] = 0.f;
-            if (vis) {
-                const TK* kr = k + ((i64)j * Hk + hk) * D;
-                float f[DMAX / 32][8];
+        for (int c = 0; c < DMAX / 32; ++c)
+            if (j < j1 && (quarter + 4 * c) * 8 < D)
+                load8(k + ((i64)j * Hk + hk) * D + (quarter + 4 * c) * 8, f[c]);
+        int vpos[8];
+        float vr[8][8];
 #pragma unroll
-                for (int c = 0; c < DMAX / 32; ++c)
-                    if ((quarter + 4 * c) * 8 < D) load8(kr + (quarter + 4 * c) * 8, f[c]);
+        for (int b = 0; b < 8; ++b) {
+            const int jv = jt + warp * 8 + b;
+            vpos[b] = jv < j1 ? kpos[jv] : -1;
+            if (jv < j1 && d0 < Dv) load8(v + ((i64)jv * Hk + hk) * Dv + d0, vr[b]);
+        }
+        if (jt == j0) {
 #pragma unroll
-                for (int c = 0; c < DMAX / 32; ++c) {
-                    const int d0 = (quarter + 4 * c) * 8;
-                    if (d0 < D)
+            for (int u = 0; u < GB * DMAX / DT_THREADS; ++u) {
+                const int e = tid + DT_THREADS * u;
+                qs[e / DMAX][e % DMAX] = qv[u];
+            }
+            __syncthreads();
+        }
+        {  // scores: four threads per key
+            const bool vis = j < j1 && visible(kp, qp, window);
+            float sg[GB];
 #pragma unroll
-                        for (int g = 0; g < GB; ++g)
+            for (int g = 0; g < GB; ++g) sg[g] = 0.f;
 #pragma unroll
-                            for (int e = 0; e < 8; ++e) s[g] += qs[g][d0 + e] * f[c][e];
-                }
+            for (int c = 0; c < DMAX / 32; ++c) {
+                const int dc = (quarter + 4 * c) * 8;
+                if (dc < D)
+#pragma unroll
+                    for (int g = 0; g < GB; ++g)
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) sg[g] += qs[g][dc + e] * f[c][e];
             }
 #pragma unroll
             for (int g = 0; g < GB; ++g) {
-                s[g] += __shfl_xor_sync(0xffffffffu, s[g], 1);
-                s[g] += __shfl_xor_sync(0xffffffffu, s[g], 2);
+                sg[g] += __shfl_xor_sync(0xffffffffu, sg[g], 1);
+                sg[g] += __shfl_xor_sync(0xffffffffu, sg[g], 2);
             }
-            if (quarter == 0) {
-                vis_s[key] = vis;
+            if (quarter == 0)
 #pragma unroll
-                for (int g = 0; g < GB; ++g) sc[g][key] = vis ? s[g] * scale : neg_inf();
-            }
+                for (int g = 0; g < GB; ++g) sc[g][key] = vis ? sg[g] * scale : neg_inf();
         }
         __syncthreads();
         if (warp < nh) {  // probabilities of head `warp`, online across tiles
@@ -889,35 +911,26 @@ __global__ void k_attn_decode(const TQ* q, const TK* k, const TV* v, const int* 
             corr[warp] = 0.f;
         }
         __syncthreads();
-        {  // weighted V rows: warp takes keys warp*8.., lane takes dims lane*8..
 #pragma unroll
-            for (int g = 0; g < GB; ++g)
+        for (int g = 0; g < GB; ++g)
 #pragma unroll
-                for (int e = 0; e < 8; ++e) acc[g][e] *= corr[g];
-            const int d0 = lane * 8;
-            if (d0 < Dv) {
-                float vr[8][8];
+            for (int e = 0; e < 8; ++e) acc[g][e] *= corr[g];
+#ifndef DT_SKIP_PV  // timing experiments only: results are wrong
+        if (d0 < Dv)
+#else
+        if (d0 < 0)
+#endif
 #pragma unroll
-                for (int b = 0; b < 8; ++b) {
-                    const int jj = warp * 8 + b;
-                    if (vis_s[jj]) {
-                        load8(v + ((i64)(jt + jj) * Hk + hk) * Dv + d0, vr[b]);
-                    } else {
+            for (int b = 0; b < 8; ++b) {
+                const bool vis = visible(vpos[b], qp, window);
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) vr[b][e] = 0.f;
-                    }
+                for (int g = 0; g < GB; ++g) {
+                    const float p = sc[g][warp * 8 + b];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[g][e] += vis ? p * vr[b][e] : 0.f;
                 }
-#pragma unroll
-                for (int b = 0; b < 8; ++b)
-#pragma unroll
-                    for (int g = 0; g < GB; ++g) {
-                        const float p = sc[g][warp * 8 + b];
-#pragma unroll
-                        for (int e = 0; e < 8; ++e) acc[g][e] += p * vr[b][e];
-                    }
             }
-        }
-        __syncthreads();  // sc and vis_s are rewritten by the next tile
+        __syncthreads();  // sc is rewritten by the next tile
     }
     if (lane * 8 < Dv)
 #pragma unroll
@@ -943,20 +956,33 @@ __global__ void k_attn_decode(const TQ* q, const TK* k, const TV* v, const int* 
         }
     }
     if (splits == 1) return;
+#ifdef DT_SKIP_MERGE  // timing experiments only: results are wrong
+    return;
+#endif
+    if (!merge_here) return;  // a k_attn_combine launch merges the splits
     __threadfence();
     __syncthreads();
     if (tid == 0) merge = atomicAdd(&tickets[row], 1) == splits - 1;
     __syncthreads();
     if (!merge) return;
     __threadfence();
-    // every split's (max, sum) in one round trip, then the weights from shared memory
-    __shared__ float split_w[GB][32];
-    __shared__ float total[GB];
+    // one round trip: every split's (max, sum) and this thread's partial outputs of the first
+    // 8 splits are loaded together; the weights are then made from shared memory
     for (int e = tid; e < nh * splits; e += blockDim.x) {
         const int g = e / splits, s = e - g * splits;
         const float* p = part + (((i64)i * H + h0 + g) * splits + s) * (Dv + 2);
         split_w[g][s] = __ldcg(p);
         sc[g][s] = __ldcg(p + 1);  // the tile buffer is free now: sums go there
+    }
+    constexpr int OUTS = GB * DMAX / DT_THREADS;  // outputs per thread
+    float first[OUTS][8];
+#pragma unroll
+    for (int u = 0; u < OUTS; ++u) {
+        const int e = tid + DT_THREADS * u, g = e / Dv, d = e - g * Dv;
+        const float* p = part + ((i64)i * H + h0 + g) * splits * (Dv + 2) + 2 + d;
+#pragma unroll
+        for (int s = 0; s < 8; ++s)
+            first[u][s] = (e < nh * Dv && s < splits) ? __ldcg(p + (i64)s * (Dv + 2)) : 0.f;
     }
     __syncthreads();
     if (tid < nh) {
@@ -971,13 +997,17 @@ __global__ void k_attn_decode(const TQ* q, const TK* k, const TV* v, const int* 
         total[tid] = S;
     }
     __syncthreads();
-    for (int e = tid; e < nh * Dv; e += blockDim.x) {
-        const int g = e / Dv, d = e - g * Dv;
+#pragma unroll
+    for (int u = 0; u < OUTS; ++u) {
+        const int e = tid + DT_THREADS * u, g = e / Dv, d = e - g * Dv;
+        if (e >= nh * Dv) continue;
         const i64 ih = (i64)i * H + h0 + g;
-        const float* p = part + ih * splits * (Dv + 2) + 2 + d;
         float o = 0.f;
-#pragma unroll 8
-        for (int s = 0; s < splits; ++s) o += __ldcg(p + (i64)s * (Dv + 2)) * split_w[g][s];
+#pragma unroll
+        for (int s = 0; s < 8; ++s)
+            if (s < splits) o += first[u][s] * split_w[g][s];
+        const float* p = part + ih * splits * (Dv + 2) + 2 + d;
+        for (int s = 8; s < splits; ++s) o += __ldcg(p + (i64)s * (Dv + 2)) * split_w[g][s];
         out[ih * Dv + d] = total[g] > 0.f ? o / total[g] : 0.f;
     }
     if (tid == 0) tickets[row] = 0;

@@ -87,7 +87,7 @@ def main() -> None:
             flush=True,
         )
         del sess
-    be.pdl, be.pdl_trigger_at_start, be.pdl_kernels = be._driver is not None, True, None
+    be.pdl, be.pdl_trigger_at_start, be.pdl_kernels = be._driver is not None, False, None
 
 
 if __name__ == "__main__":

@@ -85,7 +85,13 @@ def attention_graph(m: int, kv: str) -> tuple[Any, dict[str, np.ndarray]]:
 
 
 def main() -> None:
+    import argparse
+
     import cupy as cp
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["matvec", "attention"], default=None)
+    only = ap.parse_args().only
 
     be = get_backend("cupy")
     print(be.describe())
@@ -97,13 +103,18 @@ def main() -> None:
         rows.append((label, per_launch_us(ex, be, cp)))
         print(f"{label:60s} {rows[-1][1]:8.2f} us  ({ex.n_launches} launches per case)", flush=True)
 
-    for n_out, k, kind in (
-        (1536, 640, "norm"),
-        (4096, 640, "norm"),
-        (640, 2048, "glu"),
-        (640, 1024, "norm"),
-        (262144, 640, "norm"),
-    ):
+    matvec_cases = (
+        []
+        if only == "attention"
+        else [
+            (1536, 640, "norm"),
+            (4096, 640, "norm"),
+            (640, 2048, "glu"),
+            (640, 1024, "norm"),
+            (262144, 640, "norm"),
+        ]
+    )
+    for n_out, k, kind in matvec_cases:
         graph, inputs, weights = matvec_graph(n_out, k, kind)
         for fusion, new in ((True, True), (False, True), (False, False)):
             cuda_launch.MAX_INPUT_FLOATS = 11 * 1024 if new else 0  # 0: k_matvec declines
@@ -111,15 +122,31 @@ def main() -> None:
             what = "fused" if fusion else "unfused (norms + matvec)" if new else "norms + old gemv"
             case(f"{kind} matvec {n_out}x{k}: {what}", graph, weights, inputs, fusion)
     cuda_launch.MAX_INPUT_FLOATS = 11 * 1024
-    for m in (256, 1024, 4096):
+    for defines in (
+        []
+        if only == "matvec"
+        else (("DT_SKIP_MERGE",), ("DT_SKIP_PV",), ("DT_SKIP_MERGE", "DT_SKIP_PV"))
+    ):
+        be.defines = defines  # parts of the decode attention left out: where its time goes
+        graph, ainputs = attention_graph(256, "f32")
+        case(f"attention m=256 f32 without {' and '.join(defines)}", graph, {}, ainputs)
+        graph, ainputs = attention_graph(64, "f32")
+        case(f"attention m=64 f32 without {' and '.join(defines)}", graph, {}, ainputs)
+    be.defines = ()
+    for m in () if only == "matvec" else (64, 256, 1024, 4096):
         for kv in ("f32", "bf16"):
             graph, ainputs = attention_graph(m, kv)
-            for decode in (True, False):
-                cuda_launch.DECODE_MAX_TOKENS = 8 if decode else 0
-
-                kernel = "decode kernel" if decode else "split kernel + merge"
-                case(f"attention m={m} {kv} cache: {kernel}", graph, {}, ainputs)
+            for kernel in ("last_block", "kernel", "old"):
+                cuda_launch.DECODE_MAX_TOKENS = 0 if kernel == "old" else 8
+                be.attn_merge = "kernel" if kernel == "old" else kernel
+                what = {
+                    "last_block": "decode kernel, splits merged by the last block",
+                    "kernel": "decode kernel, splits merged by a second launch",
+                    "old": "split kernel + merge launch",
+                }[kernel]
+                case(f"attention m={m} {kv} cache: {what}", graph, {}, ainputs)
     cuda_launch.DECODE_MAX_TOKENS = 8
+    be.attn_merge = "kernel"
     print("\nkernel                                              regs  local B  shared B")
     for name, f in sorted(be._functions.items()):
         attrs = [getattr(f, a, -1) for a in ("num_regs", "local_size_bytes", "shared_size_bytes")]

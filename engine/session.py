@@ -15,7 +15,9 @@ session is the only place that knows which cache row holds which position:
 It turns that bookkeeping into the ``kv_idx.*`` / ``kv_pos.*`` inputs of ``graph.models.common``.
 Layers attend to the first ``n_kv`` rows only (the filled ones, until a ring wraps), rounded up
 to ``KV_PAD`` as llama.cpp pads, so the attended length - and the executor - changes only every
-KV_PAD tokens.
+KV_PAD tokens. 64 is one key tile of the GPU's decode attention: a finer pad attends to fewer
+empty rows early in a context (measured on an H200: tg128 1295 -> 1356 t/s against a pad of 256)
+at the price of one more captured graph per 64 positions.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from graph.ops import GraphError
 
 __all__ = ["Session", "GenerationStats", "KV_PAD"]
 
-KV_PAD = 256
+KV_PAD = 64
 
 
 class Session:

@@ -195,7 +195,18 @@ def test_rope_store(gpu, hq, hk, d, dv, norms, mode, n_dims, n, cache) -> None: 
     ],
 )
 @pytest.mark.parametrize("kv", ["f32", "f16", "bf16"])
-def test_decode_attention(gpu, n, m, h, hk, d, dv, window, kv) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("merge", ["last_block", "kernel"])
+def test_decode_attention(gpu, n, m, h, hk, d, dv, window, kv, merge) -> None:  # noqa: ANN001
+    """Key splits merged by the last block to finish, or by a second launch."""
+    saved = gpu.attn_merge
+    gpu.attn_merge = merge
+    try:
+        _decode_attention(gpu, n, m, h, hk, d, dv, window, kv)
+    finally:
+        gpu.attn_merge = saved
+
+
+def _decode_attention(gpu, n, m, h, hk, d, dv, window, kv) -> None:  # noqa: ANN001
     g = GraphBuilder()
     q = g.input("q", (n, h, d), f32)
     k = g.input("k", (m, hk, d), kv)
