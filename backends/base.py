@@ -24,7 +24,7 @@ from graph.dtypes import DType
 from graph.ir import Node
 from graph.ops import LEAF_OPS, VIEW_OPS, Op
 
-__all__ = ["Backend", "Kernel", "Stream", "Event", "BackendError", "COMPUTE_OPS"]
+__all__ = ["Backend", "Kernel", "Stream", "Event", "FusedGroup", "BackendError", "COMPUTE_OPS"]
 
 Array = Any  # a backend array: numpy.ndarray here, cupy.ndarray on the GPU
 Kernel = Callable[..., None]
@@ -41,6 +41,15 @@ class Event(Protocol):
     def record(self, stream: Stream) -> None: ...
     def wait(self, stream: Stream) -> None: ...
     def synchronize(self) -> None: ...
+
+
+class FusedGroup(Protocol):
+    """What a backend sees of a fused group (``engine.fusion.Fusion``)."""
+
+    pattern: str
+    nodes: tuple[int, ...]  # members in graph order; the last is the anchor
+    outputs: tuple[int, ...]  # members read outside the group
+    roles: Mapping[str, int]
 
 
 class Stream(Protocol):
@@ -125,10 +134,15 @@ class Backend(ABC):
         return functools.partial(kernel, node, out, *srcs)
 
     def compile_fused(
-        self, fusion: Any, graph: Any, arrays: Sequence[Array]
+        self,
+        fusion: FusedGroup,
+        graph: Any,
+        arrays: Sequence[Array],
+        scratch: Mapping[int, Array] | None = None,
     ) -> Callable[[], None] | None:
-        """One launch for a whole fused group (``engine.fusion.Fusion``; ``arrays`` indexed by
-        node id), or None to have its members run one by one (the default)."""
+        """The launches of a whole fused group (``engine.fusion.Fusion``; ``arrays`` indexed by
+        node id, ``scratch`` by member id), or None to have its members run one by one (the
+        default)."""
         return None
 
     def check_fits(self, nbytes: int, what: str) -> None:  # noqa: B027 - optional hook
@@ -141,15 +155,22 @@ class Backend(ABC):
         """
         return launch
 
-    def output_reader(self, src: Array) -> Callable[[bool], np.ndarray]:
-        """A function ``read(copy)`` that returns ``src`` on the host after the queued work
-        (made once). ``copy=False`` may return a buffer the next run overwrites."""
+    def input_stage(self, dst: Array) -> tuple[np.ndarray, Callable[[], None]]:
+        """Where a run's input for ``dst`` is written on the host, and the launch that moves
+        it into ``dst`` (made once per input). The move is queued with the kernels, so a
+        captured run includes it: a replay is then the whole step, inputs to outputs."""
+        host = np.empty(dst.shape, np.dtype(str(dst.dtype)))
+        return host, functools.partial(self._copy_in, dst, host)
 
-        def read(copy: bool = True) -> np.ndarray:
-            return self.to_host(src)
+    def _copy_in(self, dst: Array, host: np.ndarray) -> None:
+        self.copy_from_host(dst, host)
 
-        return read
+    def output_stage(self, src: Array) -> tuple[np.ndarray, Callable[[], None]]:
+        """The host array that holds ``src`` once the queued work is done, and the launch that
+        moves it there (made once per output, queued after the kernels)."""
+        host = np.empty(src.shape, np.dtype(str(src.dtype)))
 
-    def input_writer(self, dst: Array) -> Callable[[np.ndarray], None]:
-        """A function that copies a host array into ``dst`` (made once per input)."""
-        return functools.partial(self.copy_from_host, dst)
+        def copy_out() -> None:
+            host[...] = self.to_host(src)
+
+        return host, copy_out

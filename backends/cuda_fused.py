@@ -15,11 +15,12 @@ module reaches CuPy only through the backend.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from backends.base import FusedGroup
 from backends.cuda_launch import (
     CTYPE,
     PRE_ADD,
@@ -37,12 +38,13 @@ from graph.ops import Op, RmsNormParams, RopeMode, RopeParams
 
 if TYPE_CHECKING:
     from backends.cupy_backend import CupyBackend
-    from engine.fusion import Fusion
 
 Launch = Callable[[], None]
 
 
-def _norm_matvec(be: CupyBackend, graph: Graph, fu: Fusion, arrays: Sequence[Any]) -> Launch | None:
+def _norm_matvec(
+    be: CupyBackend, graph: Graph, fu: FusedGroup, arrays: Sequence[Any], scratch: Mapping[int, Any]
+) -> Launch | None:
     nodes = graph.nodes
     mm, norm = nodes[fu.roles["matmul"]], nodes[fu.roles["norm"]]
     w, out = arrays[mm.srcs[0]], arrays[mm.id]
@@ -66,7 +68,9 @@ def _norm_matvec(be: CupyBackend, graph: Graph, fu: Fusion, arrays: Sequence[Any
     return matvec(be, w, out, PRE_ADD, a, b, None, w2, v_out, 0.0, eps2, early)
 
 
-def _glu_matvec(be: CupyBackend, graph: Graph, fu: Fusion, arrays: Sequence[Any]) -> Launch | None:
+def _glu_matvec(
+    be: CupyBackend, graph: Graph, fu: FusedGroup, arrays: Sequence[Any], scratch: Mapping[int, Any]
+) -> Launch | None:
     nodes = graph.nodes
     mm, glu = nodes[fu.roles["matmul"]], nodes[fu.roles["glu"]]
     gate, up = (arrays[s] for s in glu.srcs)
@@ -94,7 +98,9 @@ def _heads(arr: Any) -> tuple[int, int] | None:
     return arr.strides[0] // 4, arr.strides[1] // 4
 
 
-def _rope_store(be: CupyBackend, graph: Graph, fu: Fusion, arrays: Sequence[Any]) -> Launch | None:
+def _rope_store(
+    be: CupyBackend, graph: Graph, fu: FusedGroup, arrays: Sequence[Any], scratch: Mapping[int, Any]
+) -> Launch | None:
     nodes, r = graph.nodes, fu.roles
     qr, kr = nodes[r["q_rope"]], nodes[r["k_rope"]]
     kw_node, vw_node = nodes[r["k_write"]], nodes[r["v_write"]]

@@ -343,6 +343,42 @@ def _decode_ok(q: Any, k: Any, v: Any) -> bool:
     return n <= DECODE_MAX_TOKENS and d % 8 == 0 and dv % 8 == 0 and dense
 
 
+def decode_attention(
+    be: CupyBackend, node: Node, out: Any, srcs: Sequence[Any], scratch: Any, merge: str
+) -> tuple[Callable[[], None], int] | None:
+    """``k_attn_decode`` for few query tokens, and its number of key splits; None if the
+    shapes do not suit it. ``merge``: the splits' partials (in ``scratch``, one record of
+    ``(max, sum, acc[Dv])`` per query head and split) merged by the last block to finish
+    ("last_block") or by a second launch ("kernel")."""
+    p: AttentionParams = node.params  # type: ignore[assignment]
+    q, k, v, qpos, kpos = srcs
+    if not _decode_ok(q, k, v):
+        return None
+    n, h, d = q.shape
+    m, hk, _ = k.shape
+    dv = v.shape[2]
+    rows = _attn_rows(n, h, hk)
+    splits, chunk = _decode_splits(rows, m)
+    types = ", ".join(CTYPE[dtype_of_array(a).name] for a in (q, k, v))
+    f = be.fn(f"k_attn_decode<{types}>")
+    tickets = be.counters(rows)
+    part = ptr(scratch) if splits > 1 else np.uint64(0)
+    dargs = (
+        *(ptr(a) for a in (q, k, v, qpos, kpos, out)),
+        part,
+        ptr(tickets),
+        *(np.int32(x) for x in (h, hk, m, d, dv)),
+        np.float32(p.scale),
+        np.int32(p.window),
+        np.int32(chunk),
+        np.int32(merge == "last_block"),
+    )
+    main = _launch(be, f, (rows, splits), (256,), dargs)
+    if splits == 1 or merge != "kernel":
+        return main, splits
+    return _then(main, _combine(be, n * h, splits, dv, part, out)), splits
+
+
 def _c_attention(
     be: CupyBackend,
     node: Node,
@@ -365,25 +401,9 @@ def _c_attention(
         return lambda: None
     rows = _attn_rows(n, h, hk)
     types = ", ".join(CTYPE[dtype_of_array(a).name] for a in (q, k, v))
-    if _decode_ok(q, k, v):
-        splits, chunk = _decode_splits(rows, m)
-        last_block = be.attn_merge == "last_block"
-        f = be.fn(f"k_attn_decode<{types}>")
-        tickets = be.counters(rows)
-        dargs = (
-            *(ptr(a) for a in (q, k, v, qpos, kpos, out)),
-            ptr(scratch) if splits > 1 else np.uint64(0),
-            ptr(tickets),
-            *(np.int32(x) for x in (h, hk, m, d, dv)),
-            np.float32(p.scale),
-            np.int32(p.window),
-            np.int32(chunk),
-            np.int32(last_block),
-        )
-        main = _launch(be, f, (rows, splits), (256,), dargs)
-        if splits == 1 or last_block:
-            return main
-        return _then(main, _combine(be, n * h, splits, dv, dargs[6], out))
+    decode = decode_attention(be, node, out, srcs, scratch, be.attn_merge)
+    if decode is not None:
+        return decode[0]
     splits = _attn_splits(rows, m)
     chunk = -(-m // splits) if m else 1
     f = be.fn(f"k_attention<{types}>")

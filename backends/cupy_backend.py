@@ -30,14 +30,14 @@ arrive strided are copied into planned scratch first (the elementwise kernels ta
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import cupy as cp  # ImportError here: the registry turns it into a one-line BackendError
 import numpy as np
 
-from backends.base import Backend, BackendError
+from backends.base import Backend, BackendError, FusedGroup
 from backends.cuda_driver import DriverLauncher, load_driver
 from backends.cuda_fused import FUSED_COMPILERS
 from backends.cuda_launch import (
@@ -230,39 +230,48 @@ class CupyBackend(Backend):
         return out
 
     def copy_from_host(self, dst: Any, host: np.ndarray) -> None:
-        self.input_writer(dst)(host)
+        stage, copy = self.input_stage(dst)
+        stage[...] = host
+        copy()
 
-    def input_writer(self, dst: Any) -> Callable[[np.ndarray], None]:
+    def input_stage(self, dst: Any) -> tuple[np.ndarray, Callable[[], None]]:
+        """A pinned host buffer and a ``memcpyAsync`` from it on the compute stream (captured
+        with the kernels in graph mode)."""
         nbytes = dst.nbytes
         pinned = cp.cuda.alloc_pinned_memory(max(nbytes, 1))
         stage = np.frombuffer(pinned, dst.dtype, dst.size).reshape(dst.shape)
-        ptr, stream = dst.data.ptr, self.compute_stream.ptr
+        ptr, host, stream = dst.data.ptr, stage.ctypes.data, self.compute_stream.ptr
         memcpy = cp.cuda.runtime.memcpyAsync
 
-        def write(host: np.ndarray) -> None:
-            stage[...] = host
+        def copy_in(_keep: Any = pinned) -> None:
             if nbytes:
-                memcpy(ptr, stage.ctypes.data, nbytes, H2D, stream)
+                memcpy(ptr, host, nbytes, H2D, stream)
 
-        write.keep = pinned  # type: ignore[attr-defined]
-        return write
+        return stage, copy_in
 
-    def output_reader(self, src: Any) -> Callable[[bool], np.ndarray]:
-        if not src.flags.c_contiguous:  # a strided view as output: gather it the slow way
-            return lambda copy=True: self.to_host(src)
+    def output_stage(self, src: Any) -> tuple[np.ndarray, Callable[[], None]]:
+        """A pinned host buffer and a ``memcpyAsync`` into it; a strided output is first made
+        dense on the device by a copy kernel, so the whole stays capturable."""
+        gather: Callable[[], None] | None = None
+        if not src.flags.c_contiguous:
+            dense = self.view(
+                self.alloc(src.nbytes), 0, src.shape, dtype_of_array(src), _contiguous(src.shape)
+            )
+            gather = elementwise(self, src.shape, dtype_of_array(src), dense, [src], 0)
+            src = dense
         nbytes = src.nbytes
         pinned = cp.cuda.alloc_pinned_memory(max(nbytes, 1))
         stage = np.frombuffer(pinned, src.dtype, src.size).reshape(src.shape)
-        ptr, stream = src.data.ptr, self.compute_stream
+        ptr, host, stream = src.data.ptr, stage.ctypes.data, self.compute_stream.ptr
+        memcpy = cp.cuda.runtime.memcpyAsync
 
-        def read(copy: bool = True) -> np.ndarray:
+        def copy_out(_keep: Any = (pinned, src)) -> None:
+            if gather is not None:
+                gather()
             if nbytes:
-                cp.cuda.runtime.memcpyAsync(stage.ctypes.data, ptr, nbytes, D2H, stream.ptr)
-            stream.synchronize()
-            return stage.copy() if copy else stage
+                memcpy(host, ptr, nbytes, D2H, stream)
 
-        read.keep = pinned  # type: ignore[attr-defined]
-        return read
+        return stage, copy_out
 
     def check_fits(self, nbytes: int, what: str) -> None:
         free, total = cp.cuda.runtime.memGetInfo()
@@ -363,9 +372,13 @@ class CupyBackend(Backend):
         return go
 
     def compile_fused(
-        self, fusion: Any, graph: Any, arrays: Sequence[Any]
+        self,
+        fusion: FusedGroup,
+        graph: Any,
+        arrays: Sequence[Any],
+        scratch: Mapping[int, Any] | None = None,
     ) -> Callable[[], None] | None:
-        return FUSED_COMPILERS[fusion.pattern](self, graph, fusion, arrays)
+        return FUSED_COMPILERS[fusion.pattern](self, graph, fusion, arrays, scratch or {})
 
     def counters(self, n: int) -> Any:
         """``n`` zeroed int32 counters that live as long as the backend (kernels' tickets)."""

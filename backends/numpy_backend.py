@@ -210,6 +210,10 @@ class _Event:
         self._done.wait()
 
 
+def _nothing() -> None:
+    pass
+
+
 class NumpyBackend(Backend):
     name = "numpy"
     kernels = KERNELS
@@ -240,11 +244,11 @@ class NumpyBackend(Backend):
     def to_host(self, arr: Array) -> np.ndarray:
         return np.array(arr, copy=True)
 
-    def output_reader(self, src: Array) -> Callable[[bool], np.ndarray]:
-        def read(copy: bool = True) -> np.ndarray:
-            return np.array(src, copy=True) if copy else src
+    def input_stage(self, dst: Array) -> tuple[np.ndarray, Callable[[], None]]:
+        return dst, _nothing  # inputs are written straight into the arena
 
-        return read
+    def output_stage(self, src: Array) -> tuple[np.ndarray, Callable[[], None]]:
+        return src, _nothing  # outputs are read straight from the arena
 
     def copy_from_host(self, dst: Array, host: np.ndarray) -> None:
         dst[...] = host

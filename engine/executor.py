@@ -138,14 +138,23 @@ class Executor:
             if f is None:
                 self._steps.append(one(n))
                 continue
-            launch = be.compile_fused(f, graph, arrays)
+            tmps = {}
+            for i in f.nodes:
+                if i in scratch_at:
+                    off, size = scratch_at[i]
+                    tmps[i] = self.arena[off : off + size]
+            launch = be.compile_fused(f, graph, arrays, tmps)
             if launch is not None:
                 self._steps.append((launch, n))
                 self.fused.append(f)
             else:
                 self._steps.extend(one(nodes[i]) for i in f.nodes)
-        self._inputs = {n.name: (n, be.input_writer(arrays[n.id])) for n in graph.inputs}
-        self._outputs = [be.output_reader(arrays[o]) for o in graph.outputs]
+        # host staging of inputs and outputs; their copies are launches like the kernels', so a
+        # captured run moves its own inputs in and outputs out (one replay per step)
+        self._inputs = {n.name: (n, *be.input_stage(arrays[n.id])) for n in graph.inputs}
+        self._outputs = [be.output_stage(arrays[o]) for o in graph.outputs]
+        self._copies_in = [copy for _, _, copy in self._inputs.values()]
+        self._copies_out = [copy for _, copy in self._outputs]
         self._debug = int(os.environ.get("STREAMGRAPH_DEBUG", "0") or 0)
         self._replay: Callable[[], None] | None = None
         self._warmed = False
@@ -205,7 +214,7 @@ class Executor:
             raise GraphError(
                 f"unknown input(s) {sorted(extra)}; the graph takes {sorted(self._inputs)}"
             )
-        for name, (node, dst) in self._inputs.items():
+        for name, (node, host, _) in self._inputs.items():
             if name not in inputs:
                 raise GraphError(
                     f"missing input {name} {_shape_text(node.shape)} {node.dtype.name}"
@@ -217,14 +226,14 @@ class Executor:
                     f"input {name} has shape {_shape_text(shape)}, "
                     f"the graph expects {_shape_text(node.shape)}"
                 )
-            dst(np.asarray(value))
+            host[...] = np.asarray(value)
 
     def run(self, inputs: Mapping[str, Any], copy: bool = True) -> list[np.ndarray]:
         """Run once; returns host copies of the outputs in the graph's output order.
 
         In ``graph`` mode the first run is eager (kernels compile, libraries initialise), the
         second captures the whole forward pass, and every later run replays the capture.
-        ``copy=False`` may return buffers that the next run overwrites (no host copy).
+        ``copy=False`` returns the staging buffers themselves, which the next run overwrites.
         """
         self.set_inputs(inputs)
         if self._replay is not None:
@@ -235,22 +244,27 @@ class Executor:
         else:
             self.launch()
             self._warmed = True
-        if not self._outputs:  # staged inputs must not be overwritten while copies are queued
-            self.backend.synchronize()
-        return [read(copy) for read in self._outputs]
+        self.backend.synchronize()  # the staged outputs are complete; the inputs free again
+        return [host.copy() if copy else host for host, _ in self._outputs]
 
     def launch(self) -> None:
         """Issue every kernel once (inputs must already be set)."""
         if self._debug >= 2:
             return self._launch_debug()
+        for copy in self._copies_in:
+            copy()
         i = 0
         try:
             for i, (step, _) in enumerate(self._steps):  # noqa: B007
                 step()
         except Exception as e:
             raise _failed(self._steps[i][1], e) from e
+        for copy in self._copies_out:
+            copy()
 
     def _launch_debug(self) -> None:
+        for copy in self._copies_in:
+            copy()
         for step, node in self._steps:
             t0 = time.perf_counter()
             try:
@@ -260,6 +274,8 @@ class Executor:
             self.backend.synchronize()
             dt = (time.perf_counter() - t0) * 1e6
             print(f"{dt:9.1f} us  {node}", flush=True)
+        for copy in self._copies_out:
+            copy()
 
     @property
     def input_names(self) -> frozenset[str]:
