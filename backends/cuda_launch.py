@@ -1,9 +1,9 @@
 """How each compute op becomes one prepared CUDA launch (or a few) on the CuPy backend.
 
-``COMPILERS[op](backend, node, out, srcs, scratch)`` returns a closure that launches the node's
-kernel(s) from ``kernels.cu`` with every pointer, size and grid bound in advance, so running a
-node costs one Python call and one driver launch, and a CUDA graph can capture it. This module
-does not import cupy: it reaches memory and kernels through the backend
+``COMPILERS[op](Job(backend, node, out, srcs, scratch, fixed))`` returns a closure that
+launches the node's kernel(s) from ``kernels.cu`` with every pointer, size and grid bound in
+advance, so running a node costs one Python call and one driver launch, and a CUDA graph can
+capture it. This module does not import cupy: it reaches memory and kernels through the backend
 (``backends.cupy_backend``), the only module that does.
 
 Choices per op: elementwise ops walk any strides and broadcast (dims merged where all operands
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -122,6 +122,18 @@ def _need_contiguous(node: Node, srcs: Sequence[Any], which: Sequence[int]) -> N
             )
 
 
+class Job(NamedTuple):
+    """What a compiler binds for one node: the backend, the node, its output and source arrays,
+    its planned scratch (or None), and which sources no kernel writes (weights, constants)."""
+
+    be: CupyBackend
+    node: Node
+    out: Any
+    srcs: list[Any]
+    scratch: Any
+    fixed: Sequence[bool] = ()
+
+
 def _launch(
     be: CupyBackend,
     f: Any,
@@ -165,51 +177,27 @@ def elementwise(
     return _launch(be, f, (blocks(n),), (THREADS,), args)
 
 
-def _c_copy(
-    be: CupyBackend,
-    node: Node,
-    out: Any,
-    srcs: list[Any],
-    scratch: Any,
-    fixed: Sequence[bool] = (),
-) -> Callable[[], None]:
+def _c_copy(job: Job) -> Callable[[], None]:
+    be, node, out, srcs, scratch, fixed = job
     return elementwise(be, node.shape, node.dtype, out, srcs, 0)
 
 
-def _c_scale(
-    be: CupyBackend,
-    node: Node,
-    out: Any,
-    srcs: list[Any],
-    scratch: Any,
-    fixed: Sequence[bool] = (),
-) -> Callable[[], None]:
+def _c_scale(job: Job) -> Callable[[], None]:
+    be, node, out, srcs, scratch, fixed = job
     p: ScaleParams = node.params  # type: ignore[assignment]
     return elementwise(be, node.shape, node.dtype, out, srcs, 1, p.scale)
 
 
 def _binary(code: int) -> Callable[..., Callable[[], None]]:
-    def c(
-        be: CupyBackend,
-        node: Node,
-        out: Any,
-        srcs: list[Any],
-        scratch: Any,
-        fixed: Sequence[bool] = (),
-    ) -> Callable[[], None]:
+    def c(job: Job) -> Callable[[], None]:
+        be, node, out, srcs, scratch, fixed = job
         return elementwise(be, node.shape, node.dtype, out, srcs, code)
 
     return c
 
 
-def _c_get_rows(
-    be: CupyBackend,
-    node: Node,
-    out: Any,
-    srcs: list[Any],
-    scratch: Any,
-    fixed: Sequence[bool] = (),
-) -> Callable[[], None]:
+def _c_get_rows(job: Job) -> Callable[[], None]:
+    be, node, out, srcs, scratch, fixed = job
     _need_contiguous(node, srcs, (0, 1))
     table, idx = srcs
     row = math.prod(table.shape[1:])
@@ -224,14 +212,8 @@ def _c_get_rows(
     )
 
 
-def _c_set_rows(
-    be: CupyBackend,
-    node: Node,
-    out: Any,
-    srcs: list[Any],
-    scratch: Any,
-    fixed: Sequence[bool] = (),
-) -> Callable[[], None]:
+def _c_set_rows(job: Job) -> Callable[[], None]:
+    be, node, out, srcs, scratch, fixed = job
     _need_contiguous(node, srcs, (1, 2))
     _, src, idx = srcs
     row = math.prod(src.shape[1:])
@@ -246,14 +228,8 @@ def _c_set_rows(
     )
 
 
-def _c_rms_norm(
-    be: CupyBackend,
-    node: Node,
-    out: Any,
-    srcs: list[Any],
-    scratch: Any,
-    fixed: Sequence[bool] = (),
-) -> Callable[[], None]:
+def _c_rms_norm(job: Job) -> Callable[[], None]:
+    be, node, out, srcs, scratch, fixed = job
     _need_contiguous(node, srcs, range(len(srcs)))
     p: RmsNormParams = node.params  # type: ignore[assignment]
     x = srcs[0]
@@ -281,14 +257,8 @@ def _c_rms_norm(
     return _launch(be, f, (rows,), (threads,), args)
 
 
-def _c_rope(
-    be: CupyBackend,
-    node: Node,
-    out: Any,
-    srcs: list[Any],
-    scratch: Any,
-    fixed: Sequence[bool] = (),
-) -> Callable[[], None]:
+def _c_rope(job: Job) -> Callable[[], None]:
+    be, node, out, srcs, scratch, fixed = job
     _need_contiguous(node, srcs, (0, 1))
     p: RopeParams = node.params  # type: ignore[assignment]
     x, pos = srcs
@@ -379,14 +349,8 @@ def decode_attention(
     return _then(main, _combine(be, n * h, splits, dv, part, out)), splits
 
 
-def _c_attention(
-    be: CupyBackend,
-    node: Node,
-    out: Any,
-    srcs: list[Any],
-    scratch: Any,
-    fixed: Sequence[bool] = (),
-) -> Callable[[], None]:
+def _c_attention(job: Job) -> Callable[[], None]:
+    be, node, out, srcs, scratch, fixed = job
     _need_contiguous(node, srcs, range(5))
     p: AttentionParams = node.params  # type: ignore[assignment]
     q, k, v, qpos, kpos = srcs
@@ -551,14 +515,8 @@ def _uses_gemv(m: int, b_dtype: DType) -> bool:
     return m <= GEMV_MAX_M and b_dtype == f32
 
 
-def _c_mul_mat(
-    be: CupyBackend,
-    node: Node,
-    out: Any,
-    srcs: list[Any],
-    scratch: Any,
-    fixed: Sequence[bool] = (),
-) -> Callable[[], None]:
+def _c_mul_mat(job: Job) -> Callable[[], None]:
+    be, node, out, srcs, scratch, fixed = job
     _need_contiguous(node, srcs, (0, 1))
     a, b = srcs
     n_out, k = a.shape
@@ -629,6 +587,22 @@ def _c_mul_mat(
     return gemm
 
 
+def _c_argmax(job: Job) -> Callable[[], None]:
+    be, node, out, srcs, scratch, fixed = job
+    _need_contiguous(node, srcs, (0,))
+    (x,) = srcs
+    v = x.shape[-1]
+    rows = x.size // v if v else 0
+    if rows == 0:
+        return lambda: None
+    parts = max(1, min(-(-v // 4096), 128))  # ~16 elements per thread, one atomic per block
+    chunk = -(-v // parts)
+    best, tickets = be.counters(2 * rows), be.counters(rows)  # best: one u64 per row
+    f = be.fn(f"k_argmax<{CTYPE[dtype_of_array(x).name]}>")
+    args = (ptr(x), ptr(out), ptr(best), ptr(tickets), np.int64(v), np.int64(chunk))
+    return _launch(be, f, (rows, parts), (THREADS,), args)
+
+
 COMPILERS: dict[Op, Callable[..., Callable[[], None]]] = {
     Op.CONT: _c_copy,
     Op.CAST: _c_copy,
@@ -643,4 +617,5 @@ COMPILERS: dict[Op, Callable[..., Callable[[], None]]] = {
     Op.ROPE: _c_rope,
     Op.ATTENTION: _c_attention,
     Op.MUL_MAT: _c_mul_mat,
+    Op.ARGMAX: _c_argmax,
 }

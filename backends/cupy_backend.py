@@ -45,6 +45,7 @@ from backends.cuda_launch import (
     CTYPE,
     STRIDED_OPS,
     THREADS,
+    Job,
     aligned,
     blocks,
     dense_copy_bytes,
@@ -337,7 +338,7 @@ class CupyBackend(Backend):
                 copies.append(elementwise(self, s.shape, dtype_of_array(s), dense, [s], 0))
                 srcs[i] = dense
         own = scratch[offset:] if scratch is not None and offset < scratch.size else None
-        launch = COMPILERS[node.op](self, node, out, srcs, own, fixed)
+        launch = COMPILERS[node.op](Job(self, node, out, srcs, own, fixed))
         if not copies:
             return launch
         steps = [*copies, launch]

@@ -1012,3 +1012,49 @@ __global__ void __launch_bounds__(DT_THREADS) k_attn_decode(const TQ* q, const T
     }
     if (tid == 0) tickets[row] = 0;
 }
+
+// ---- argmax along the last axis ----------------------------------------------------------------
+// grid (rows, parts): each block reduces its part of a row to a key (value in the high 32 bits,
+// order-preserving; the complement of the index in the low 32, so the first index wins ties)
+// and folds it into best[row] with one atomicMax; the last block of the row to finish writes
+// the index and resets best and the ticket for the next launch.
+__device__ __forceinline__ unsigned long long argmax_key(float v, unsigned idx) {
+    unsigned u = __float_as_uint(v);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)u << 32) | (0xffffffffu - idx);
+}
+
+template <typename T>
+__global__ void k_argmax(const T* x, int* out, unsigned long long* best, int* tickets, i64 V,
+                         i64 chunk) {
+    PDL_ENTRY();
+    __shared__ unsigned long long red[32];
+    const i64 row = blockIdx.x;
+    const T* xr = x + row * V;
+    const i64 lo = (i64)blockIdx.y * chunk, hi = min(V, lo + chunk);
+    unsigned long long key = 0;
+#pragma unroll 16
+    for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        const unsigned long long c = argmax_key(ld(xr, i), (unsigned)i);
+        key = c > key ? c : key;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long c = __shfl_xor_sync(0xffffffffu, key, o);
+        key = c > key ? c : key;
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) red[warp] = key;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); ++w) key = red[w] > key ? red[w] : key;
+        atomicMax(&best[row], key);
+        __threadfence();
+        if (atomicAdd(&tickets[row], 1) == (int)gridDim.y - 1) {
+            const unsigned long long final_key = atomicMax(&best[row], 0ull);
+            out[row] = (int)(0xffffffffu - (unsigned)(final_key & 0xffffffffull));
+            best[row] = 0;
+            tickets[row] = 0;
+        }
+    }
+}

@@ -172,6 +172,10 @@ def k_set_rows(
     out[idx] = src  # out is dst itself (the node aliases its destination)
 
 
+def k_argmax(node: Node, out: np.ndarray, x: np.ndarray) -> None:
+    out[...] = np.argmax(x, axis=-1)
+
+
 KERNELS: dict[Op, Kernel] = {
     Op.CONT: k_cont,
     Op.CAST: k_cast,
@@ -186,6 +190,7 @@ KERNELS: dict[Op, Kernel] = {
     Op.GEGLU: k_geglu,
     Op.SWIGLU: k_swiglu,
     Op.SET_ROWS: k_set_rows,
+    Op.ARGMAX: k_argmax,
 }
 
 

@@ -47,6 +47,13 @@ class Sampler:
         self.cfg = cfg or SamplerConfig()
         self.rng = np.random.default_rng(self.cfg.seed)
 
+    @property
+    def is_argmax(self) -> bool:
+        """Plain argmax of the logits (greedy, no repetition penalty): the device can do it."""
+        return self.cfg.temperature <= 0 and (
+            self.cfg.repeat_penalty == 1.0 or not self.cfg.repeat_last_n
+        )
+
     def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         c = self.cfg
         x = np.asarray(logits, dtype=np.float64).reshape(-1)

@@ -261,6 +261,13 @@ class Session:
         order = {r: i for i, r in enumerate(wanted)}
         return stacked[[order[r] for r in rows]]
 
+    def decode_greedy(self, token: int) -> int:
+        """One token in, the most likely next token out. The argmax runs on the backend after
+        the head, so only one id comes back instead of the vocabulary's logits."""
+        out = self.forward([token], "argmax", copy=False)
+        assert out is not None
+        return int(out[0])
+
     def decode(self, token: int, copy: bool = True) -> np.ndarray:
         """One token in, the next token's logits (vocab,) out (``copy=False``: valid until the
         next call, no host copy)."""
@@ -287,8 +294,11 @@ class Session:
         stats.t_prompt = time.perf_counter() - t0
         history = list(prompt)
         t0 = time.perf_counter()
+        on_device = sampler.is_argmax  # greedy: the argmax runs with the step, one id comes back
+        token = -1
         for i in range(max_tokens):
-            token = sampler(logits, history)
+            if not on_device or i == 0:
+                token = sampler(logits, history)
             if token in stop:
                 stats.stopped_by = "eos"
                 break
@@ -301,7 +311,10 @@ class Session:
             if self.n_past >= self.n_ctx:
                 stats.stopped_by = "context"
                 break
-            logits = self.decode(token, copy=False)  # consumed by the sampler before the next
+            if on_device:
+                token = self.decode_greedy(token)
+            else:
+                logits = self.decode(token, copy=False)  # read by the sampler before the next
         stats.t_gen = time.perf_counter() - t0
 
 

@@ -261,6 +261,10 @@ class GraphBuilder:
     def swiglu(self, gate: Tensor, up: Tensor, name: str = "") -> Tensor:
         return self._add(Op.SWIGLU, [gate, up], None, name)
 
+    def argmax(self, x: Tensor, name: str = "") -> Tensor:
+        """Index of the largest value along the last axis (i32; first one on ties)."""
+        return self._add(Op.ARGMAX, [x], None, name)
+
     def set_rows(self, dst: Tensor, src: Tensor, idx: Tensor, name: str = "") -> Tensor:
         """Write ``src[i]`` into row ``idx[i]`` of the state ``dst``; returns the updated state."""
         return self._add(Op.SET_ROWS, [dst, src, idx], None, name)

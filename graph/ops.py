@@ -32,6 +32,8 @@ GEGLU       gelu_tanh(gate) * up
 SWIGLU      silu(gate) * up
 SET_ROWS    dst[idx[i]] = src[i] in place; dst is a STATE; the result aliases dst, so readers of
             the cache after the write depend on it
+ARGMAX      index of the largest value along the last axis, (..., V) -> (...,) i32; the first
+            such index on ties (NumPy's rule); greedy decoding without copying logits out
 ==========  =====================================================================================
 
 Compute is f32 inside every kernel; results are stored in the output dtype. The attention is
@@ -102,6 +104,7 @@ class Op(enum.Enum):
     GEGLU = "geglu"
     SWIGLU = "swiglu"
     SET_ROWS = "set_rows"
+    ARGMAX = "argmax"
 
 
 class RopeMode(enum.Enum):
@@ -212,6 +215,7 @@ SRC_COUNT: dict[Op, tuple[int, ...]] = {
     Op.GEGLU: (2,),
     Op.SWIGLU: (2,),
     Op.SET_ROWS: (3,),
+    Op.ARGMAX: (1,),
 }
 
 PARAMS: dict[Op, type | None] = {
@@ -235,6 +239,7 @@ PARAMS: dict[Op, type | None] = {
     Op.GEGLU: None,
     Op.SWIGLU: None,
     Op.SET_ROWS: None,
+    Op.ARGMAX: None,
 }
 
 
@@ -408,6 +413,13 @@ def _set_rows(op: Op, p: None, s: list[TensorMeta]) -> Inferred:
     return dst.shape, dst.dtype
 
 
+def _argmax(op: Op, p: None, s: list[TensorMeta]) -> Inferred:
+    _need_float(op, s, 0)
+    if not s[0].shape or s[0].shape[-1] < 1:
+        raise _fail(op, s, "needs at least one element along the last axis")
+    return s[0].shape[:-1], i32
+
+
 INFER: dict[Op, Callable[..., Inferred]] = {
     Op.INPUT: _leaf,
     Op.WEIGHT: _leaf,
@@ -429,4 +441,5 @@ INFER: dict[Op, Callable[..., Inferred]] = {
     Op.GEGLU: _glu,
     Op.SWIGLU: _glu,
     Op.SET_ROWS: _set_rows,
+    Op.ARGMAX: _argmax,
 }

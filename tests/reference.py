@@ -191,6 +191,18 @@ def _set_rows(n: Node, dst: np.ndarray, src: np.ndarray, idx: np.ndarray) -> np.
     return out
 
 
+def _argmax(n: Node, x: np.ndarray) -> np.ndarray:
+    flat = _f(x).reshape(-1, x.shape[-1])
+    out = np.empty(flat.shape[0], np.int32)
+    for r, row in enumerate(flat):  # the first index of the largest value, by a plain scan
+        best = 0
+        for i in range(1, len(row)):
+            if row[i] > row[best]:
+                best = i
+        out[r] = best
+    return out.reshape(x.shape[:-1])
+
+
 def _leaf(n: Node) -> np.ndarray:  # pragma: no cover - leaves are bound, never computed
     raise AssertionError(f"leaf {n.label} is bound, not computed")
 
@@ -216,6 +228,7 @@ REF_OPS: dict[Op, Callable[..., np.ndarray]] = {
     Op.GEGLU: _geglu,
     Op.SWIGLU: _swiglu,
     Op.SET_ROWS: _set_rows,
+    Op.ARGMAX: _argmax,
 }
 assert set(REF_OPS) == set(Op), f"reference misses {set(Op) - set(REF_OPS)}"
 

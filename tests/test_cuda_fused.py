@@ -276,3 +276,21 @@ def test_programmatic_dependent_launch_changes_no_bit(gpu, mode: str) -> None:  
         gpu.pdl = saved
     for a, b in zip(outs[True], outs[False], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 4097), (1, 262144), (2, 3, 1000)])
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_argmax(gpu, shape, dtype) -> None:  # noqa: ANN001
+    """Blocks fold their parts into one atomic maximum per row; ties go to the first index;
+    the per-row state is reset by each launch (graph replays run it again)."""
+    g = GraphBuilder()
+    x = g.input("x", shape, dtype)
+    graph = g.build([g.argmax(x)])
+    rng = np.random.default_rng(shape[-1])
+    for run in range(3):
+        v = rng.standard_normal(shape).astype(np.float32)
+        flat = v.reshape(-1, shape[-1])
+        flat[:, -1] = flat[:, shape[-1] // 2] = 9.0 + run  # a tie far apart
+        want, got, _, _, _ = _both(graph, {}, {"x": v}, gpu)
+        np.testing.assert_array_equal(got[0], want[0])
+        assert (got[0].reshape(-1) == shape[-1] // 2).all()

@@ -7,6 +7,7 @@ import pytest
 
 from engine import memory
 from engine.executor import Executor
+from engine.sampling import Sampler, SamplerConfig
 from engine.session import Session
 from engine.weights import random_weights
 from graph import GraphBuilder, f32
@@ -119,3 +120,38 @@ def test_attending_only_the_filled_rows_changes_nothing(monkeypatch: pytest.Monk
         if pad == 4:
             assert sess.n_kv_for(9) == {"full": 12, "swa": 7}  # swa ring: 4 + 4 - 1 rows
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gemma3-tiny"])
+def test_greedy_decoding_on_the_backend_picks_the_logits_argmax(name: str) -> None:
+    """``logits="argmax"`` ends the graph in ARGMAX: the id equals the argmax of the logits,
+    and greedy ``generate`` gives the same tokens through either path."""
+    cfg = preset(name)
+    g = build(cfg, 1, kv_slots(cfg, 32, 4), logits="argmax")
+    assert [g.nodes[o].op.name for o in g.outputs] == ["ARGMAX"]
+    assert g.nodes[g.outputs[0]].shape == (1,)
+    w = random_weights(cfg, seed=11)
+    a, b = Session(cfg, w, n_ctx=32, n_batch=4), Session(cfg, w, n_ctx=32, n_batch=4)
+    a.prefill([1, 2, 3])
+    b.prefill([1, 2, 3])
+    tok = 5
+    for _ in range(6):
+        want = int(np.argmax(a.decode(tok)))
+        assert b.decode_greedy(tok) == want
+        tok = want
+    on_device = list(Session(cfg, w, n_ctx=32, n_batch=4).generate([4, 5], 8))
+    on_host = Session(cfg, w, n_ctx=32, n_batch=4)
+    on_host.decode_greedy = None  # type: ignore[assignment,method-assign]  # would fail if used
+    host_sampler = _HostArgmax()
+    assert list(on_host.generate([4, 5], 8, host_sampler)) == on_device
+
+
+class _HostArgmax(Sampler):
+    """Greedy, but claims not to be a plain argmax: generate() must sample on the host."""
+
+    def __init__(self) -> None:
+        super().__init__(SamplerConfig.greedy())
+
+    @property
+    def is_argmax(self) -> bool:
+        return False

@@ -395,3 +395,23 @@ def test_set_rows(rng, dtype, src_f32):
         assert np.array_equal(f64(got_read), want[r_read])
     untouched = [r for r in range(R) if r not in (5, 0, 3, 1, 6)]
     assert np.array_equal(state[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (2, 3, 262)], ids=str)
+def test_argmax(rng, dtype, shape):
+    x = rand(rng, shape, dtype)
+    flat = x.reshape(-1, shape[-1])
+    flat[0, -1] = flat[0, 0] = 4.0  # a tie: the first index wins
+    out = one_input(dtype, x, lambda g, t: g.argmax(t))
+    assert out.dtype == np.int32 and out.shape == shape[:-1]
+    assert np.array_equal(out, np.argmax(f64(x), axis=-1))
+    assert out.reshape(-1)[0] == 0
+
+
+def test_argmax_refuses_integers_and_empty_rows():
+    g = GraphBuilder()
+    with pytest.raises(Exception, match="f32/f16/bf16"):
+        g.argmax(g.input("ids", (4,), i32))
+    with pytest.raises(Exception, match="at least one element"):
+        g.argmax(g.input("x", (3, 0), f32))

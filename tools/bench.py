@@ -178,12 +178,12 @@ def run_bench(
                 tok = int(np.argmax(sess.prefill([1])))
                 t0 = time.perf_counter()
                 for _ in range(n):
-                    tok = int(np.argmax(sess.decode(tok, copy=False)))  # greedy, as generate()
+                    tok = sess.decode_greedy(tok)  # greedy, as generate(): argmax on the device
                 return time.perf_counter() - t0
 
             log(f"tg{n} graphs={graph_mode}: warm-up + {reps} repetitions")
             tg()
-            launches = sess.executor(1, sess.n_kv_for(n + 1)).n_launches
+            launches = sess.executor(1, sess.n_kv_for(n + 1), "argmax").n_launches
             record(f"tg{n}", n, [tg() for _ in range(reps)], launches)
 
     for graph_mode in graphs:

@@ -15,7 +15,8 @@ enough for the window plus a chunk). Who fills these is the session's business
 
 Logits: ``"last"`` (the default) computes the head for the last token only; ``"all"`` for every
 token; a tuple of row indices for those rows; ``"none"`` skips the head entirely (the layers'
-KV writes still happen).
+KV writes still happen); ``"argmax"`` computes the last token's logits and outputs only their
+argmax (1,) i32, so greedy decoding copies one id back instead of the vocabulary's logits.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ class Forward:
         g, n = self.g, self.n_tokens
         if logits == "none":
             return self._finish([])
-        if logits == "last":
+        if logits in ("last", "argmax"):
             h = g.rows(h, n - 1, n)
         elif logits != "all":
             rows = [int(r) for r in logits]  # type: ignore[union-attr]
@@ -184,7 +185,10 @@ class Forward:
             else:
                 h = g.get_rows(h, g.constant("logits_rows", np.asarray(rows, np.int32)))
         h = g.rms_norm(h, self.w("output_norm.weight"), self.cfg.rms_eps, name="result_norm")
-        return self._finish([g.mul_mat(self.w("output.weight"), h, name="logits")])
+        out = g.mul_mat(self.w("output.weight"), h, name="logits")
+        if logits == "argmax":
+            out = g.argmax(out, name="next_token")
+        return self._finish([out])
 
     def _finish(self, outputs: list[Tensor]) -> Graph:
         graph = self.g.build(outputs=outputs)
