@@ -154,6 +154,7 @@ class Executor:
         self._inputs = {n.name: (n, *be.input_stage(arrays[n.id])) for n in graph.inputs}
         self._outputs = [be.output_stage(arrays[o]) for o in graph.outputs]
         self._copies_in = [copy for _, _, copy in self._inputs.values()]
+        self._input_names = frozenset(self._inputs)
         self._copies_out = [copy for _, copy in self._outputs]
         self._debug = int(os.environ.get("STREAMGRAPH_DEBUG", "0") or 0)
         self._replay: Callable[[], None] | None = None
@@ -209,7 +210,7 @@ class Executor:
 
     # -- running -------------------------------------------------------------------------------
     def set_inputs(self, inputs: Mapping[str, Any]) -> None:
-        extra = set(inputs) - set(self._inputs)
+        extra = inputs.keys() - self._input_names
         if extra:
             raise GraphError(
                 f"unknown input(s) {sorted(extra)}; the graph takes {sorted(self._inputs)}"
@@ -280,7 +281,7 @@ class Executor:
     @property
     def input_names(self) -> frozenset[str]:
         """Inputs this graph reads (dead-code elimination may have dropped some a builder made)."""
-        return frozenset(self._inputs)
+        return self._input_names
 
     @property
     def n_launches(self) -> int:

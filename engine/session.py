@@ -187,7 +187,8 @@ class Session:
                 f"context full: {self.n_past} + {n} tokens exceed n_ctx={self.n_ctx}; "
                 "reset() or create the session with a larger n_ctx"
             )
-        if ids.min() < 0 or ids.max() >= self.cfg.n_vocab:
+        lo, hi = (int(ids[0]), int(ids[0])) if n == 1 else (int(ids.min()), int(ids.max()))
+        if lo < 0 or hi >= self.cfg.n_vocab:
             raise ValueError(f"token ids must be in 0..{self.cfg.n_vocab - 1}")
 
     def forward(
@@ -210,7 +211,8 @@ class Session:
             inputs[f"kv_pos.{kind}"] = self.row_pos[kind][: n_kv[kind]]
         ex = self.executor(n, n_kv, logits)
         try:
-            outs = ex.run({k: v for k, v in inputs.items() if k in ex.input_names}, copy)
+            names = ex.input_names
+            outs = ex.run({k: v for k, v in inputs.items() if k in names}, copy)
         except Exception:
             self.row_pos = saved
             raise
