@@ -104,6 +104,10 @@ class Backend(ABC):
         """A new stream (an in-order queue of work)."""
 
     @abstractmethod
+    def main_stream(self) -> Stream:
+        """The stream single-stream runs, and inputs' and outputs' copies, go to."""
+
+    @abstractmethod
     def event(self) -> Event:
         """A new event (a point in a stream that other streams can wait on)."""
 
@@ -126,12 +130,21 @@ class Backend(ABC):
         srcs: Sequence[Array],
         scratch: Array | None,
         fixed: Sequence[bool] = (),
+        stream: Stream | None = None,
     ) -> Callable[[], None]:
         """One launch of ``node`` with everything bound: what the executor calls per run.
         ``fixed[i]``: source ``i`` is never written while the graph runs (a weight or constant),
-        so a kernel may read it before earlier kernels finish."""
-        kernel = self.kernels[node.op]
-        return functools.partial(kernel, node, out, *srcs)
+        so a kernel may read it before earlier kernels finish. ``stream``: where it runs (the
+        main stream by default)."""
+        kernel = functools.partial(self.kernels[node.op], node, out, *srcs)
+        return self.on_stream(kernel, stream)
+
+    def on_stream(self, fn: Callable[[], None], stream: Stream | None) -> Callable[[], None]:
+        """``fn`` issued to ``stream``: for backends whose streams take host callables."""
+        if stream is None or stream is self.main_stream():
+            return fn
+        submit = stream.submit  # type: ignore[attr-defined]
+        return functools.partial(submit, fn)
 
     def compile_fused(
         self,
@@ -139,6 +152,7 @@ class Backend(ABC):
         graph: Any,
         arrays: Sequence[Array],
         scratch: Mapping[int, Array] | None = None,
+        stream: Stream | None = None,
     ) -> Callable[[], None] | None:
         """The launches of a whole fused group (``engine.fusion.Fusion``; ``arrays`` indexed by
         node id, ``scratch`` by member id), or None to have its members run one by one (the

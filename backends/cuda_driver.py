@@ -91,8 +91,10 @@ class DriverLauncher:
         args: tuple,
         shared: int = 0,
         pdl: bool = True,
+        stream_ptr: int | None = None,
     ) -> Callable[[], None]:
-        """The launch as a closure; ``pdl``: with programmatic dependent launch."""
+        """The launch as a closure; ``pdl``: with programmatic dependent launch; on
+        ``stream_ptr`` (default: the launcher's stream)."""
         values = []
         for a in args:
             c = _CTYPES.get(np.asarray(a).dtype)
@@ -107,7 +109,8 @@ class DriverLauncher:
         attrs = (_Attr * 1)()
         attrs[0].id = PROGRAMMATIC_STREAM_SERIALIZATION
         attrs[0].value.programmatic = 1
-        cfg = _Config(*g, *b, shared, ctypes.c_void_p(self.stream_ptr), None, 0)
+        stream = self.stream_ptr if stream_ptr is None else stream_ptr
+        cfg = _Config(*g, *b, shared, ctypes.c_void_p(stream), None, 0)
         if pdl:
             cfg.attrs = ctypes.cast(attrs, ctypes.POINTER(_Attr))
             cfg.n_attrs = 1

@@ -29,8 +29,9 @@ arrive strided are copied into planned scratch first (the elementwise kernels ta
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,23 @@ class _Cublas:
             raise BackendError(f"{what} failed with cuBLAS status {status}")
 
 
+class _CudaEvent:
+    """A CUDA event with the interface's ``wait(stream)``; recorded and waited on inside a
+    capture it becomes an edge of the graph."""
+
+    def __init__(self) -> None:
+        self.event = cp.cuda.Event(disable_timing=True)
+
+    def record(self, stream: Any) -> None:
+        self.event.record(stream)
+
+    def wait(self, stream: Any) -> None:
+        stream.wait_event(self.event)
+
+    def synchronize(self) -> None:
+        self.event.synchronize()
+
+
 class CupyBackend(Backend):
     name = "cupy"
 
@@ -121,7 +139,8 @@ class CupyBackend(Backend):
         # every launch, copy and capture of this backend goes to one stream; stream() makes others
         self.compute_stream = cp.cuda.Stream(non_blocking=True)
         self.compute_stream.use()  # kernels launch on the current stream: make it ours
-        self.blas = _Cublas(self.compute_stream.ptr)
+        self._bound = self.compute_stream  # the stream launches are being prepared for
+        self._blas = {self.compute_stream.ptr: _Cublas(self.compute_stream.ptr)}
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
         self._source = (Path(__file__).with_name("kernels.cu")).read_text()
@@ -286,8 +305,11 @@ class CupyBackend(Backend):
     def stream(self) -> Any:
         return cp.cuda.Stream(non_blocking=True)
 
-    def event(self) -> Any:
-        return cp.cuda.Event(disable_timing=True)
+    def main_stream(self) -> Any:
+        return self.compute_stream
+
+    def event(self) -> _CudaEvent:
+        return _CudaEvent()
 
     def synchronize(self) -> None:
         self.compute_stream.synchronize()
@@ -322,8 +344,21 @@ class CupyBackend(Backend):
         srcs: Sequence[Any],
         scratch: Any | None,
         fixed: Sequence[bool] = (),
+        stream: Any | None = None,
     ) -> Callable[[], None]:
-        """Bind one node; inputs its kernel needs dense are first copied into planned scratch."""
+        """Bind one node; inputs its kernel needs dense are first copied into planned scratch.
+        Its launches go to ``stream`` (the compute stream by default)."""
+        with self._binding(stream):
+            return self._compile(node, out, srcs, scratch, fixed)
+
+    def _compile(
+        self,
+        node: Node,
+        out: Any,
+        srcs: Sequence[Any],
+        scratch: Any | None,
+        fixed: Sequence[bool],
+    ) -> Callable[[], None]:
         srcs = list(srcs)
         fixed = list(fixed) + [False] * (len(srcs) - len(fixed))
         copies: list[Callable[[], None]] = []
@@ -365,10 +400,15 @@ class CupyBackend(Backend):
             pdl = self.pdl and (
                 self.pdl_kernels is None or str(f.name).startswith(self.pdl_kernels)
             )
-            return self._driver.prepare(int(handle), grid, block, args, smem, pdl)
+            return self._driver.prepare(
+                int(handle), grid, block, args, smem, pdl, stream_ptr=self._bound.ptr
+            )
+
+        stream = self._bound
 
         def go() -> None:
-            f(grid, block, args, shared_mem=smem)
+            with stream:
+                f(grid, block, args, shared_mem=smem)
 
         return go
 
@@ -378,8 +418,30 @@ class CupyBackend(Backend):
         graph: Any,
         arrays: Sequence[Any],
         scratch: Mapping[int, Any] | None = None,
+        stream: Any | None = None,
     ) -> Callable[[], None] | None:
-        return FUSED_COMPILERS[fusion.pattern](self, graph, fusion, arrays, scratch or {})
+        with self._binding(stream):
+            return FUSED_COMPILERS[fusion.pattern](self, graph, fusion, arrays, scratch or {})
+
+    @contextlib.contextmanager
+    def _binding(self, stream: Any | None) -> Iterator[None]:
+        """Launches prepared inside go to ``stream`` (and cuBLAS to a handle of its own)."""
+        saved = self._bound
+        self._bound = stream if stream is not None else self.compute_stream
+        try:
+            yield
+        finally:
+            self._bound = saved
+
+    @property
+    def blas(self) -> _Cublas:
+        """The cuBLAS handle of the stream being compiled for: one per stream, each with its
+        own workspace (two streams must not share one)."""
+        key = self._bound.ptr
+        handle = self._blas.get(key)
+        if handle is None:  # a side stream: a smaller workspace keeps streams' VRAM cost low
+            handle = self._blas[key] = _Cublas(key, workspace_bytes=8 << 20)
+        return handle
 
     def counters(self, n: int) -> Any:
         """``n`` zeroed int32 counters that live as long as the backend (kernels' tickets)."""

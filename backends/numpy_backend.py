@@ -8,7 +8,10 @@ node (a view into the arena), so the memory plan is exercised on the CPU exactly
 from __future__ import annotations
 
 import math
+import queue
+import random
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -195,24 +198,88 @@ KERNELS: dict[Op, Kernel] = {
 
 
 class _Stream:
-    """Work on the NumPy backend runs when it is issued; a stream is only an ordering label."""
+    """An in-order queue of work. The main stream runs work as it is issued; any other stream
+    is a worker thread, so a multi-stream plan really runs concurrently on the CPU (NumPy's
+    kernels release the GIL). ``stress`` sleeps a random 0..stress seconds before each task:
+    a missing wait between streams then shows up as a wrong result instead of a lucky one."""
+
+    def __init__(self, inline: bool = True, stress: float = 0.0, seed: int | None = None) -> None:
+        self.inline = inline
+        self.stress = stress
+        self._rng = random.Random(seed)
+        self._cv = threading.Condition()
+        self._pending = 0
+        self._error: BaseException | None = None
+        if not inline:
+            self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+            threading.Thread(target=self._loop, daemon=True, name="numpy-stream").start()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        if self.inline:
+            fn()
+            return
+        with self._cv:
+            self._pending += 1
+        self._queue.put(fn)
+
+    def _loop(self) -> None:
+        while True:
+            fn = self._queue.get()
+            try:
+                if self.stress:
+                    time.sleep(self._rng.uniform(0.0, self.stress))
+                if self._error is None:  # after a failure the rest of the queue is skipped
+                    fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the next synchronize()
+                self._error = e
+            finally:
+                with self._cv:
+                    self._pending -= 1
+                    self._cv.notify_all()
 
     def synchronize(self) -> None:
-        pass
+        if not self.inline:
+            with self._cv:
+                self._cv.wait_for(lambda: self._pending == 0)
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
 
 
 class _Event:
+    """CUDA's semantics: ``wait`` waits for the most recent ``record`` issued before it."""
+
     def __init__(self) -> None:
-        self._done = threading.Event()
+        self._cv = threading.Condition()
+        self._issued = 0
+        self._done = 0
 
-    def record(self, stream: object) -> None:
-        self._done.set()
+    def record(self, stream: _Stream) -> None:
+        with self._cv:
+            self._issued += 1
+            target = self._issued
 
-    def wait(self, stream: object) -> None:
-        self._done.wait()
+        def mark() -> None:
+            with self._cv:
+                self._done = max(self._done, target)
+                self._cv.notify_all()
+
+        stream.submit(mark)
+
+    def wait(self, stream: _Stream) -> None:
+        with self._cv:
+            target = self._issued
+
+        def block() -> None:
+            with self._cv:
+                self._cv.wait_for(lambda: self._done >= target)
+
+        stream.submit(block)
 
     def synchronize(self) -> None:
-        self._done.wait()
+        with self._cv:
+            target = self._issued
+            self._cv.wait_for(lambda: self._done >= target)
 
 
 def _nothing() -> None:
@@ -222,6 +289,9 @@ def _nothing() -> None:
 class NumpyBackend(Backend):
     name = "numpy"
     kernels = KERNELS
+
+    def __init__(self) -> None:
+        self._main = _Stream(inline=True)
 
     def alloc(self, nbytes: int) -> np.ndarray:
         return np.zeros(max(int(nbytes), 1), dtype=np.uint8)
@@ -258,8 +328,12 @@ class NumpyBackend(Backend):
     def copy_from_host(self, dst: Array, host: np.ndarray) -> None:
         dst[...] = host
 
-    def stream(self) -> _Stream:
-        return _Stream()
+    def stream(self, stress: float = 0.0, seed: int | None = None) -> _Stream:
+        """A worker-thread stream (``stress``: see ``_Stream``)."""
+        return _Stream(inline=False, stress=stress, seed=seed)
+
+    def main_stream(self) -> _Stream:
+        return self._main
 
     def event(self) -> _Event:
         return _Event()

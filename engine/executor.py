@@ -27,7 +27,7 @@ import numpy as np
 
 from backends import COMPUTE_OPS, Backend, get_backend
 from engine import fusion as fusion_pass
-from engine import memory
+from engine import memory, scheduler
 from graph.ir import Graph, Node
 from graph.ops import ALIAS_OPS, GraphError, Op
 
@@ -61,6 +61,8 @@ class Executor:
         mode: str = "eager",
         reuse: bool = True,
         fusion: bool = True,
+        streams: int | str = 1,
+        stress: float = 0.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -83,8 +85,16 @@ class Executor:
         # a caller's own plan knows nothing of fused groups, so it runs without them
         self.fusions = fusion_pass.find(graph) if fusion and plan is None else []
         steps = fusion_pass.step_of(graph, self.fusions)
+        # streams: the scheduler's assignment; a plan of one stream runs without events
+        self.schedule: scheduler.Schedule | None = None
+        if streams != 1 and plan is None:
+            sched = scheduler.schedule(graph, streams, steps)
+            if sched.n_streams > 1:
+                self.schedule = sched
         self.plan = (
-            plan if plan is not None else memory.plan(graph, scratch, reuse=reuse, steps=steps)
+            plan
+            if plan is not None
+            else memory.plan(graph, scratch, reuse=reuse, steps=steps, schedule=self.schedule)
         )
         be.check_fits(self.plan.arena_bytes, f"the arena of a {len(graph)}-node graph")
         self.arena = be.alloc(self.plan.arena_bytes)
@@ -118,37 +128,64 @@ class Executor:
 
         scratch_at = self.plan.scratch_of()
 
-        def one(n: Node) -> tuple[Callable[[], None], Node]:
+        sched = self.schedule
+        self._main = be.main_stream()
+        self._side: dict[int, Any] = {}  # stream index -> backend stream
+        if sched is not None:
+            for k in sorted({sched.stream[u] for u in sched.steps} - {0}):
+                opts = {"stress": stress, "seed": k} if stress else {}
+                self._side[k] = be.stream(**opts)
+        events = {u: be.event() for u in sched.records} if sched is not None else {}
+
+        def stream_of(unit: int) -> Any:
+            k = sched.stream[unit] if sched is not None else 0
+            return self._side.get(k, self._main)
+
+        def one(n: Node, stream: Any) -> tuple[Callable[[], None], Node]:
             tmp = None
             if n.id in scratch_at:
                 off, size = scratch_at[n.id]
                 tmp = self.arena[off : off + size]  # a flat byte range of the arena
             srcs = tuple(arrays[s] for s in n.srcs)
             fixed = tuple(nodes[s].op in (Op.WEIGHT, Op.CONSTANT) for s in n.srcs)
-            return be.compile(n, arrays[n.id], srcs, tmp, fixed), n
+            return be.compile(n, arrays[n.id], srcs, tmp, fixed, stream), n
 
         group_at = {f.anchor: f for f in self.fusions}
         in_group = {i for f in self.fusions for i in f.nodes}
         self._steps: list[tuple[Callable[[], None], Node]] = []
+        self._sync: dict[int, tuple[Any, list[Any], Any]] = {}  # step -> stream, waits, record
         self.fused: list[fusion_pass.Fusion] = []  # the groups that run as one launch
         for n in nodes:
             if n.op not in be.kernels or (n.id in in_group and n.id not in group_at):
                 continue
+            st = stream_of(n.id)
+            if sched is not None:
+                waits = [events[w] for w in sched.waits.get(n.id, ())]
+                self._sync[len(self._steps)] = (st, waits, events.get(n.id))
             f = group_at.get(n.id)
             if f is None:
-                self._steps.append(one(n))
+                self._steps.append(one(n, st))
                 continue
             tmps = {}
             for i in f.nodes:
                 if i in scratch_at:
                     off, size = scratch_at[i]
                     tmps[i] = self.arena[off : off + size]
-            launch = be.compile_fused(f, graph, arrays, tmps)
+            launch = be.compile_fused(f, graph, arrays, tmps, st)
             if launch is not None:
                 self._steps.append((launch, n))
                 self.fused.append(f)
             else:
-                self._steps.extend(one(nodes[i]) for i in f.nodes)
+                first = len(self._steps)
+                self._steps.extend(one(nodes[i], st) for i in f.nodes)
+                if first in self._sync:  # the group's record goes after its last member
+                    st_, waits_, rec = self._sync.pop(first)
+                    self._sync[first] = (st_, waits_, None)
+                    self._sync[len(self._steps) - 1] = (st_, [], rec)
+        # the fork (every other stream waits for the inputs, copied on the main stream) and the
+        # join (the main stream waits for every other before the outputs are copied out)
+        self._fork = be.event() if self._side else None
+        self._joins = {k: be.event() for k in self._side}
         # host staging of inputs and outputs; their copies are launches like the kernels', so a
         # captured run moves its own inputs in and outputs out (one replay per step)
         self._inputs = {n.name: (n, *be.input_stage(arrays[n.id])) for n in graph.inputs}
@@ -245,6 +282,8 @@ class Executor:
         else:
             self.launch()
             self._warmed = True
+        for st in self._side.values():
+            st.synchronize()  # (the join already orders them; this surfaces a worker's error)
         self.backend.synchronize()  # the staged outputs are complete; the inputs free again
         return [host.copy() if copy else host for host, _ in self._outputs]
 
@@ -254,12 +293,44 @@ class Executor:
             return self._launch_debug()
         for copy in self._copies_in:
             copy()
+        if self._sync:
+            return self._launch_streams()
         i = 0
         try:
             for i, (step, _) in enumerate(self._steps):  # noqa: B007
                 step()
         except Exception as e:
             raise _failed(self._steps[i][1], e) from e
+        for copy in self._copies_out:
+            copy()
+
+    def _launch_streams(self) -> None:
+        """The steps on their streams, with the schedule's waits and records, between the fork
+        and the join."""
+        main, fork = self._main, self._fork
+        if fork is not None:
+            fork.record(main)
+            for st in self._side.values():
+                fork.wait(st)
+        sync = self._sync
+        i = 0
+        try:
+            for i, (step, _) in enumerate(self._steps):  # noqa: B007
+                entry = sync.get(i)
+                if entry is None:
+                    step()
+                    continue
+                st, waits, rec = entry
+                for ev in waits:
+                    ev.wait(st)
+                step()
+                if rec is not None:
+                    rec.record(st)
+        except Exception as e:
+            raise _failed(self._steps[i][1], e) from e
+        for k, st in self._side.items():
+            self._joins[k].record(st)
+            self._joins[k].wait(main)
         for copy in self._copies_out:
             copy()
 
@@ -272,6 +343,8 @@ class Executor:
                 step()
             except Exception as e:
                 raise _failed(node, e) from e
+            for st in self._side.values():
+                st.synchronize()
             self.backend.synchronize()
             dt = (time.perf_counter() - t0) * 1e6
             print(f"{dt:9.1f} us  {node}", flush=True)

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from graph.ir import Graph
-from graph.ops import ALIAS_OPS, Op
+from graph.ops import ALIAS_OPS, VIEW_OPS, Op
+
+if TYPE_CHECKING:
+    from engine.scheduler import Schedule
 
 __all__ = ["Allocation", "MemoryPlan", "plan", "ALIGN", "arena_nodes"]
 
@@ -34,6 +38,7 @@ class Allocation:
     first: int  # step that writes it (-1: inputs, written before the run)
     last: int  # last step that reads it (len(graph): an output, read after the run)
     scratch: bool = False  # a kernel's temporary, live during its node's step only
+    users: tuple[int, ...] = ()  # steps that write or read it (for multi-stream checks)
 
     def overlaps(self, other: Allocation) -> bool:
         """True if the two share a byte while both are live."""
@@ -83,8 +88,10 @@ class MemoryPlan:
         """(offset, size) of each node's scratch memory, for nodes that asked for some."""
         return {a.node: (a.offset, a.size) for a in self.allocations if a.scratch}
 
-    def validate(self, graph: Graph) -> None:
-        """Raise ``AssertionError`` if two simultaneously live values share bytes."""
+    def validate(self, graph: Graph, schedule: Schedule | None = None) -> None:
+        """Raise ``AssertionError`` if two simultaneously live values share bytes; with a
+        multi-stream ``schedule``, also if bytes pass to a writer that some reader of their
+        previous value, on another stream, may not have finished with."""
         want = set(arena_nodes(graph))
         have = {a.node for a in self.allocations if not a.scratch}
         assert want == have, f"plan covers {sorted(have ^ want)} wrongly"
@@ -98,6 +105,13 @@ class MemoryPlan:
                 assert not a.overlaps(b), (
                     f"nodes {a.node} and {b.node} share bytes while both are live"
                 )
+                if schedule is not None and a.size and b.size:
+                    early, late = (a, b) if a.last < b.first else (b, a)
+                    for r in early.users:
+                        assert late.first >= 0 and schedule.done_before(late.first, r), (
+                            f"node {late.node} (step %{late.first}) reuses the bytes of node "
+                            f"{early.node} while step %{r} on another stream may still use them"
+                        )
         assert self.max_live_bytes <= self.arena_bytes <= self.total_bytes
 
     def __str__(self) -> str:
@@ -127,6 +141,7 @@ def plan(
     *,
     reuse: bool = True,
     steps: Sequence[int] | None = None,
+    schedule: Schedule | None = None,
 ) -> MemoryPlan:
     """Place every arena value so that no two live ones share bytes; see the module doc.
 
@@ -137,6 +152,9 @@ def plan(
     ``steps`` gives the step each node runs at when that is not its own id: the members of a
     fused group (``engine.fusion.step_of``) all run at their anchor, so their inputs live to it
     and their results are all placed at it.
+    ``schedule`` (``engine.scheduler``, built with the same steps): bytes freed by a value go to
+    a later writer only if every step that used that value is known complete when the writer
+    starts, on whichever stream it ran.
     """
     n_steps = len(graph.nodes)
     at = list(steps) if steps is not None else [n.id for n in graph.nodes]
@@ -145,10 +163,13 @@ def plan(
     ):
         raise ValueError("steps must give each node a step at or after its own id")
     last = list(at)  # last step reading each storage root
+    users: dict[int, set[int]] = {}  # storage root -> steps that write or read it
     for n in graph.nodes:
         for s in n.srcs:
             root = graph.nodes[s].base
             last[root] = max(last[root], at[n.id])
+            if n.op not in VIEW_OPS:  # a view reads nothing; its readers do
+                users.setdefault(root, set()).add(at[n.id])
     for o in graph.outputs:
         last[graph.nodes[o].base] = n_steps
 
@@ -156,50 +177,60 @@ def plan(
     roots: list[int] = arena_nodes(graph)
     first = {i: (-1 if graph.nodes[i].op is Op.INPUT else at[i]) for i in roots}
     size = {i: _aligned(graph.nodes[i].nbytes) for i in roots}
+    used = {i: users.get(i, set()) | ({at[i]} if first[i] >= 0 else set()) for i in roots}
     for i, nbytes in (scratch or {}).items():
         if nbytes > 0:
             key = -1 - i
             roots.append(key)
             first[key], size[key] = at[i], _aligned(nbytes)
+            used[key] = {at[i]}
     lasts = {i: (last[i] if i >= 0 else at[-1 - i]) for i in roots}
     frees: dict[int, list[int]] = {}
     for i in roots:
         frees.setdefault(lasts[i], []).append(i)
 
-    free: list[tuple[int, int]] = []  # (offset, size), sorted by offset, coalesced
+    # free blocks: (offset, size, steps that used the bytes last); with a schedule a block goes
+    # only to a writer that those steps are known to have finished before
+    free: list[tuple[int, int, frozenset[int]]] = []
     top = 0
     offsets: dict[int, int] = {}
     live = max_live = 0
 
-    def take(nbytes: int) -> int:
+    def usable(block: tuple[int, int, frozenset[int]], step: int) -> bool:
+        if schedule is None or not block[2]:
+            return True
+        return step >= 0 and all(schedule.done_before(step, u) for u in block[2])
+
+    def take(nbytes: int, step: int) -> int:
         nonlocal top
         best = None
-        for j, (_, sz) in enumerate(free):
-            if sz >= nbytes and (best is None or sz < free[best][1]):
+        for j, blk in enumerate(free):
+            if blk[1] >= nbytes and (best is None or blk[1] < free[best][1]) and usable(blk, step):
                 best = j
         if best is None:
-            if free and free[-1][0] + free[-1][1] == top:  # grow the arena from a free tail
-                off = free.pop()[0]
+            tail = free[-1] if free else None
+            if tail is not None and tail[0] + tail[1] == top and usable(tail, step):
+                off = free.pop()[0]  # grow the arena from a free tail
             else:
                 off = top
             top = off + nbytes
             return off
-        off, sz = free[best]
+        off, sz, who = free[best]
         if sz == nbytes:
             free.pop(best)
         else:
-            free[best] = (off + nbytes, sz - nbytes)
+            free[best] = (off + nbytes, sz - nbytes, who)
         return off
 
-    def give(off: int, nbytes: int) -> None:
-        free.append((off, nbytes))
-        free.sort()
-        merged: list[tuple[int, int]] = []
-        for o, s in free:
+    def give(off: int, nbytes: int, who: frozenset[int]) -> None:
+        free.append((off, nbytes, who))
+        free.sort(key=lambda b: b[0])
+        merged: list[tuple[int, int, frozenset[int]]] = []
+        for o, sz, w in free:
             if merged and merged[-1][0] + merged[-1][1] == o:
-                merged[-1] = (merged[-1][0], merged[-1][1] + s)
+                merged[-1] = (merged[-1][0], merged[-1][1] + sz, merged[-1][2] | w)
             else:
-                merged.append((o, s))
+                merged.append((o, sz, w))
         free[:] = merged
 
     by_step: dict[int, list[int]] = {}
@@ -207,16 +238,24 @@ def plan(
         by_step.setdefault(first[i], []).append(i)
     for step in range(-1, n_steps + 1):
         for i in by_step.get(step, ()):
-            offsets[i] = take(size[i]) if size[i] else 0
+            offsets[i] = take(size[i], step) if size[i] else 0
             live += size[i]
         max_live = max(max_live, live)
         for i in frees.get(step, ()):
             if size[i] and reuse:
-                give(offsets[i], size[i])
+                give(offsets[i], size[i], frozenset(used[i]))
             live -= size[i]
 
     allocs = tuple(
-        Allocation(i if i >= 0 else -1 - i, offsets[i], size[i], first[i], lasts[i], i < 0)
+        Allocation(
+            i if i >= 0 else -1 - i,
+            offsets[i],
+            size[i],
+            first[i],
+            lasts[i],
+            i < 0,
+            tuple(sorted(used[i])),
+        )
         for i in roots
     )
     return MemoryPlan(allocs, top, max_live, sum(size.values()))

@@ -51,7 +51,8 @@ class Session:
     launches every kernel each time; ``fuse``: stack the Q/K/V and gate/up projections into one
     matrix product each (``graph.models.FUSED``), fewer and larger launches; ``fusion``: run
     the groups the fusion pass finds (``engine.fusion``) as one kernel each where the backend
-    has one.
+    has one; ``streams``: at most this many streams per forward pass, or ``"auto"``
+    (``engine.scheduler``).
     """
 
     def __init__(
@@ -65,11 +66,12 @@ class Session:
         mode: str = "graph",
         fuse: bool = True,
         fusion: bool = True,
+        streams: int | str = 1,
     ) -> None:
         if n_ctx < 1 or n_batch < 1:
             raise ValueError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
         self.cfg, self.n_ctx, self.n_batch = cfg, n_ctx, min(n_batch, n_ctx)
-        self.mode, self.fuse, self.fusion = mode, fuse, fusion
+        self.mode, self.fuse, self.fusion, self.streams = mode, fuse, fusion, streams
         self.backend = get_backend(backend)
         self.cache_dtype = dtype_of(cache_dtype)
         self.weights = self._upload(tie_output(cfg, dict(weights)))
@@ -174,7 +176,13 @@ class Session:
                 self.cfg, n_tokens, self.slots, dict(n_kv), logits, self.cache_dtype, self.fuse
             )
             ex = Executor(
-                graph, self.weights, self.backend, self.states, mode=self.mode, fusion=self.fusion
+                graph,
+                self.weights,
+                self.backend,
+                self.states,
+                mode=self.mode,
+                fusion=self.fusion,
+                streams=self.streams,
             )
             self._executors[key] = ex
         return ex
