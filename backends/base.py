@@ -179,9 +179,12 @@ class Backend(ABC):
     def _copy_in(self, dst: Array, host: np.ndarray) -> None:
         self.copy_from_host(dst, host)
 
-    def output_stage(self, src: Array) -> tuple[np.ndarray, Callable[[], None]]:
+    def output_stage(
+        self, src: Array, stream: Stream | None = None
+    ) -> tuple[np.ndarray, Callable[[], None]]:
         """The host array that holds ``src`` once the queued work is done, and the launch that
-        moves it there (made once per output, queued after the kernels)."""
+        moves it there (made once per output, queued after the kernels; on ``stream``, the
+        producer's, where the backend can)."""
         host = np.empty(src.shape, np.dtype(str(src.dtype)))
 
         def copy_out() -> None:

@@ -141,6 +141,8 @@ class CupyBackend(Backend):
         self.compute_stream.use()  # kernels launch on the current stream: make it ours
         self._bound = self.compute_stream  # the stream launches are being prepared for
         self._blas = {self.compute_stream.ptr: _Cublas(self.compute_stream.ptr)}
+        # every byte this backend took from the device: arenas, caches, weights, workspaces
+        self.bytes_allocated = 32 << 20
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
         self._source = (Path(__file__).with_name("kernels.cu")).read_text()
@@ -192,6 +194,7 @@ class CupyBackend(Backend):
         """One cudaMalloc of ``nbytes``, zeroed (caches and arenas start clean)."""
         n = max(int(nbytes), 1)
         mem = cp.cuda.Memory(n)
+        self.bytes_allocated += n
         cp.cuda.runtime.memsetAsync(mem.ptr, 0, n, self.compute_stream.ptr)
         return cp.ndarray((n,), cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
 
@@ -269,20 +272,25 @@ class CupyBackend(Backend):
 
         return stage, copy_in
 
-    def output_stage(self, src: Any) -> tuple[np.ndarray, Callable[[], None]]:
-        """A pinned host buffer and a ``memcpyAsync`` into it; a strided output is first made
-        dense on the device by a copy kernel, so the whole stays capturable."""
+    def output_stage(
+        self, src: Any, stream: Any | None = None
+    ) -> tuple[np.ndarray, Callable[[], None]]:
+        """A pinned host buffer and a ``memcpyAsync`` into it on ``stream`` (the compute stream
+        by default); a strided output is first made dense on the device by a copy kernel, so the
+        whole stays capturable."""
+        on = stream if stream is not None else self.compute_stream
         gather: Callable[[], None] | None = None
         if not src.flags.c_contiguous:
             dense = self.view(
                 self.alloc(src.nbytes), 0, src.shape, dtype_of_array(src), _contiguous(src.shape)
             )
-            gather = elementwise(self, src.shape, dtype_of_array(src), dense, [src], 0)
+            with self._binding(on):
+                gather = elementwise(self, src.shape, dtype_of_array(src), dense, [src], 0)
             src = dense
         nbytes = src.nbytes
         pinned = cp.cuda.alloc_pinned_memory(max(nbytes, 1))
         stage = np.frombuffer(pinned, src.dtype, src.size).reshape(src.shape)
-        ptr, host, stream = src.data.ptr, stage.ctypes.data, self.compute_stream.ptr
+        ptr, host, stream = src.data.ptr, stage.ctypes.data, on.ptr
         memcpy = cp.cuda.runtime.memcpyAsync
 
         def copy_out(_keep: Any = (pinned, src)) -> None:
@@ -441,6 +449,7 @@ class CupyBackend(Backend):
         handle = self._blas.get(key)
         if handle is None:  # a side stream: a smaller workspace keeps streams' VRAM cost low
             handle = self._blas[key] = _Cublas(key, workspace_bytes=8 << 20)
+            self.bytes_allocated += 8 << 20
         return handle
 
     def counters(self, n: int) -> Any:

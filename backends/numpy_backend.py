@@ -322,7 +322,9 @@ class NumpyBackend(Backend):
     def input_stage(self, dst: Array) -> tuple[np.ndarray, Callable[[], None]]:
         return dst, _nothing  # inputs are written straight into the arena
 
-    def output_stage(self, src: Array) -> tuple[np.ndarray, Callable[[], None]]:
+    def output_stage(
+        self, src: Array, stream: _Stream | None = None
+    ) -> tuple[np.ndarray, Callable[[], None]]:
         return src, _nothing  # outputs are read straight from the arena
 
     def copy_from_host(self, dst: Array, host: np.ndarray) -> None:

@@ -88,7 +88,7 @@ class Executor:
         # streams: the scheduler's assignment; a plan of one stream runs without events
         self.schedule: scheduler.Schedule | None = None
         if streams != 1 and plan is None:
-            sched = scheduler.schedule(graph, streams, steps)
+            sched = scheduler.schedule(graph, streams, steps, mode)
             if sched.n_streams > 1:
                 self.schedule = sched
         self.plan = (
@@ -189,10 +189,25 @@ class Executor:
         # host staging of inputs and outputs; their copies are launches like the kernels', so a
         # captured run moves its own inputs in and outputs out (one replay per step)
         self._inputs = {n.name: (n, *be.input_stage(arrays[n.id])) for n in graph.inputs}
-        self._outputs = [be.output_stage(arrays[o]) for o in graph.outputs]
+        # with streams, an output is copied out on its producer's stream, before the join
+        out_streams = []
+        for o in graph.outputs:
+            root = nodes[nodes[o].base]
+            k = sched.stream[steps[root.id]] if sched is not None and not root.is_leaf else 0
+            out_streams.append(k if k in self._side else 0)
+        self._outputs = [
+            be.output_stage(arrays[o], self._side.get(k)) if k else be.output_stage(arrays[o])
+            for o, k in zip(graph.outputs, out_streams, strict=True)
+        ]
         self._copies_in = [copy for _, _, copy in self._inputs.values()]
         self._input_names = frozenset(self._inputs)
-        self._copies_out = [copy for _, copy in self._outputs]
+        self._copies_out = [
+            c for (_, c), k in zip(self._outputs, out_streams, strict=True) if not k
+        ]
+        self._side_out: dict[int, list[Callable[[], None]]] = {}
+        for (_, c), k in zip(self._outputs, out_streams, strict=True):
+            if k:
+                self._side_out.setdefault(k, []).append(c)
         self._debug = int(os.environ.get("STREAMGRAPH_DEBUG", "0") or 0)
         self._replay: Callable[[], None] | None = None
         self._warmed = False
@@ -329,6 +344,8 @@ class Executor:
         except Exception as e:
             raise _failed(self._steps[i][1], e) from e
         for k, st in self._side.items():
+            for copy in self._side_out.get(k, ()):
+                copy()
             self._joins[k].record(st)
             self._joins[k].wait(main)
         for copy in self._copies_out:
@@ -348,6 +365,11 @@ class Executor:
             self.backend.synchronize()
             dt = (time.perf_counter() - t0) * 1e6
             print(f"{dt:9.1f} us  {node}", flush=True)
+        for outs in self._side_out.values():
+            for copy in outs:
+                copy()
+        for st in self._side.values():
+            st.synchronize()
         for copy in self._copies_out:
             copy()
 

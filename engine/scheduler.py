@@ -17,8 +17,9 @@ waits for once at the start (the executor's fork); stream 0 waits for every othe
 (the join).
 
 ``auto`` keeps a step on its input's stream unless the step carries enough work to hide the cost
-of the extra stream: the cost model (``step_cost``) counts bytes moved and floating-point work
-at device speeds and asks for ``MIN_FORK_US`` of it. ``max_streams=1`` is the reference: one
+of the extra stream: the cost model (``step_cost``) counts a launch's latency, bytes moved and
+floating-point work at device speeds, and asks for ``MIN_FORK_US`` of it (more eagerly, where
+every event costs host time, than in a captured graph). ``max_streams=1`` is the reference: one
 stream, no events.
 
 The clocks are also what the memory plan needs (``engine.memory.plan(..., schedule=...)``): bytes
@@ -38,10 +39,13 @@ from graph.ops import LEAF_OPS, VIEW_OPS, Op
 __all__ = ["Schedule", "schedule", "step_cost", "MIN_FORK_US", "AUTO"]
 
 AUTO = "auto"
-MIN_FORK_US = 20.0
-"""A step opens a new stream in ``auto`` only with at least this much estimated device time:
-a fork costs an event record and wait (~2-5 us of host time per launch in eager mode, ~1 us of
-device time in a graph), which only work of this size hides."""
+MIN_FORK_US = {"eager": 8.0, "graph": 1.5}
+"""A step opens a new stream in ``auto`` only with at least this much estimated device time.
+Eagerly, a fork costs an event record and a wait issued from the host (several us each) and
+pays only for big steps (measured on an H200: 8 branches of 4096 x 4096 products gain 1.27x on
+4 streams, of 1024 x 1024 lose 0.80x); inside a captured graph the same edges cost about a
+microsecond of device time, and every branch we measured gained."""
+LAUNCH_US = 2.0  # what any launch costs: launch and DRAM latency (short kernels are bound by it)
 DEVICE_BYTES_PER_US = 3.0e6  # ~3 TB/s of memory traffic
 DEVICE_FLOPS_PER_US = 3.0e8  # ~300 TFLOP/s of 16-bit matrix work
 
@@ -148,8 +152,8 @@ def _producers(graph: Graph, unit: Mapping[int, int]) -> dict[int, list[int]]:
 
 
 def step_cost(graph: Graph, members: Sequence[int]) -> float:
-    """Estimated device microseconds of a step: bytes read and written at memory speed plus
-    matrix work at tensor-core speed (the larger of the two bounds)."""
+    """Estimated device microseconds of a step: a launch's latency plus the larger of its bytes
+    at memory speed and its matrix work at tensor-core speed."""
     nbytes, flops = 0, 0
     for i in members:
         n = graph.nodes[i]
@@ -160,24 +164,27 @@ def step_cost(graph: Graph, members: Sequence[int]) -> float:
         elif n.op is Op.ATTENTION:
             q, k = graph.nodes[n.srcs[0]], graph.nodes[n.srcs[1]]
             flops += 4 * math.prod(q.shape) * k.shape[0]
-    return max(nbytes / DEVICE_BYTES_PER_US, flops / DEVICE_FLOPS_PER_US)
+    return LAUNCH_US + max(nbytes / DEVICE_BYTES_PER_US, flops / DEVICE_FLOPS_PER_US)
 
 
 def schedule(
     graph: Graph,
     max_streams: int | str = 1,
     steps: Sequence[int] | None = None,
+    mode: str = "graph",
 ) -> Schedule:
     """Assign every step a stream and place the events (see the module doc).
 
     ``max_streams``: an int >= 1, or ``"auto"`` (up to 8 streams, forking only for steps of at
-    least ``MIN_FORK_US``). ``steps``: the step each node runs at (``engine.fusion.step_of``);
-    by default every node is its own step.
+    least ``MIN_FORK_US[mode]``; ``mode`` is the executor's, "eager" or "graph"). ``steps``: the
+    step each node runs at (``engine.fusion.step_of``); by default every node is its own step.
     """
     auto = max_streams == AUTO
     limit = 8 if auto else int(max_streams)
     if limit < 1:
         raise ValueError(f"max_streams must be >= 1 or 'auto', not {max_streams!r}")
+    if mode not in MIN_FORK_US:
+        raise ValueError(f"mode must be one of {', '.join(MIN_FORK_US)}, not {mode!r}")
     nodes = graph.nodes
     at = list(steps) if steps is not None else [n.id for n in nodes]
     unit = {n.id: at[n.id] for n in nodes if _launching(n)}
@@ -208,7 +215,7 @@ def schedule(
             first = ins[0]
             home = stream.get(first, 0)  # inputs and states live on stream 0
             want = branch.get(first, home)
-            if auto and want != home and step_cost(graph, members[u]) < MIN_FORK_US:
+            if auto and want != home and step_cost(graph, members[u]) < MIN_FORK_US[mode]:
                 want = home
             stream[u] = want % limit
             for r in dict.fromkeys(ins):

@@ -18,7 +18,8 @@ def test_bench_markdown_table(capsys: pytest.CaptureFixture[str]) -> None:
     table = [line for line in out if line.startswith("|")]
     assert table[0].split("|")[1].strip() == "model"
     assert set(table[1].replace("|", "").replace(" ", "")) <= {"-", ":"}
-    tests = [row.split("|")[7].strip() for row in table[2:]]
+    header = [c.strip() for c in table[0].split("|")]
+    tests = [row.split("|")[header.index("test")].strip() for row in table[2:]]
     assert tests == ["pp4", "pp8", "tg3"]
     assert all("±" in row for row in table[2:])
     assert any(line.startswith("backend: numpy") for line in out)
@@ -89,3 +90,19 @@ def test_missing_cupy_is_one_line_and_auto_falls_back_to_numpy(
     assert len(err.splitlines()) == 1 and "pip install 'streamgraph[cuda13]'" in err
     assert main(["bench", "-m", "llama-tiny", "--backend", "auto", "-p", "4", "-n", "0"]) == 0
     assert "| numpy " in capsys.readouterr().out
+
+
+def test_bench_sweeps_stream_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "-m", "llama-tiny", "-p", "4", "-n", "2", "-r", "1", "-o", "json"]
+    assert main([*args, "--streams", "1,3,auto"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["streams"], r["test"]) for r in rows] == [
+        ("1", "pp4"),
+        ("1", "tg2"),
+        ("3", "pp4"),
+        ("3", "tg2"),
+        ("auto", "pp4"),
+        ("auto", "tg2"),
+    ]
+    with pytest.raises(SystemExit):
+        main([*args, "--streams", "0"])

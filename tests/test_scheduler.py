@@ -113,14 +113,17 @@ def _reclocked(sched: scheduler.Schedule, graph) -> scheduler.Schedule:  # noqa:
     return dataclasses.replace(sched, clock=clock)
 
 
-def test_auto_forks_only_for_big_steps() -> None:
+def test_auto_forks_eagerly_only_for_big_steps_and_in_graphs_for_any() -> None:
     small, _ = fan_out(8, d=32)
-    assert scheduler.schedule(small, "auto").n_streams == 1
+    assert scheduler.schedule(small, "auto", mode="eager").n_streams == 1
+    assert scheduler.schedule(small, "auto", mode="graph").n_streams == 8
     big, _ = fan_out(4, d=4096)  # 4096 x 4096 f32 products: ~22 us each at 3 TB/s
-    assert scheduler.step_cost(big, [big.outputs[0]]) > scheduler.MIN_FORK_US
-    assert scheduler.schedule(big, "auto").n_streams == 4
+    assert scheduler.step_cost(big, [big.outputs[0]]) > scheduler.MIN_FORK_US["eager"]
+    assert scheduler.schedule(big, "auto", mode="eager").n_streams == 4
     with pytest.raises(ValueError, match="max_streams"):
         scheduler.schedule(small, 0)
+    with pytest.raises(ValueError, match="mode"):
+        scheduler.schedule(small, "auto", mode="fast")
 
 
 def test_schedule_prints_and_serialises() -> None:

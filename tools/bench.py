@@ -38,6 +38,7 @@ class BenchResult:
     params_m: float
     backend: str
     dtype: str
+    streams: str  # --streams as asked: a count or "auto"
     graphs: str  # "on": CUDA-graph replay of each forward pass; "off": eager launches
     test: str
     n_tokens: int
@@ -58,6 +59,16 @@ def _ints(text: str) -> list[int]:
     if any(v < 0 for v in vals):
         raise argparse.ArgumentTypeError(f"token counts must be >= 0, got {text!r}")
     return vals
+
+
+def _streams(text: str) -> list[str]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part != "auto" and not (part.isdigit() and int(part) >= 1):
+            raise argparse.ArgumentTypeError(f"streams must be counts >= 1 or auto, not {part!r}")
+        out.append(part)
+    return out
 
 
 def _on_off(text: str) -> list[str]:
@@ -93,6 +104,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the generated weights")
     p.add_argument(
+        "--streams",
+        type=_streams,
+        default=["1"],
+        help="streams per forward pass: counts or auto, e.g. 1,4,auto (default 1)",
+    )
+    p.add_argument(
         "--graphs",
         type=_on_off,
         default=["on"],
@@ -113,6 +130,7 @@ def run_bench(
     seed: int = 0,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
     graphs: Sequence[str] = ("on",),
+    streams: Sequence[str] = ("1",),
 ) -> list[BenchResult]:
     if reps < 1:
         raise ValueError(f"repetitions must be at least 1, got {reps}")
@@ -126,9 +144,17 @@ def run_bench(
     rng = np.random.default_rng(seed)
     results = []
 
-    def bench_mode(graph_mode: str) -> None:
+    def bench_mode(graph_mode: str, n_streams: str) -> None:
         mode = {"on": "graph", "off": "eager"}[graph_mode]
-        sess = Session(cfg, weights, be, n_ctx=n_ctx, n_batch=max([*n_prompt, 1]), mode=mode)
+        sess = Session(
+            cfg,
+            weights,
+            be,
+            n_ctx=n_ctx,
+            n_batch=max([*n_prompt, 1]),
+            mode=mode,
+            streams=n_streams if n_streams == "auto" else int(n_streams),
+        )
 
         def record(test: str, n: int, secs: list[float], launches: int) -> None:
             rates = [n / s for s in secs]
@@ -141,6 +167,7 @@ def run_bench(
                     params,
                     be.name,
                     dtype,
+                    n_streams,
                     graph_mode,
                     test,
                     n,
@@ -187,7 +214,8 @@ def run_bench(
             record(f"tg{n}", n, [tg() for _ in range(reps)], launches)
 
     for graph_mode in graphs:
-        bench_mode(graph_mode)
+        for n_streams in streams:
+            bench_mode(graph_mode, n_streams)
     return results
 
 
@@ -196,7 +224,18 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
         return json.dumps([asdict(r) for r in results], indent=2)
     if fmt == "jsonl":
         return "\n".join(json.dumps(asdict(r)) for r in results)
-    cols = ["model", "size", "params", "backend", "dtype", "graphs", "test", "t/s", "launches"]
+    cols = [
+        "model",
+        "size",
+        "params",
+        "backend",
+        "dtype",
+        "streams",
+        "graphs",
+        "test",
+        "t/s",
+        "launches",
+    ]
     rows = [
         [
             r.model,
@@ -204,6 +243,7 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
             f"{r.params_m:.2f} M",
             r.backend,
             r.dtype,
+            r.streams,
             r.graphs,
             r.test,
             f"{r.ts_mean:.2f} ± {r.ts_sd:.2f}",
@@ -253,6 +293,7 @@ def main(args: argparse.Namespace) -> int:
         args.dtype,
         args.seed,
         graphs=args.graphs,
+        streams=args.streams,
     )
     print(format_results(results, args.output))
     if results and args.output == "md":
