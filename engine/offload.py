@@ -1,0 +1,379 @@
+"""The offload pass: which weights live on the GPU, which stream through a ring of slots, and
+which stay on the host, each with its cause.
+
+    placement = engine.offload.place(graph, policy="*15+5", budget=8 * 2**30)
+    print(placement)          # one line per layer: where, slot, cause; totals; predicted time
+
+Layers are the builders' layer tags (``graph.ops.WeightParams.layer``): blocks 0..n_layer-1, the
+output head counted as layer ``n_layer`` (rwkv.cpp's rule, so ``n_gpu_layers = n_layer + 1``
+includes the head), the token embedding -1. The embedding always stays in host memory: a step
+needs only the rows of its tokens, which move, never the table.
+
+Policies:
+
+``all``           every layer resident.
+``ngl=N``         ``n_gpu_layers``: layers 0..N-1 resident (N > n_layer: the head too); the
+                  others are computed on the host, activations crossing once per boundary.
+``*N+K``          ChatRWKV's strategy grammar (``*15+5``; ``*15+`` is ``*15+0``): layers
+                  0..N-1 resident, every later one streamed from pinned host memory into a ring
+                  of K+1 slots, the layer K ahead fetched while one computes; the head streams
+                  too unless the budget holds it (``*N+K`` says nothing of it; we keep it
+                  resident when it fits, since it is read every token).
+``auto``          the cheapest placement that fits ``budget``: residency (first layers, or
+                  spread among the streamed ones where that hides the link better), head
+                  placement, K and the slot count, each candidate timed by ``predict``.
+
+``predict`` simulates one steady-state token: a copy stream fetching streamed layers in order
+(each into the slot its layer K+1 earlier freed, the fetch of the next token's first layers
+wrapping around), a compute stream running layers in order, each waiting for its fetch. Link
+bandwidth and per-layer compute come from a calibration (``Costs``) or defaults for an H200.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from graph.ir import Graph
+from graph.ops import GraphError
+
+__all__ = ["Costs", "LayerPlacement", "Placement", "place", "predict", "parse_policy"]
+
+GPU, STREAMED, HOST = "gpu", "streamed", "host"
+EMBEDDING = -1
+_STRATEGY = re.compile(r"^\*(\d+)\+(\d*)$")
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What timing a placement needs: link bandwidth (pinned host to device), and per layer
+    the device time to compute it and the host time to compute it on the CPU backend."""
+
+    link_bytes_per_s: float = 50e9  # pinned host->device on an H200 (~55 GB/s measured)
+    device_bytes_per_s: float = 3.5e12  # what a decode layer reads per second on the device
+    host_bytes_per_s: float = 20e9  # NumPy on the host
+    launch_s: float = 20e-6  # fixed cost of a layer (its launches)
+
+    def device_s(self, nbytes: int) -> float:
+        return self.launch_s + nbytes / self.device_bytes_per_s
+
+    def host_s(self, nbytes: int) -> float:
+        return nbytes / self.host_bytes_per_s
+
+    def copy_s(self, nbytes: int) -> float:
+        return nbytes / self.link_bytes_per_s
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    layer: int
+    nbytes: int
+    where: str  # gpu | streamed | host
+    cause: str
+    slot: int | None = None  # ring slot of a streamed layer (layer order mod slots)
+
+
+@dataclass(frozen=True)
+class Placement:
+    policy: str
+    budget: int | None
+    layers: tuple[LayerPlacement, ...]  # embedding first, then blocks, then the head
+    ahead: int  # K: how many streamed layers ahead the copy stream runs
+    slots: int  # ring slots (K + 1 when anything streams, else 0)
+    slot_bytes: int  # each slot holds the largest streamed layer
+    predicted_s: float  # one decode token, steady state
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(p.nbytes for p in self.layers if p.where == GPU)
+
+    @property
+    def device_bytes(self) -> int:
+        """Weights' device memory: resident layers plus the ring."""
+        return self.resident_bytes + self.slots * self.slot_bytes
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes copied to the device per token."""
+        return sum(p.nbytes for p in self.layers if p.where == STREAMED)
+
+    def where(self, layer: int) -> str:
+        return next(p.where for p in self.layers if p.layer == layer)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "policy": self.policy,
+            "budget": self.budget,
+            "ahead": self.ahead,
+            "slots": self.slots,
+            "slot_bytes": self.slot_bytes,
+            "device_bytes": self.device_bytes,
+            "streamed_bytes": self.streamed_bytes,
+            "predicted_s": self.predicted_s,
+            "layers": [
+                {
+                    "layer": p.layer,
+                    "bytes": p.nbytes,
+                    "where": p.where,
+                    "slot": p.slot,
+                    "cause": p.cause,
+                }
+                for p in self.layers
+            ],
+            "notes": list(self.notes),
+        }
+
+    def __str__(self) -> str:
+        gib = 2**30
+        head = (
+            f"Placement {self.policy}: {self.device_bytes / gib:.2f} GiB on the device "
+            f"({self.resident_bytes / gib:.2f} resident + {self.slots} slot(s) of "
+            f"{self.slot_bytes / gib:.3f}), {self.streamed_bytes / gib:.2f} GiB streamed per "
+            f"token, predicted {self.predicted_s * 1e3:.1f} ms/token"
+        )
+        if self.budget is not None:
+            head += f", budget {self.budget / gib:.2f} GiB"
+        lines = [head]
+        for p in self.layers:
+            name = "embedding" if p.layer == EMBEDDING else f"layer {p.layer}"
+            slot = f" slot {p.slot}" if p.slot is not None else ""
+            lines.append(f"  {name:<10} {p.nbytes / 2**20:9.1f} MiB  {p.where}{slot}: {p.cause}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def layer_bytes(graph: Graph) -> dict[int, int]:
+    """Bytes of weights per layer tag (-1 embedding, 0..n-1 blocks, n the head)."""
+    out: dict[int, int] = {}
+    for n in graph.weights:
+        layer = n.layer if n.layer is not None else 0
+        out[layer] = out.get(layer, 0) + n.nbytes
+    return out
+
+
+def parse_policy(policy: str, n_layer: int) -> tuple[str, int, int]:
+    """``(kind, n, k)`` from a policy string; kind in all, ngl, stream, auto."""
+    p = policy.strip()
+    if p in ("all", "auto"):
+        return p, n_layer + 1, 0
+    if p.startswith("ngl="):
+        try:
+            n = int(p[4:])
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise GraphError(f"offload policy {policy!r}: ngl= takes a layer count >= 0")
+        return "ngl", n, 0
+    m = _STRATEGY.match(p)
+    if m:
+        return "stream", int(m.group(1)), int(m.group(2) or 0)
+    raise GraphError(
+        f"unknown offload policy {policy!r}: use all, auto, ngl=N (n_gpu_layers; "
+        f"{n_layer + 1} includes the head) or *N+K (N layers resident, the rest streamed K ahead)"
+    )
+
+
+def predict(
+    sizes: Mapping[int, int],
+    where: Mapping[int, str],
+    ahead: int,
+    costs: Costs,
+    tokens: int = 3,
+) -> float:
+    """Seconds per decode token in steady state (the last of ``tokens`` simulated ones)."""
+    order = sorted(k for k in sizes if k != EMBEDDING)
+    streamed = [k for k in order if where[k] == STREAMED]
+    slots = ahead + 1
+    copy_done: dict[tuple[int, int], float] = {}
+    compute_done: dict[tuple[int, int], float] = {}
+    copy_free = 0.0  # when the copy stream is idle
+    t_compute = 0.0
+    starts = []
+    seq = [(t, k) for t in range(tokens) for k in streamed]  # every fetch, in copy order
+    fetch_index = {key: i for i, key in enumerate(seq)}
+    pending = list(seq)
+    for t in range(tokens):
+        starts.append(t_compute)
+        for k in order:
+            if where[k] == STREAMED:
+                # fetches up to `ahead` past this one; each waits for its slot, freed when the
+                # layer that used it `slots` fetches earlier has been computed
+                while pending and fetch_index[pending[0]] <= fetch_index[(t, k)] + ahead:
+                    key = pending.pop(0)
+                    j = fetch_index[key]
+                    free_at = 0.0
+                    if j >= slots:
+                        prev = seq[j - slots]
+                        free_at = compute_done.get(prev, t_compute)
+                    start = max(copy_free, free_at)
+                    copy_free = start + costs.copy_s(sizes[key[1]])
+                    copy_done[key] = copy_free
+                t_compute = max(t_compute, copy_done[(t, k)])
+            step = costs.host_s(sizes[k]) if where[k] == HOST else costs.device_s(sizes[k])
+            t_compute += step
+            compute_done[(t, k)] = t_compute
+    starts.append(t_compute)
+    return starts[-1] - starts[-2]
+
+
+def place(
+    graph: Graph,
+    policy: str = "all",
+    budget: int | None = None,
+    costs: Costs | None = None,
+    reserve: int = 0,
+) -> Placement:
+    """The placement of ``graph``'s weights under ``policy`` (see the module doc).
+
+    ``budget``: device bytes for weights and their ring (``reserve`` of it is kept for
+    activations and caches). A placement that does not fit is an error naming the bytes.
+    """
+    costs = costs or Costs()
+    sizes = layer_bytes(graph)
+    blocks = sorted(k for k in sizes if k >= 0)
+    n_layer = max(blocks) if blocks else 0  # the head's tag
+    has_head = n_layer in sizes and n_layer > 0
+    if not has_head:
+        n_layer += 1
+    kind, n, k = parse_policy(policy, n_layer)
+    room = None if budget is None else budget - reserve
+    if kind == "auto":
+        if room is None:
+            raise GraphError("offload policy 'auto' needs a budget (--vram)")
+        return _auto(sizes, n_layer, room, costs, budget)
+    where: dict[int, str] = {}
+    cause: dict[int, str] = {}
+    for layer in sizes:
+        if layer == EMBEDDING:
+            where[layer], cause[layer] = HOST, "embedding: only the rows of a step's tokens move"
+        elif kind == "all":
+            where[layer], cause[layer] = GPU, "all layers resident"
+        elif kind == "ngl":
+            if layer < n:
+                where[layer], cause[layer] = GPU, f"ngl={n}: among the first {n} layers"
+            else:
+                why = "the head is layer n_layer" if layer == n_layer else f"beyond ngl={n}"
+                where[layer], cause[layer] = HOST, f"computed on the host: {why}"
+        else:
+            if layer < n and layer != n_layer:
+                where[layer], cause[layer] = GPU, f"*{n}+{k}: among the first {n} resident"
+            else:
+                where[layer], cause[layer] = STREAMED, f"*{n}+{k}: streamed, fetched {k} ahead"
+    if kind == "stream" and n_layer in sizes:  # the head: resident if the budget holds it
+        trial = _finish(policy, budget, sizes, dict(where), cause, k, costs)
+        head_fits = room is None or trial.device_bytes + sizes[n_layer] <= room
+        if head_fits:
+            where[n_layer] = GPU
+            cause[n_layer] = "head: resident (read every token, the budget holds it)"
+    out = _finish(policy, budget, sizes, where, cause, k, costs)
+    if room is not None and out.device_bytes > room:
+        raise GraphError(_too_small(out, room, reserve))
+    return out
+
+
+def _finish(
+    policy: str,
+    budget: int | None,
+    sizes: Mapping[int, int],
+    where: Mapping[int, str],
+    cause: Mapping[int, str],
+    ahead: int,
+    costs: Costs,
+    notes: Sequence[str] = (),
+) -> Placement:
+    streamed = [k for k in sorted(sizes) if where[k] == STREAMED]
+    slots = min(ahead + 1, len(streamed)) if streamed else 0
+    ahead = max(0, slots - 1) if streamed else 0
+    slot_bytes = max((sizes[k] for k in streamed), default=0)
+    slot_of = {k: i % slots for i, k in enumerate(streamed)} if slots else {}
+    layers = tuple(
+        LayerPlacement(k, sizes[k], where[k], cause[k], slot_of.get(k)) for k in sorted(sizes)
+    )
+    t = predict(sizes, where, ahead, costs)
+    return Placement(policy, budget, layers, ahead, slots, slot_bytes, t, tuple(notes))
+
+
+def _too_small(p: Placement, room: int, reserve: int) -> str:
+    gib = 2**30
+    return (
+        f"budget {room / gib:.2f} GiB (after {reserve / gib:.2f} GiB reserved for activations) "
+        f"cannot hold placement {p.policy}: {p.resident_bytes / gib:.2f} GiB of resident layers "
+        f"plus {p.slots} slot(s) of {p.slot_bytes / gib:.3f} GiB = {p.device_bytes / gib:.2f} GiB; "
+        "raise --vram, keep fewer layers resident, or stream with fewer slots"
+    )
+
+
+def _auto(
+    sizes: Mapping[int, int], n_layer: int, room: int, costs: Costs, budget: int | None
+) -> Placement:
+    """Every candidate that fits, timed; the fastest wins (ties: fewer device bytes)."""
+    blocks = [k for k in sorted(sizes) if 0 <= k < n_layer]
+    head = n_layer if n_layer in sizes else None
+    biggest = max((sizes[k] for k in blocks), default=0)
+    best: Placement | None = None
+    tried = 0
+    for head_where in [GPU, STREAMED] if head is not None else [None]:
+        for n_res in range(len(blocks), -1, -1):
+            for spread in (False, True) if 0 < n_res < len(blocks) else (False,):
+                resident = _pick(blocks, n_res, spread)
+                n_streamed = len(blocks) - n_res + (head_where == STREAMED)
+                for ahead in range(0, max(1, n_streamed)):
+                    if n_streamed == 0 and ahead:
+                        break
+                    where = {EMBEDDING: HOST} if EMBEDDING in sizes else {}
+                    cause = {EMBEDDING: "embedding: only the rows of a step's tokens move"}
+                    for b in blocks:
+                        where[b] = GPU if b in resident else STREAMED
+                        cause[b] = "resident" if b in resident else f"streamed {ahead} ahead"
+                    if head is not None:
+                        where[head] = head_where or GPU
+                        cause[head] = f"head: {where[head]}"
+                    slot_max = max(biggest, sizes.get(head, 0) if head_where == STREAMED else 0)
+                    need = sum(sizes[b] for b in resident) + (
+                        sizes[head] if head is not None and head_where == GPU else 0
+                    )
+                    if n_streamed:
+                        need += min(ahead + 1, n_streamed) * slot_max
+                    if need > room:
+                        continue
+                    tried += 1
+                    cand = _finish("auto", budget, sizes, where, cause, ahead, costs)
+                    key = (round(cand.predicted_s, 9), cand.device_bytes)
+                    if best is None or key < (round(best.predicted_s, 9), best.device_bytes):
+                        best = cand
+    if best is None:
+        smallest = min((sizes[b] for b in blocks), default=0)
+        raise GraphError(
+            f"budget {room / 2**30:.2f} GiB cannot hold even one streaming slot of the largest "
+            f"layer ({biggest / 2**30:.3f} GiB; smallest {smallest / 2**30:.3f} GiB); raise --vram"
+        )
+    n_res = sum(1 for p in best.layers if p.where == GPU and 0 <= p.layer < n_layer)
+    notes = (
+        f"chose {n_res} resident block(s), head {best.where(head) if head is not None else '-'}, "
+        f"K={best.ahead}, {best.slots} slot(s) among {tried} placements that fit "
+        f"{room / 2**30:.2f} GiB",
+        f"streamed {best.streamed_bytes / 2**30:.2f} GiB/token at "
+        f"{costs.link_bytes_per_s / 1e9:.0f} GB/s is "
+        f"{costs.copy_s(best.streamed_bytes) * 1e3:.1f} ms of link time per token",
+    )
+    return _finish(
+        "auto",
+        budget,
+        sizes,
+        {p.layer: p.where for p in best.layers},
+        {p.layer: p.cause for p in best.layers},
+        best.ahead,
+        costs,
+        notes,
+    )
+
+
+def _pick(blocks: Sequence[int], n: int, spread: bool) -> set[int]:
+    """``n`` resident blocks: the first ``n``, or spread evenly so that streamed layers sit
+    between resident ones whose compute hides their fetch."""
+    if not spread:
+        return set(blocks[:n])
+    step = len(blocks) / n
+    return {blocks[min(len(blocks) - 1, int(i * step))] for i in range(n)}
