@@ -169,6 +169,17 @@ class Backend(ABC):
         """
         return launch
 
+    def pinned(self, host: np.ndarray) -> np.ndarray:
+        """``host``'s bytes in memory the device can copy from at full speed (page-locked on a
+        GPU); a backend that cannot pin raises rather than copy slowly."""
+        return host
+
+    def copy_launch(
+        self, dst: Array, host: np.ndarray, stream: Stream | None = None
+    ) -> Callable[[], None]:
+        """A launch that copies ``host`` (from ``pinned``) into ``dst`` on ``stream``."""
+        return self.on_stream(functools.partial(self.copy_from_host, dst, host), stream)
+
     def input_stage(self, dst: Array) -> tuple[np.ndarray, Callable[[], None]]:
         """Where a run's input for ``dst`` is written on the host, and the launch that moves
         it into ``dst`` (made once per input). The move is queued with the kernels, so a

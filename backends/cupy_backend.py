@@ -257,6 +257,30 @@ class CupyBackend(Backend):
         stage[...] = host
         copy()
 
+    def pinned(self, host: np.ndarray) -> np.ndarray:
+        """A page-locked copy of ``host``, checked to be page-locked: pageable memory copies
+        ~8x slower (6.5 against 55 GB/s on an H200), so streaming refuses it."""
+        mem = cp.cuda.alloc_pinned_memory(max(host.nbytes, 1))
+        out = np.frombuffer(mem, host.dtype, host.size).reshape(host.shape)
+        out[...] = host
+        attrs = cp.cuda.runtime.pointerGetAttributes(out.ctypes.data)
+        if int(getattr(attrs, "type", 1)) != 1:  # cudaMemoryTypeHost
+            raise BackendError("host memory for streamed weights is not page-locked")
+        self._keep.append(mem)
+        return out
+
+    def copy_launch(
+        self, dst: Any, host: np.ndarray, stream: Any | None = None
+    ) -> Callable[[], None]:
+        nbytes, ptr, src = dst.nbytes, dst.data.ptr, host.ctypes.data
+        on = (stream if stream is not None else self.compute_stream).ptr
+        memcpy = cp.cuda.runtime.memcpyAsync
+
+        def copy() -> None:
+            memcpy(ptr, src, nbytes, H2D, on)
+
+        return copy
+
     def input_stage(self, dst: Any) -> tuple[np.ndarray, Callable[[], None]]:
         """A pinned host buffer and a ``memcpyAsync`` from it on the compute stream (captured
         with the kernels in graph mode)."""

@@ -27,9 +27,9 @@ import numpy as np
 
 from backends import COMPUTE_OPS, Backend, get_backend
 from engine import fusion as fusion_pass
-from engine import memory, scheduler
+from engine import memory, offload, scheduler, streaming
 from graph.ir import Graph, Node
-from graph.ops import ALIAS_OPS, GraphError, Op
+from graph.ops import ALIAS_OPS, VIEW_OPS, GraphError, Op
 
 __all__ = ["Executor", "run", "MODES"]
 
@@ -63,6 +63,7 @@ class Executor:
         fusion: bool = True,
         streams: int | str = 1,
         stress: float = 0.0,
+        placement: offload.Placement | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -100,6 +101,14 @@ class Executor:
         self.arena = be.alloc(self.plan.arena_bytes)
         self.states: dict[str, Array] = {}
         self.weights: dict[str, Array] = {}
+        # streamed layers: their weights live in a ring of slots fed by a copy stream
+        self.ring: streaming.WeightRing | None = None
+        if placement is not None and placement.streamed_bytes:
+            if self.schedule is not None:
+                raise GraphError("weight streaming runs the compute on one stream: use streams=1")
+            copy_stream = be.stream(**({"stress": stress, "seed": 99} if stress else {}))
+            self.ring = streaming.WeightRing(be, graph, placement, weights, copy_stream)
+            self.weights.update(self.ring.arrays)
         self._bind_weights(weights)
         self._bind_states(states or {})
 
@@ -182,6 +191,8 @@ class Executor:
                     st_, waits_, rec = self._sync.pop(first)
                     self._sync[first] = (st_, waits_, None)
                     self._sync[len(self._steps) - 1] = (st_, [], rec)
+        if self.ring is not None:
+            self._index_fetches(graph, in_group, group_at)
         # the fork (every other stream waits for the inputs, copied on the main stream) and the
         # join (the main stream waits for every other before the outputs are copied out)
         self._fork = be.event() if self._side else None
@@ -214,7 +225,7 @@ class Executor:
 
     # -- binding -------------------------------------------------------------------------------
     def _bind_weights(self, weights: Mapping[str, Any]) -> None:
-        need = self.graph.weights
+        need = [n for n in self.graph.weights if n.name not in self.weights]  # not streamed
         absent = [n.name for n in need if n.name not in weights]
         if absent:
             shown = ", ".join(absent[:6]) + (
@@ -299,17 +310,21 @@ class Executor:
             self._warmed = True
         for st in self._side.values():
             st.synchronize()  # (the join already orders them; this surfaces a worker's error)
+        if self.ring is not None:
+            self.ring.copy_stream.synchronize()
         self.backend.synchronize()  # the staged outputs are complete; the inputs free again
         return [host.copy() if copy else host for host, _ in self._outputs]
 
     def launch(self) -> None:
         """Issue every kernel once (inputs must already be set)."""
-        if self._debug >= 2:
+        if self._debug >= 2 and self.ring is None:
             return self._launch_debug()
         for copy in self._copies_in:
             copy()
         if self._sync:
             return self._launch_streams()
+        if self.ring is not None:
+            return self._launch_streaming()
         i = 0
         try:
             for i, (step, _) in enumerate(self._steps):  # noqa: B007
@@ -318,6 +333,77 @@ class Executor:
             raise _failed(self._steps[i][1], e) from e
         for copy in self._copies_out:
             copy()
+
+    def _index_fetches(self, graph: Graph, in_group: set[int], group_at: Mapping[int, Any]) -> None:
+        """For each streamed layer: the first and last step that read its weights."""
+        ring = self.ring
+        assert ring is not None
+        nodes = graph.nodes
+        fetch_of = {f.layer: j for j, f in enumerate(ring.fetches)}
+        streamed = {n.id: fetch_of[n.layer] for n in graph.weights if n.name in ring.arrays}
+
+        def layers_read(i: int) -> set[int]:
+            out = set()
+            for s in nodes[i].srcs:
+                while nodes[s].op in VIEW_OPS:
+                    s = nodes[s].srcs[0]
+                if s in streamed:
+                    out.add(streamed[s])
+            return out
+
+        step_nodes: list[list[int]] = []
+        for _, node in self._steps:
+            f = group_at.get(node.id)
+            step_nodes.append(list(f.nodes) if f is not None and f in self.fused else [node.id])
+        for i, members in enumerate(step_nodes):
+            for m in members:
+                for j in layers_read(m):
+                    fe = ring.fetches[j]
+                    if fe.first_step < 0:
+                        fe.first_step = i
+                    fe.last_step = i
+        self._ready_at: dict[int, list[int]] = {}
+        self._free_at: dict[int, list[int]] = {}
+        slots = ring.slots
+        for j, fe in enumerate(ring.fetches):
+            if fe.first_step < 0:
+                raise GraphError(f"streamed layer {fe.layer} has no step reading it")
+            if j >= slots and ring.fetches[j - slots].last_step >= fe.first_step:
+                raise GraphError(
+                    f"streamed layer {fe.layer} is read before layer "
+                    f"{ring.fetches[j - slots].layer} is done with its slot; use more slots"
+                )
+            self._ready_at.setdefault(fe.first_step, []).append(j)
+            self._free_at.setdefault(fe.last_step, []).append(j)
+        self._stream_fork, self._stream_join = self.backend.event(), self.backend.event()
+
+    def _launch_streaming(self) -> None:
+        """Compute on the main stream, the ring's fetches on the copy stream, K+1 slots."""
+        ring = self.ring
+        assert ring is not None
+        main, copy = self._main, ring.copy_stream
+        self._stream_fork.record(main)
+        self._stream_fork.wait(copy)
+        n, slots = len(ring.fetches), ring.slots
+        for j in range(min(slots, n)):
+            ring.fetch(j, after_free=False)
+        ready_at, free_at = self._ready_at, self._free_at
+        i = 0
+        try:
+            for i, (step, _) in enumerate(self._steps):
+                for j in ready_at.get(i, ()):
+                    ring.fetches[j].ready.wait(main)
+                step()
+                for j in free_at.get(i, ()):
+                    ring.free[ring.fetches[j].slot].record(main)
+                    if j + slots < n:
+                        ring.fetch(j + slots)
+        except Exception as e:
+            raise _failed(self._steps[i][1], e) from e
+        self._stream_join.record(copy)
+        self._stream_join.wait(main)
+        for c in self._copies_out:
+            c()
 
     def _launch_streams(self) -> None:
         """The steps on their streams, with the schedule's waits and records, between the fork

@@ -31,6 +31,7 @@ import numpy as np
 
 from backends import Backend, get_backend
 from engine.executor import Executor
+from engine.offload import HOST, STREAMED, Placement, place
 from engine.sampling import Sampler, SamplerConfig
 from engine.weights import tie_output
 from graph.dtypes import DType, dtype_of, f32
@@ -52,7 +53,9 @@ class Session:
     matrix product each (``graph.models.FUSED``), fewer and larger launches; ``fusion``: run
     the groups the fusion pass finds (``engine.fusion``) as one kernel each where the backend
     has one; ``streams``: at most this many streams per forward pass, or ``"auto"``
-    (``engine.scheduler``).
+    (``engine.scheduler``); ``offload``: a weight placement policy (``engine.offload``: all,
+    auto, *N+K) under ``vram`` GiB; streamed layers stay in host memory and reach the device
+    through a ring of slots (``engine.streaming``).
     """
 
     def __init__(
@@ -67,6 +70,8 @@ class Session:
         fuse: bool = True,
         fusion: bool = True,
         streams: int | str = 1,
+        offload: str | None = None,
+        vram: float | None = None,
     ) -> None:
         if n_ctx < 1 or n_batch < 1:
             raise ValueError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
@@ -74,6 +79,19 @@ class Session:
         self.mode, self.fuse, self.fusion, self.streams = mode, fuse, fusion, streams
         self.backend = get_backend(backend)
         self.cache_dtype = dtype_of(cache_dtype)
+        self.placement: Placement | None = None
+        self._streamed: set[str] = set()
+        if offload is not None:
+            probe = build(cfg, 1, kv_slots(cfg, n_ctx, 1), None, "last", f32, fuse)
+            budget = None if vram is None else int(vram * 2**30)
+            self.placement = place(probe, offload, budget)
+            if any(p.where == HOST and p.layer >= 0 for p in self.placement.layers):
+                raise GraphError(
+                    f"offload policy {offload!r} computes layers on the host, which sessions do "
+                    "not run yet; use all, auto or *N+K"
+                )
+            layers = {p.layer for p in self.placement.layers if p.where == STREAMED}
+            self._streamed = {n.name for n in probe.weights if n.layer in layers}
         self.weights = self._upload(tie_output(cfg, dict(weights)))
         self.slots = kv_slots(cfg, n_ctx, self.n_batch)
         self.states: dict[str, Any] = {}
@@ -108,6 +126,9 @@ class Session:
                 raise GraphError(
                     f"weight {name} has shape {tuple(w.shape)}, the graph expects {shape}"
                 )
+            if name in self._streamed:  # stays on the host; the executors' rings fetch it
+                out[name] = w if isinstance(w, np.ndarray) else self.backend.to_host(w)
+                continue
             if id(w) not in uploaded:
                 if isinstance(w, np.ndarray):
                     host = np.ascontiguousarray(w.astype(want, copy=False))
@@ -183,6 +204,7 @@ class Session:
                 mode=self.mode,
                 fusion=self.fusion,
                 streams=self.streams,
+                placement=self.placement,
             )
             self._executors[key] = ex
         return ex

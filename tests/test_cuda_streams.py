@@ -73,3 +73,23 @@ def test_tiny_models_on_streams_equal_numpy(gpu, name: str) -> None:  # noqa: AN
     for _ in range(5):
         np.testing.assert_allclose(dev.decode(tok), cpu.decode(tok), rtol=1e-4, atol=1e-4)
         tok = (tok * 5 + 2) % cfg.n_vocab
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.parametrize("policy", ["*12+2", "*0+0"])
+def test_streamed_270m_shape_equals_resident(gpu, mode: str, policy: str) -> None:  # noqa: ANN001
+    """Layers fetched from pinned host memory into a ring on a copy stream, captured into the
+    step's graph, give the resident run's logits bit for bit."""
+    cfg = preset("gemma3-270m").replace(dtype=bf16)
+    w = {k: gpu.to_host(v) for k, v in device_weights(cfg, gpu, seed=6).items()}
+    ref = Session(cfg, w, gpu, n_ctx=64, n_batch=16, mode=mode)
+    s = Session(cfg, w, gpu, n_ctx=64, n_batch=16, mode=mode, offload=policy)
+    ids = list(range(5, 21))
+    np.testing.assert_array_equal(s.prefill(ids), ref.prefill(ids))
+    tok = 9
+    for _ in range(4):
+        want = ref.decode(tok)
+        np.testing.assert_array_equal(s.decode(tok), want)
+        tok = int(np.argmax(want))
+    ex = s.executor(1, s.n_kv_for(s.n_past + 1))
+    assert ex.ring is not None and ex.ring.streamed_bytes == s.placement.streamed_bytes

@@ -1,0 +1,115 @@
+"""Weight streaming: the layers a ``Placement`` streams live in host memory and are copied into a
+fixed ring of device slots on a copy stream, K layers ahead of the compute.
+
+    ring = WeightRing(backend, graph, placement, host_weights)
+    ring.arrays            # weight name -> its view in the layer's slot (what kernels read)
+
+Order of one forward pass (all of it queued on the device, none of it waiting on the host):
+the copy stream fetches the streamed layers in order; fetch j goes into slot j mod (K+1) once
+the layer that used the slot before it is finished ("slot free" event, recorded on the compute
+stream after that layer's last step); the first step reading a streamed layer waits for its
+fetch ("slot ready" event, recorded on the copy stream). The compute stream forks the copy
+stream at the start and joins it at the end, so the same sequence captures into a CUDA graph.
+
+Host copies are pinned (``Backend.pinned``): a pageable copy runs ~8x slower, so a backend that
+cannot pin refuses instead of streaming slowly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from backends import Backend
+from engine.offload import STREAMED, Placement
+from graph.ir import Graph
+from graph.ops import GraphError
+
+__all__ = ["WeightRing", "Fetch"]
+
+ALIGN = 256
+
+
+@dataclass
+class Fetch:
+    """One streamed layer in a pass: its slot, its copies, its events."""
+
+    layer: int
+    slot: int
+    copies: list[Callable[[], None]]
+    ready: Any  # recorded on the copy stream after the copies
+    first_step: int = -1  # the first step (index into the executor's steps) reading it
+    last_step: int = -1  # the last one
+
+
+class WeightRing:
+    """The ring of slots, the pinned host copies, and the fetches of one forward pass."""
+
+    def __init__(
+        self,
+        be: Backend,
+        graph: Graph,
+        placement: Placement,
+        weights: Mapping[str, Any],
+        copy_stream: Any,
+    ) -> None:
+        self.placement = placement
+        self.copy_stream = copy_stream
+        streamed = [p.layer for p in placement.layers if p.where == STREAMED]
+        self.slots = placement.slots
+        by_layer: dict[int, list[Any]] = {}
+        for n in graph.weights:
+            if n.layer in streamed:
+                by_layer.setdefault(n.layer, []).append(n)
+        need = 0
+        for nodes in by_layer.values():
+            need = max(need, sum(_aligned(n.nbytes) for n in nodes))
+        if need > placement.slot_bytes + ALIGN * 16:
+            raise GraphError(
+                f"a streamed layer needs {need:,} bytes, the placement's slots hold "
+                f"{placement.slot_bytes:,}"
+            )
+        self.buffers = [be.alloc(max(need, 1)) for _ in range(self.slots)]
+        self.device_bytes = need * self.slots
+        self.arrays: dict[str, Any] = {}
+        self.fetches: list[Fetch] = []
+        self.free = [be.event() for _ in range(self.slots)]
+        self._keep: list[Any] = []
+        for j, layer in enumerate(sorted(by_layer)):
+            slot = j % self.slots
+            off = 0
+            copies = []
+            for n in by_layer[layer]:
+                host = weights[n.name]
+                host = host if isinstance(host, np.ndarray) else be.to_host(host)
+                if host.shape != n.shape:
+                    raise GraphError(
+                        f"weight {n.name} has shape {host.shape}, the graph expects {n.shape}"
+                    )
+                pinned = be.pinned(np.ascontiguousarray(host.astype(n.dtype.numpy)))
+                self._keep.append(pinned)
+                view = be.view(self.buffers[slot], off, n.shape, n.dtype, n.strides)
+                self.arrays[n.name] = view
+                copies.append(be.copy_launch(view, pinned, copy_stream))
+                off += _aligned(n.nbytes)
+            self.fetches.append(Fetch(layer, slot, copies, be.event()))
+        self.streamed_bytes = sum(n.nbytes for nodes in by_layer.values() for n in nodes)
+
+    def fetch(self, j: int, after_free: bool = True) -> None:
+        """Queue fetch ``j`` on the copy stream: wait for its slot, copy, mark it ready. The
+        first fetches of a pass skip the wait: the pass before has finished (runs and graph
+        replays on one stream never overlap), and a capture may not wait on an event recorded
+        outside it."""
+        f = self.fetches[j]
+        if after_free:
+            self.free[f.slot].wait(self.copy_stream)
+        for copy in f.copies:
+            copy()
+        f.ready.record(self.copy_stream)
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
