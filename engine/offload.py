@@ -145,9 +145,12 @@ class Placement:
 
 
 def layer_bytes(graph: Graph) -> dict[int, int]:
-    """Bytes of weights per layer tag (-1 embedding, 0..n-1 blocks, n the head)."""
+    """Bytes of weight matrices per layer tag (-1 embedding, 0..n-1 blocks, n the head). Norm
+    vectors (a few KiB a layer) are left out: they always stay resident (``engine.streaming``)."""
     out: dict[int, int] = {}
     for n in graph.weights:
+        if len(n.shape) < 2:
+            continue
         layer = n.layer if n.layer is not None else 0
         out[layer] = out.get(layer, 0) + n.nbytes
     return out

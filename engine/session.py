@@ -91,7 +91,9 @@ class Session:
                     "not run yet; use all, auto or *N+K"
                 )
             layers = {p.layer for p in self.placement.layers if p.where == STREAMED}
-            self._streamed = {n.name for n in probe.weights if n.layer in layers}
+            self._streamed = {
+                n.name for n in probe.weights if n.layer in layers and len(n.shape) >= 2
+            }
         self.weights = self._upload(tie_output(cfg, dict(weights)))
         self.slots = kv_slots(cfg, n_ctx, self.n_batch)
         self.states: dict[str, Any] = {}

@@ -11,8 +11,10 @@ stream after that layer's last step); the first step reading a streamed layer wa
 fetch ("slot ready" event, recorded on the copy stream). The compute stream forks the copy
 stream at the start and joins it at the end, so the same sequence captures into a CUDA graph.
 
-Host copies are pinned (``Backend.pinned``): a pageable copy runs ~8x slower, so a backend that
-cannot pin refuses instead of streaming slowly.
+Only matrices stream: a layer's norm vectors (kilobytes) stay resident, so a fused step that
+reads the previous layer's norm together with its own matrices (``engine.fusion``) still uses
+one slot. Host copies are pinned (``Backend.pinned``): a pageable copy runs ~8x slower, so a
+backend that cannot pin refuses instead of streaming slowly.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class WeightRing:
         self.slots = placement.slots
         by_layer: dict[int, list[Any]] = {}
         for n in graph.weights:
-            if n.layer in streamed:
+            if n.layer in streamed and len(n.shape) >= 2:  # norm vectors stay resident
                 by_layer.setdefault(n.layer, []).append(n)
         need = 0
         for nodes in by_layer.values():
