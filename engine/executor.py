@@ -64,6 +64,7 @@ class Executor:
         streams: int | str = 1,
         stress: float = 0.0,
         placement: offload.Placement | None = None,
+        ring: streaming.WeightRing | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -102,13 +103,15 @@ class Executor:
         self.states: dict[str, Array] = {}
         self.weights: dict[str, Array] = {}
         # streamed layers: their weights live in a ring of slots fed by a copy stream
-        self.ring: streaming.WeightRing | None = None
-        if placement is not None and placement.streamed_bytes:
-            if self.schedule is not None:
-                raise GraphError("weight streaming runs the compute on one stream: use streams=1")
+        self.ring: streaming.WeightRing | None = ring
+        if ring is None and placement is not None and placement.streamed_bytes:
             copy_stream = be.stream(**({"stress": stress, "seed": 99} if stress else {}))
             self.ring = streaming.WeightRing(be, graph, placement, weights, copy_stream)
-            self.weights.update(self.ring.arrays)
+        if self.ring is not None:
+            if self.schedule is not None:
+                raise GraphError("weight streaming runs the compute on one stream: use streams=1")
+            need = {n.name for n in graph.weights}
+            self.weights.update({k: v for k, v in self.ring.arrays.items() if k in need})
         self._bind_weights(weights)
         self._bind_states(states or {})
 
@@ -221,6 +224,7 @@ class Executor:
                 self._side_out.setdefault(k, []).append(c)
         self._debug = int(os.environ.get("STREAMGRAPH_DEBUG", "0") or 0)
         self._replay: Callable[[], None] | None = None
+        self._capturing = False
         self._warmed = False
 
     # -- binding -------------------------------------------------------------------------------
@@ -303,7 +307,11 @@ class Executor:
         if self._replay is not None:
             self._replay()
         elif self.mode == "graph" and self._warmed and self._debug < 2:
-            self._replay = self.backend.capture(self.launch)
+            self._capturing = True
+            try:
+                self._replay = self.backend.capture(self.launch)
+            finally:
+                self._capturing = False
             self._replay()
         else:
             self.launch()
@@ -335,7 +343,9 @@ class Executor:
             copy()
 
     def _index_fetches(self, graph: Graph, in_group: set[int], group_at: Mapping[int, Any]) -> None:
-        """For each streamed layer: the first and last step that read its weights."""
+        """For each fetch of the ring: the step before which compute waits for it, and the step
+        after which its slot is free (a layer this graph does not read frees its slot where the
+        layer before it did, and is never waited for)."""
         ring = self.ring
         assert ring is not None
         nodes = graph.nodes
@@ -351,48 +361,63 @@ class Executor:
                     out.add(streamed[s])
             return out
 
-        step_nodes: list[list[int]] = []
-        for _, node in self._steps:
+        n = len(ring.fetches)
+        first, last = [-1] * n, [-1] * n
+        for i, (_, node) in enumerate(self._steps):
             f = group_at.get(node.id)
-            step_nodes.append(list(f.nodes) if f is not None and f in self.fused else [node.id])
-        for i, members in enumerate(step_nodes):
+            members = list(f.nodes) if f is not None and f in self.fused else [node.id]
             for m in members:
                 for j in layers_read(m):
-                    fe = ring.fetches[j]
-                    if fe.first_step < 0:
-                        fe.first_step = i
-                    fe.last_step = i
+                    if first[j] < 0:
+                        first[j] = i
+                    last[j] = i
         self._ready_at: dict[int, list[int]] = {}
         self._free_at: dict[int, list[int]] = {}
+        self._free_first: list[int] = []  # unread fetches among the first: free at the start
         slots = ring.slots
-        for j, fe in enumerate(ring.fetches):
-            if fe.first_step < 0:
-                raise GraphError(f"streamed layer {fe.layer} has no step reading it")
-            if j >= slots and ring.fetches[j - slots].last_step >= fe.first_step:
+        for j in range(n):
+            if first[j] < 0:  # unread here: free where the previous fetch was freed
+                if j == 0 or last[j - 1] < 0:
+                    self._free_first.append(j)
+                else:
+                    self._free_at.setdefault(last[j - 1], []).append(j)
+                    last[j] = last[j - 1]
+                continue
+            if j >= slots and last[j - slots] >= first[j]:
                 raise GraphError(
-                    f"streamed layer {fe.layer} is read before layer "
+                    f"streamed layer {ring.fetches[j].layer} is read before layer "
                     f"{ring.fetches[j - slots].layer} is done with its slot; use more slots"
                 )
-            self._ready_at.setdefault(fe.first_step, []).append(j)
-            self._free_at.setdefault(fe.last_step, []).append(j)
+            self._ready_at.setdefault(first[j], []).append(j)
+            self._free_at.setdefault(last[j], []).append(j)
         self._stream_fork, self._stream_join = self.backend.event(), self.backend.event()
 
     def _launch_streaming(self) -> None:
-        """Compute on the main stream, the ring's fetches on the copy stream, K+1 slots."""
+        """Compute on the main stream, the ring's fetches on the copy stream, K+1 slots; the
+        pass ends by fetching the next pass's first layers (see ``streaming.WeightRing``)."""
         ring = self.ring
         assert ring is not None
         main, copy = self._main, ring.copy_stream
         self._stream_fork.record(main)
         self._stream_fork.wait(copy)
         n, slots = len(ring.fetches), ring.slots
-        for j in range(min(slots, n)):
-            ring.fetch(j, after_free=False)
+        primed = ring.primed
+        if not primed:
+            for j in range(min(slots, n)):
+                ring.fetch(j, after_free=False)
+        # fetches in flight from the last pass are complete when a replay starts (replays on
+        # one stream never overlap) and a capture may not wait on them: wait only eagerly
+        skip = set(range(min(slots, n))) if primed and self._capturing else set()
+        refill = not ring.resident
+        for j in self._free_first:
+            ring.free[ring.fetches[j].slot].record(main)
         ready_at, free_at = self._ready_at, self._free_at
         i = 0
         try:
             for i, (step, _) in enumerate(self._steps):
                 for j in ready_at.get(i, ()):
-                    ring.fetches[j].ready.wait(main)
+                    if j not in skip:
+                        ring.fetches[j].ready.wait(main)
                 step()
                 for j in free_at.get(i, ()):
                     ring.free[ring.fetches[j].slot].record(main)
@@ -400,6 +425,10 @@ class Executor:
                         ring.fetch(j + slots)
         except Exception as e:
             raise _failed(self._steps[i][1], e) from e
+        if refill:  # the next pass's first layers, each once its slot is free
+            for j in range(min(slots, n)):
+                ring.fetch(j)
+        ring.primed = True
         self._stream_join.record(copy)
         self._stream_join.wait(main)
         for c in self._copies_out:

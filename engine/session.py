@@ -33,6 +33,7 @@ from backends import Backend, get_backend
 from engine.executor import Executor
 from engine.offload import HOST, STREAMED, Placement, place
 from engine.sampling import Sampler, SamplerConfig
+from engine.streaming import WeightRing
 from engine.weights import tie_output
 from graph.dtypes import DType, dtype_of, f32
 from graph.models import FULL, FUSED, ModelConfig, build, kv_slots, weight_shapes
@@ -95,6 +96,11 @@ class Session:
                 n.name for n in probe.weights if n.layer in layers and len(n.shape) >= 2
             }
         self.weights = self._upload(tie_output(cfg, dict(weights)))
+        self.ring: WeightRing | None = None  # one ring of slots for every executor
+        if self.placement is not None and self.placement.streamed_bytes:
+            self.ring = WeightRing(
+                self.backend, probe, self.placement, self.weights, self.backend.stream()
+            )
         self.slots = kv_slots(cfg, n_ctx, self.n_batch)
         self.states: dict[str, Any] = {}
         for il, kind in enumerate(cfg.layer_kinds):
@@ -207,6 +213,7 @@ class Session:
                 fusion=self.fusion,
                 streams=self.streams,
                 placement=self.placement,
+                ring=self.ring,
             )
             self._executors[key] = ex
         return ex

@@ -43,12 +43,14 @@ class Fetch:
     slot: int
     copies: list[Callable[[], None]]
     ready: Any  # recorded on the copy stream after the copies
-    first_step: int = -1  # the first step (index into the executor's steps) reading it
-    last_step: int = -1  # the last one
 
 
 class WeightRing:
-    """The ring of slots, the pinned host copies, and the fetches of one forward pass."""
+    """The ring of slots, the pinned host copies, and the fetches of one forward pass. One ring
+    serves every executor of a session (they stream the same layers in the same order), and a
+    pass ends by fetching the next pass's first K+1 layers (``primed``), so those copies
+    overlap the end of this pass instead of delaying the start of the next. With no more
+    streamed layers than slots, every layer stays in its slot after the first pass."""
 
     def __init__(
         self,
@@ -99,6 +101,8 @@ class WeightRing:
                 off += _aligned(n.nbytes)
             self.fetches.append(Fetch(layer, slot, copies, be.event()))
         self.streamed_bytes = sum(n.nbytes for nodes in by_layer.values() for n in nodes)
+        self.primed = False  # the first K+1 fetches of the next pass are issued already
+        self.fetched = 0  # fetches issued in all (statistics)
 
     def fetch(self, j: int, after_free: bool = True) -> None:
         """Queue fetch ``j`` on the copy stream: wait for its slot, copy, mark it ready. The
@@ -111,6 +115,12 @@ class WeightRing:
         for copy in f.copies:
             copy()
         f.ready.record(self.copy_stream)
+        self.fetched += 1
+
+    @property
+    def resident(self) -> bool:
+        """Every streamed layer fits a slot of its own: after the first pass nothing moves."""
+        return len(self.fetches) <= self.slots
 
 
 def _aligned(n: int) -> int:

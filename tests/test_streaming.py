@@ -101,3 +101,31 @@ def test_streaming_needs_one_compute_stream() -> None:
     _, graph, weights = _decode_graph()
     with pytest.raises(GraphError, match="streams=1"):
         Executor(graph, weights, placement=offload.place(graph, "*0+0"), streams=2)
+
+
+def test_one_ring_serves_every_executor_and_the_next_pass_is_fetched_ahead() -> None:
+    cfg = preset("gemma3-tiny")
+    w = random_weights(cfg, seed=2)
+    s = Session(cfg, w, n_ctx=32, n_batch=4, offload="*0+1")
+    ring = s.ring
+    assert ring is not None and len(ring.fetches) > ring.slots
+    s.prefill([1, 2, 3, 4, 5])
+    decode = s.executor(1, s.n_kv_for(s.n_past + 1))
+    s.decode(3)
+    assert decode.ring is ring and s.executor(4, s.n_kv_for(4)).ring is ring
+    before = ring.fetched
+    s.decode(4)
+    assert ring.fetched - before == len(ring.fetches)  # a pass fetches each layer once
+    assert ring.primed
+
+
+def test_layers_that_fit_their_own_slots_are_fetched_once() -> None:
+    cfg = preset("llama-tiny")
+    s = Session(cfg, random_weights(cfg, seed=2), n_ctx=32, n_batch=4, offload="*0+5")
+    ring = s.ring
+    assert ring is not None and ring.resident
+    s.prefill([1, 2, 3])
+    after_first = ring.fetched
+    for t in range(4):
+        s.decode(t + 1)
+    assert ring.fetched == after_first == len(ring.fetches)
