@@ -106,3 +106,17 @@ def test_bench_sweeps_stream_counts(capsys: pytest.CaptureFixture[str]) -> None:
     ]
     with pytest.raises(SystemExit):
         main([*args, "--streams", "0"])
+
+
+def test_bench_sweeps_placements(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "-m", "llama-tiny", "-p", "4", "-n", "2", "-r", "1", "-o", "json"]
+    assert main([*args, "--strategy", "all,*0+1"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["strategy"], r["test"]) for r in rows] == [
+        ("all", "pp4"),
+        ("all", "tg2"),
+        ("*0+1", "pp4"),
+        ("*0+1", "tg2"),
+    ]
+    assert main([*args, "--strategy", "auto"]) == 2  # auto needs --vram: one line, exit 2
+    assert "needs a budget" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import Executor, memory
+from engine import Executor, fusion, memory
 from graph import Graph, GraphBuilder, Op, f16, f32, i32
 from tests.strategies import Case, graph_cases
 
@@ -33,19 +33,21 @@ def _arena_ids(g: Graph) -> list[int]:
     return [n.id for n in g.nodes if n.op in own]
 
 
-def live_intervals(g: Graph) -> dict[int, tuple[int, int]]:
-    """[first, last] step of each arena value: written at its id (inputs before the run, -1),
-    last read by the latest node reading it or any alias of it, outputs read after the run."""
+def live_intervals(g: Graph, steps: list[int] | None = None) -> dict[int, tuple[int, int]]:
+    """[first, last] step of each arena value: written at its step (its id, or its fused
+    group's anchor; inputs before the run, -1), last read by the latest step reading it or any
+    alias of it, outputs read after the run."""
+    at = steps if steps is not None else [n.id for n in g.nodes]
     aliases: dict[int, list[int]] = {}
     for n in g.nodes:
         aliases.setdefault(_root(g, n.id), []).append(n.id)
     out = {}
     for i in _arena_ids(g):
-        first = -1 if g.nodes[i].op is Op.INPUT else i
-        last = i
+        first = -1 if g.nodes[i].op is Op.INPUT else at[i]
+        last = at[i]
         for a in aliases[i]:
             for reader in g.consumers[a]:
-                last = max(last, reader)
+                last = max(last, at[reader])
             if a in g.outputs:
                 last = len(g)
         out[i] = (first, last)
@@ -100,7 +102,7 @@ def test_plan_never_shares_bytes_between_live_values(case: Case, dce: bool) -> N
 def test_executor_arrays_of_live_values_do_not_overlap(case: Case) -> None:
     g = case.graph
     ex = Executor(g, case.weights, states=case.fresh_states())
-    live = live_intervals(g)
+    live = live_intervals(g, fusion.step_of(g, ex.fusions))  # fused members run at the anchor
     for i, j in itertools.combinations(sorted(live), 2):
         (fa, la), (fb, lb) = live[i], live[j]
         if fa <= lb and fb <= la:

@@ -39,6 +39,7 @@ class BenchResult:
     backend: str
     dtype: str
     streams: str  # --streams as asked: a count or "auto"
+    strategy: str  # weight placement (engine.offload): all, auto, *N+K
     graphs: str  # "on": CUDA-graph replay of each forward pass; "off": eager launches
     test: str
     n_tokens: int
@@ -110,6 +111,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="streams per forward pass: counts or auto, e.g. 1,4,auto (default 1)",
     )
     p.add_argument(
+        "--strategy",
+        type=lambda t: [x.strip() for x in t.split(",")],
+        default=["all"],
+        help="weight placements: all, auto, *N+K, comma-separated (default all)",
+    )
+    p.add_argument(
+        "--vram", type=float, default=None, help="GPU budget in GiB for the weights (with auto)"
+    )
+    p.add_argument(
         "--graphs",
         type=_on_off,
         default=["on"],
@@ -131,6 +141,8 @@ def run_bench(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
     graphs: Sequence[str] = ("on",),
     streams: Sequence[str] = ("1",),
+    strategies: Sequence[str] = ("all",),
+    vram: float | None = None,
 ) -> list[BenchResult]:
     if reps < 1:
         raise ValueError(f"repetitions must be at least 1, got {reps}")
@@ -144,7 +156,7 @@ def run_bench(
     rng = np.random.default_rng(seed)
     results = []
 
-    def bench_mode(graph_mode: str, n_streams: str) -> None:
+    def bench_mode(graph_mode: str, n_streams: str, strategy: str) -> None:
         mode = {"on": "graph", "off": "eager"}[graph_mode]
         sess = Session(
             cfg,
@@ -154,6 +166,8 @@ def run_bench(
             n_batch=max([*n_prompt, 1]),
             mode=mode,
             streams=n_streams if n_streams == "auto" else int(n_streams),
+            offload=None if strategy == "all" else strategy,
+            vram=vram,
         )
 
         def record(test: str, n: int, secs: list[float], launches: int) -> None:
@@ -168,6 +182,7 @@ def run_bench(
                     be.name,
                     dtype,
                     n_streams,
+                    strategy,
                     graph_mode,
                     test,
                     n,
@@ -215,7 +230,8 @@ def run_bench(
 
     for graph_mode in graphs:
         for n_streams in streams:
-            bench_mode(graph_mode, n_streams)
+            for strategy in strategies:
+                bench_mode(graph_mode, n_streams, strategy)
     return results
 
 
@@ -231,6 +247,7 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
         "backend",
         "dtype",
         "streams",
+        "strategy",
         "graphs",
         "test",
         "t/s",
@@ -244,6 +261,7 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
             r.backend,
             r.dtype,
             r.streams,
+            r.strategy,
             r.graphs,
             r.test,
             f"{r.ts_mean:.2f} ± {r.ts_sd:.2f}",
@@ -294,6 +312,8 @@ def main(args: argparse.Namespace) -> int:
         args.seed,
         graphs=args.graphs,
         streams=args.streams,
+        strategies=args.strategy,
+        vram=args.vram,
     )
     print(format_results(results, args.output))
     if results and args.output == "md":
