@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from backends import Backend, get_backend
+from engine.calibration import calibrate
 from engine.executor import Executor
 from engine.offload import HOST, STREAMED, Placement, place
 from engine.sampling import Sampler, SamplerConfig
@@ -85,7 +86,8 @@ class Session:
         if offload is not None:
             probe = build(cfg, 1, kv_slots(cfg, n_ctx, 1), None, "last", f32, fuse)
             budget = None if vram is None else int(vram * 2**30)
-            self.placement = place(probe, offload, budget)
+            costs = calibrate(self.backend) if offload == "auto" else None
+            self.placement = place(probe, offload, budget, costs)
             if any(p.where == HOST and p.layer >= 0 for p in self.placement.layers):
                 raise GraphError(
                     f"offload policy {offload!r} computes layers on the host, which sessions do "

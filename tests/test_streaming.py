@@ -129,3 +129,29 @@ def test_layers_that_fit_their_own_slots_are_fetched_once() -> None:
     for t in range(4):
         s.decode(t + 1)
     assert ring.fetched == after_first == len(ring.fetches)
+
+
+def test_calibration_is_measured_once_then_read_back(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from engine.calibration import calibrate
+
+    monkeypatch.setenv("STREAMGRAPH_CACHE", str(tmp_path))
+    costs = calibrate("numpy")
+    assert costs.link_bytes_per_s > 0 and costs.device_bytes_per_s > 0 and costs.launch_s > 0
+    assert (tmp_path / "calibration.json").exists()
+    assert calibrate("numpy") == costs  # from the cache, not measured again
+
+
+def test_auto_sessions_fit_their_budget_and_equal_resident(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("STREAMGRAPH_CACHE", str(tmp_path))
+    cfg = preset("llama-tiny")
+    w = random_weights(cfg, seed=7)
+    total = sum(offload.layer_bytes(build(cfg, 1, kv_slots(cfg, 16, 1))).values())
+    vram = 0.7 * total / 2**30
+    s = Session(cfg, w, n_ctx=32, n_batch=4, offload="auto", vram=vram)
+    assert s.placement is not None and s.placement.device_bytes <= vram * 2**30
+    assert s.placement.streamed_bytes > 0 and s.placement.notes
+    ref = Session(cfg, w, n_ctx=32, n_batch=4)
+    ids = [3, 1, 4, 1, 5]
+    np.testing.assert_array_equal(s.prefill(ids), ref.prefill(ids))
+    for tok in (9, 2, 6):
+        np.testing.assert_array_equal(s.decode(tok), ref.decode(tok))
