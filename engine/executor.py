@@ -350,7 +350,11 @@ class Executor:
         assert ring is not None
         nodes = graph.nodes
         fetch_of = {f.layer: j for j, f in enumerate(ring.fetches)}
-        streamed = {n.id: fetch_of[n.layer] for n in graph.weights if n.name in ring.arrays}
+        streamed = {  # (cached layers are always in place: nothing to wait for)
+            n.id: fetch_of[n.layer]
+            for n in graph.weights
+            if n.name in ring.arrays and n.layer in fetch_of
+        }
 
         def layers_read(i: int) -> set[int]:
             out = set()
@@ -429,6 +433,7 @@ class Executor:
             for j in range(min(slots, n)):
                 ring.fetch(j)
         ring.primed = True
+        ring.cache.count_pass(0 if primed and ring.resident else n)  # this pass's layers
         self._stream_join.record(copy)
         self._stream_join.wait(main)
         for c in self._copies_out:

@@ -57,7 +57,8 @@ class Session:
     has one; ``streams``: at most this many streams per forward pass, or ``"auto"``
     (``engine.scheduler``); ``offload``: a weight placement policy (``engine.offload``: all,
     auto, *N+K) under ``vram`` GiB; streamed layers stay in host memory and reach the device
-    through a ring of slots (``engine.streaming``).
+    through a ring of slots (``engine.streaming``); ``cache``: GiB of device memory, on top of
+    ``vram``, that keeps the first streamed layers that fit (``streaming.ParamCache``).
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class Session:
         streams: int | str = 1,
         offload: str | None = None,
         vram: float | None = None,
+        cache: float = 0.0,
     ) -> None:
         if n_ctx < 1 or n_batch < 1:
             raise ValueError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
@@ -101,7 +103,12 @@ class Session:
         self.ring: WeightRing | None = None  # one ring of slots for every executor
         if self.placement is not None and self.placement.streamed_bytes:
             self.ring = WeightRing(
-                self.backend, probe, self.placement, self.weights, self.backend.stream()
+                self.backend,
+                probe,
+                self.placement,
+                self.weights,
+                self.backend.stream(),
+                cache_bytes=int(cache * 2**30),
             )
         self.slots = kv_slots(cfg, n_ctx, self.n_batch)
         self.states: dict[str, Any] = {}

@@ -155,3 +155,21 @@ def test_auto_sessions_fit_their_budget_and_equal_resident(tmp_path, monkeypatch
     np.testing.assert_array_equal(s.prefill(ids), ref.prefill(ids))
     for tok in (9, 2, 6):
         np.testing.assert_array_equal(s.decode(tok), ref.decode(tok))
+
+
+def test_the_parameter_cache_keeps_the_first_layers_and_counts_hits() -> None:
+    cfg = preset("gemma3-tiny")
+    w = random_weights(cfg, seed=5)
+    graph = build(cfg, 1, kv_slots(cfg, 16, 1))
+    one_layer = offload.layer_bytes(graph)[0]
+    s = Session(cfg, w, n_ctx=32, n_batch=4, offload="*0+0", cache=1.5 * one_layer / 2**30)
+    ref = Session(cfg, w, n_ctx=32, n_batch=4)
+    ring = s.ring
+    assert ring is not None and ring.cache.layers == [0]  # room for one layer, the first
+    np.testing.assert_array_equal(s.prefill([1, 2, 3]), ref.prefill([1, 2, 3]))
+    for tok in (4, 5, 6):
+        np.testing.assert_array_equal(s.decode(tok), ref.decode(tok))
+    stats = ring.cache.stats()
+    assert stats["hits"] == 4  # four passes, one cached layer each
+    assert stats["misses"] == 4 * len(ring.fetches)
+    assert stats["bytes_saved"] == 4 * ring.cache.used
