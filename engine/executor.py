@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,7 @@ class Executor:
         stress: float = 0.0,
         placement: offload.Placement | None = None,
         ring: streaming.WeightRing | None = None,
+        host_tables: Collection[str] = (),
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -93,10 +94,20 @@ class Executor:
             sched = scheduler.schedule(graph, streams, steps, mode)
             if sched.n_streams > 1:
                 self.schedule = sched
+        # tables kept in host memory (the token embedding): the rows a step needs are gathered
+        # on the host and copied in with the inputs; the table never reaches the device
+        self._gathers = _host_gathers(graph, set(host_tables))
         self.plan = (
             plan
             if plan is not None
-            else memory.plan(graph, scratch, reuse=reuse, steps=steps, schedule=self.schedule)
+            else memory.plan(
+                graph,
+                scratch,
+                reuse=reuse,
+                steps=steps,
+                schedule=self.schedule,
+                early={g for g, _, _ in self._gathers},
+            )
         )
         be.check_fits(self.plan.arena_bytes, f"the arena of a {len(graph)}-node graph")
         self.arena = be.alloc(self.plan.arena_bytes)
@@ -121,7 +132,7 @@ class Executor:
         storage: dict[int, Array] = {}  # storage root id -> flat byte buffer
         for n in nodes:
             if n.op is Op.WEIGHT:
-                arrays[n.id] = self.weights[n.name]
+                arrays[n.id] = self.weights.get(n.name)  # None: a host table, gathered there
             elif n.op is Op.STATE:
                 arrays[n.id] = self.states[n.name]
             elif n.op is Op.CONSTANT:
@@ -167,8 +178,11 @@ class Executor:
         self._steps: list[tuple[Callable[[], None], Node]] = []
         self._sync: dict[int, tuple[Any, list[Any], Any]] = {}  # step -> stream, waits, record
         self.fused: list[fusion_pass.Fusion] = []  # the groups that run as one launch
+        gathered = {g for g, _, _ in self._gathers}
         for n in nodes:
             if n.op not in be.kernels or (n.id in in_group and n.id not in group_at):
+                continue
+            if n.id in gathered:
                 continue
             st = stream_of(n.id)
             if sched is not None:
@@ -213,7 +227,15 @@ class Executor:
             be.output_stage(arrays[o], self._side.get(k)) if k else be.output_stage(arrays[o])
             for o, k in zip(graph.outputs, out_streams, strict=True)
         ]
+        self._gather_stages = []
+        for g, t, idx in self._gathers:
+            stage, copy = be.input_stage(arrays[g])
+            table = weights[nodes[t].name]
+            if not isinstance(table, np.ndarray):
+                raise GraphError(f"host table {nodes[t].name} must be a NumPy array")
+            self._gather_stages.append((stage, table, nodes[idx].name, copy))
         self._copies_in = [copy for _, _, copy in self._inputs.values()]
+        self._copies_in += [copy for *_, copy in self._gather_stages]
         self._input_names = frozenset(self._inputs)
         self._copies_out = [
             c for (_, c), k in zip(self._outputs, out_streams, strict=True) if not k
@@ -229,7 +251,8 @@ class Executor:
 
     # -- binding -------------------------------------------------------------------------------
     def _bind_weights(self, weights: Mapping[str, Any]) -> None:
-        need = [n for n in self.graph.weights if n.name not in self.weights]  # not streamed
+        host = {self.graph.nodes[t].name for _, t, _ in self._gathers}
+        need = [n for n in self.graph.weights if n.name not in self.weights and n.name not in host]
         absent = [n.name for n in need if n.name not in weights]
         if absent:
             shown = ", ".join(absent[:6]) + (
@@ -295,6 +318,11 @@ class Executor:
                     f"the graph expects {_shape_text(node.shape)}"
                 )
             host[...] = np.asarray(value)
+        for stage, table, idx_name, _ in self._gather_stages:
+            idx = np.asarray(inputs[idx_name]).reshape(-1)
+            if idx.size and (idx.min() < 0 or idx.max() >= len(table)):
+                raise GraphError(f"row index out of range 0..{len(table) - 1} for the host table")
+            stage[...] = table[idx].reshape(stage.shape)
 
     def run(self, inputs: Mapping[str, Any], copy: bool = True) -> list[np.ndarray]:
         """Run once; returns host copies of the outputs in the graph's output order.
@@ -506,6 +534,27 @@ class Executor:
     def array(self, node: int | str) -> Array:
         """The backend array of a node (valid until the next run overwrites it)."""
         return self._arrays[self.graph[node].id]
+
+
+def _host_gathers(graph: Graph, tables: set[str]) -> list[tuple[int, int, int]]:
+    """(GET_ROWS node, table weight, index input) for the gathers from host-kept tables."""
+    out = []
+    for n in graph.nodes:
+        if n.op is Op.WEIGHT and n.name in tables:
+            readers = [graph.nodes[u] for u in graph.consumers[n.id]]
+            if any(r.op is not Op.GET_ROWS or r.srcs[0] != n.id for r in readers):
+                raise GraphError(f"host table {n.name} is read by more than row gathers")
+        if n.op is not Op.GET_ROWS:
+            continue
+        table, idx = (graph.nodes[s] for s in n.srcs)
+        if table.op is Op.WEIGHT and table.name in tables:
+            if idx.op is not Op.INPUT:
+                raise GraphError(
+                    f"{n.label} gathers from host table {table.name} with a computed index; "
+                    "only rows picked by an input can be gathered on the host"
+                )
+            out.append((n.id, table.id, idx.id))
+    return out
 
 
 def run(

@@ -15,7 +15,7 @@ aligned to ``ALIGN`` bytes (what GPU kernels and vector loads want).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -142,6 +142,7 @@ def plan(
     reuse: bool = True,
     steps: Sequence[int] | None = None,
     schedule: Schedule | None = None,
+    early: Collection[int] = (),
 ) -> MemoryPlan:
     """Place every arena value so that no two live ones share bytes; see the module doc.
 
@@ -152,6 +153,8 @@ def plan(
     ``steps`` gives the step each node runs at when that is not its own id: the members of a
     fused group (``engine.fusion.step_of``) all run at their anchor, so their inputs live to it
     and their results are all placed at it.
+    ``early``: computed nodes whose values are written before the run like inputs (rows the
+    host gathers from a table kept in host memory).
     ``schedule`` (``engine.scheduler``, built with the same steps): bytes freed by a value go to
     a later writer only if every step that used that value is known complete when the writer
     starts, on whichever stream it ran.
@@ -175,7 +178,7 @@ def plan(
 
     # keys: node id for values, -1 - node id for scratch (so both fit one table)
     roots: list[int] = arena_nodes(graph)
-    first = {i: (-1 if graph.nodes[i].op is Op.INPUT else at[i]) for i in roots}
+    first = {i: (-1 if graph.nodes[i].op is Op.INPUT or i in early else at[i]) for i in roots}
     size = {i: _aligned(graph.nodes[i].nbytes) for i in roots}
     used = {i: users.get(i, set()) | ({at[i]} if first[i] >= 0 else set()) for i in roots}
     for i, nbytes in (scratch or {}).items():

@@ -85,6 +85,7 @@ class Session:
         self.cache_dtype = dtype_of(cache_dtype)
         self.placement: Placement | None = None
         self._streamed: set[str] = set()
+        self._host_tables: set[str] = set()
         if offload is not None:
             probe = build(cfg, 1, kv_slots(cfg, n_ctx, 1), None, "last", f32, fuse)
             budget = None if vram is None else int(vram * 2**30)
@@ -98,6 +99,10 @@ class Session:
             layers = {p.layer for p in self.placement.layers if p.where == STREAMED}
             self._streamed = {
                 n.name for n in probe.weights if n.layer in layers and len(n.shape) >= 2
+            }
+            # the embedding stays in host memory: only the rows of a step's tokens move
+            self._host_tables = {
+                n.name for n in probe.weights if n.layer == -1 and self.placement.where(-1) == HOST
             }
         self.weights = self._upload(tie_output(cfg, dict(weights)))
         self.ring: WeightRing | None = None  # one ring of slots for every executor
@@ -143,7 +148,7 @@ class Session:
                 raise GraphError(
                     f"weight {name} has shape {tuple(w.shape)}, the graph expects {shape}"
                 )
-            if name in self._streamed:  # stays on the host; the executors' rings fetch it
+            if name in self._streamed or name in self._host_tables:  # stays on the host
                 out[name] = w if isinstance(w, np.ndarray) else self.backend.to_host(w)
                 continue
             if id(w) not in uploaded:
@@ -223,6 +228,7 @@ class Session:
                 streams=self.streams,
                 placement=self.placement,
                 ring=self.ring,
+                host_tables=self._host_tables,
             )
             self._executors[key] = ex
         return ex

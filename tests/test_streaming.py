@@ -173,3 +173,25 @@ def test_the_parameter_cache_keeps_the_first_layers_and_counts_hits() -> None:
     assert stats["hits"] == 4  # four passes, one cached layer each
     assert stats["misses"] == 4 * len(ring.fetches)
     assert stats["bytes_saved"] == 4 * ring.cache.used
+
+
+def test_host_tables_send_only_the_gathered_rows() -> None:
+    cfg, graph, weights = _decode_graph()
+    ref = Executor(graph, weights)
+    ex = Executor(graph, weights, host_tables={"token_embd.weight"})
+    assert "token_embd.weight" not in ex.weights  # never bound to the device
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        feed = _feeds(cfg, graph, rng)
+        np.testing.assert_array_equal(ex.run(feed)[0], ref.run(feed)[0])
+    bad = dict(_feeds(cfg, graph, rng), tokens=np.array([cfg.n_vocab], np.int32))
+    with pytest.raises(GraphError, match="out of range"):
+        ex.run(bad)
+
+
+def test_offloading_sessions_keep_the_embedding_in_host_memory() -> None:
+    cfg = preset("gemma3-tiny")
+    s = Session(cfg, random_weights(cfg, seed=1), n_ctx=16, n_batch=4, offload="*2+0")
+    assert isinstance(s.weights["token_embd.weight"], np.ndarray)
+    ex = s.executor(1, s.n_kv_for(1))
+    assert "token_embd.weight" not in ex.weights and "output.weight" in ex.weights
