@@ -86,23 +86,37 @@ class Session:
         self.placement: Placement | None = None
         self._streamed: set[str] = set()
         self._host_tables: set[str] = set()
+        self.split: int | None = None  # first layer computed on the host, if any
+        self._host_names: set[str] = set()
+        self.host_backend = get_backend("numpy")
         if offload is not None:
             probe = build(cfg, 1, kv_slots(cfg, n_ctx, 1), None, "last", f32, fuse)
             budget = None if vram is None else int(vram * 2**30)
             costs = calibrate(self.backend) if offload == "auto" else None
             self.placement = place(probe, offload, budget, costs)
-            if any(p.where == HOST and p.layer >= 0 for p in self.placement.layers):
-                raise GraphError(
-                    f"offload policy {offload!r} computes layers on the host, which sessions do "
-                    "not run yet; use all, auto or *N+K"
-                )
+            host = sorted(
+                p.layer for p in self.placement.layers if p.where == HOST and p.layer >= 0
+            )
+            if host:
+                # layers from `split` on (the head among them) run on the CPU backend
+                if host != list(range(host[0], cfg.n_layer + 1)):
+                    raise GraphError(
+                        f"offload policy {offload!r} puts layers {host} on the host; a session "
+                        "splits a model once: every layer from the first host one on, the head too"
+                    )
+                self.split = host[0]
+                self._host_names = {n.name for n in probe.weights if n.layer >= host[0]}
+                if self.split == 0:
+                    self._host_names |= {n.name for n in probe.weights if n.layer == -1}
             layers = {p.layer for p in self.placement.layers if p.where == STREAMED}
             self._streamed = {
                 n.name for n in probe.weights if n.layer in layers and len(n.shape) >= 2
             }
             # the embedding stays in host memory: only the rows of a step's tokens move
             self._host_tables = {
-                n.name for n in probe.weights if n.layer == -1 and self.placement.where(-1) == HOST
+                n.name
+                for n in probe.weights
+                if n.layer == -1 and self.placement.where(-1) == HOST and self.split != 0
             }
         self.weights = self._upload(tie_output(cfg, dict(weights)))
         self.ring: WeightRing | None = None  # one ring of slots for every executor
@@ -119,9 +133,10 @@ class Session:
         self.states: dict[str, Any] = {}
         for il, kind in enumerate(cfg.layer_kinds):
             shape = (self.slots[kind], cfg.n_head_kv, cfg.head_dim)
+            be = self.host_backend if self.split is not None and il >= self.split else self.backend
             for kv in ("k", "v"):
-                buf = self.backend.alloc(self.cache_dtype.nbytes(shape))
-                self.states[f"cache_{kv}.{il}"] = self.backend.view(
+                buf = be.alloc(self.cache_dtype.nbytes(shape))
+                self.states[f"cache_{kv}.{il}"] = be.view(
                     buf, 0, shape, self.cache_dtype, (shape[1] * shape[2], shape[2], 1)
                 )
         self._executors: dict[tuple, Executor] = {}
@@ -148,7 +163,7 @@ class Session:
                 raise GraphError(
                     f"weight {name} has shape {tuple(w.shape)}, the graph expects {shape}"
                 )
-            if name in self._streamed or name in self._host_tables:  # stays on the host
+            if name in self._streamed or name in self._host_tables or name in self._host_names:
                 out[name] = w if isinstance(w, np.ndarray) else self.backend.to_host(w)
                 continue
             if id(w) not in uploaded:
@@ -214,6 +229,9 @@ class Session:
             logits if isinstance(logits, str) else tuple(logits),
         )
         ex = self._executors.get(key)
+        if ex is None and self.split is not None:
+            ex = self._split_executor(n_tokens, n_kv, logits)
+            self._executors[key] = ex
         if ex is None:
             graph = build(
                 self.cfg, n_tokens, self.slots, dict(n_kv), logits, self.cache_dtype, self.fuse
@@ -232,6 +250,42 @@ class Session:
             )
             self._executors[key] = ex
         return ex
+
+    def _split_executor(self, n_tokens: int, n_kv: Mapping[str, int], logits: Any) -> Any:
+        """The model in two segments: layers before ``split`` on the device, the rest and the
+        head on the CPU backend, the hidden states crossing once per forward pass."""
+        assert self.split is not None
+        cfg, parts = self.cfg, []
+        bounds = (
+            [(0, self.split), (self.split, cfg.n_layer + 1)]
+            if self.split
+            else [(0, cfg.n_layer + 1)]
+        )
+        for (first, end), be in zip(
+            bounds, [self.backend, self.host_backend][-len(bounds) :], strict=True
+        ):
+            graph = build(
+                cfg,
+                n_tokens,
+                self.slots,
+                dict(n_kv),
+                logits,
+                self.cache_dtype,
+                self.fuse,
+                (first, end),
+            )
+            parts.append(
+                Executor(
+                    graph,
+                    self.weights,
+                    be,
+                    self.states,
+                    mode=self.mode if be is self.backend else "eager",
+                    fusion=self.fusion,
+                    host_tables=self._host_tables if first == 0 and be is self.backend else (),
+                )
+            )
+        return _Split(parts)
 
     def _check(self, ids: np.ndarray) -> None:
         """Refuse tokens that would overflow the context or are not in the vocabulary."""
@@ -372,6 +426,24 @@ class Session:
             else:
                 logits = self.decode(token, copy=False)  # read by the sampler before the next
         stats.t_gen = time.perf_counter() - t0
+
+
+class _Split:
+    """Executors run in turn, each feeding the next its hidden states (``Session.split``)."""
+
+    def __init__(self, parts: list[Executor]) -> None:
+        self.parts = parts
+        self.input_names = frozenset().union(*(p.input_names for p in parts)) - {"hidden"}
+        self.n_launches = sum(p.n_launches for p in parts)
+
+    def run(self, inputs: Mapping[str, Any], copy: bool = True) -> list[np.ndarray]:
+        outs: list[np.ndarray] = []
+        for i, part in enumerate(self.parts):
+            feed = {k: v for k, v in inputs.items() if k in part.input_names}
+            if i:
+                feed["hidden"] = outs[0]
+            outs = part.run(feed, copy=True if i + 1 < len(self.parts) else copy)
+        return outs
 
 
 @dataclass

@@ -93,3 +93,16 @@ def test_streamed_270m_shape_equals_resident(gpu, mode: str, policy: str) -> Non
         tok = int(np.argmax(want))
     ex = s.executor(1, s.n_kv_for(s.n_past + 1))
     assert ex.ring is not None and ex.ring.streamed_bytes == s.placement.streamed_bytes
+
+
+def test_n_gpu_layers_runs_the_rest_on_the_cpu(gpu) -> None:  # noqa: ANN001
+    """ngl=9: layers 0-8 on the GPU, 9-17 and the head on the CPU backend."""
+    cfg = preset("gemma3-270m").replace(dtype=bf16)
+    w = {k: gpu.to_host(v) for k, v in device_weights(cfg, gpu, seed=6).items()}
+    ref = Session(cfg, w, "numpy", n_ctx=32, n_batch=8)
+    s = Session(cfg, w, gpu, n_ctx=32, n_batch=8, offload="ngl=9")
+    assert s.split == 9
+    ids = list(range(5, 13))
+    np.testing.assert_allclose(s.prefill(ids), ref.prefill(ids), rtol=3e-2, atol=3e-2)
+    for tok in (3, 4):
+        np.testing.assert_allclose(s.decode(tok), ref.decode(tok), rtol=3e-2, atol=3e-2)

@@ -91,10 +91,27 @@ def test_ring_holds_k_plus_one_slots_of_the_largest_streamed_layer() -> None:
     assert largest <= ex.ring.device_bytes / 2 <= largest + 256 * 16
 
 
-def test_sessions_refuse_host_computed_layers() -> None:
-    cfg = preset("llama-tiny")
-    with pytest.raises(GraphError, match="computes layers on the host"):
-        Session(cfg, random_weights(cfg), n_ctx=16, offload="ngl=1")
+@pytest.mark.parametrize("name", ["llama-tiny", "gemma3-tiny"])
+def test_n_gpu_layers_splits_the_model_between_backends(name: str) -> None:
+    """ngl=N: layers 0..N-1 on the session's backend, the rest and the head on the CPU
+    backend, the hidden states crossing once; ngl=n_layer+1 keeps everything on the device."""
+    cfg = preset(name)
+    w = random_weights(cfg, seed=4)
+    ref = Session(cfg, w, n_ctx=32, n_batch=4)
+    for ngl in range(cfg.n_layer + 2):
+        ref.reset()
+        s = Session(cfg, w, n_ctx=32, n_batch=4, offload=f"ngl={ngl}")
+        assert s.split == (ngl if ngl <= cfg.n_layer else None)
+        ids = [3, 1, 4, 1, 5, 9]
+        np.testing.assert_array_equal(s.prefill(ids, "all"), ref.prefill(ids, "all"))
+        for tok in (2, 6):
+            np.testing.assert_array_equal(s.decode(tok), ref.decode(tok))
+        assert s.decode_greedy(7) == ref.decode_greedy(7)
+        if s.split is not None:
+            host_caches = [k for k, v in s.states.items() if int(k.split(".")[1]) >= ngl]
+            assert all(isinstance(s.states[k], np.ndarray) for k in host_caches)
+            ex = s.executor(1, s.n_kv_for(s.n_past + 1))
+            assert len(ex.parts) == (2 if ngl else 1)
 
 
 def test_streaming_needs_one_compute_stream() -> None:

@@ -46,7 +46,16 @@ def build(
     logits: Logits = "last",
     cache_dtype: DType | str | None = None,
     fuse: bool = False,
+    segment: tuple[int, int] | None = None,
 ) -> Graph:
-    """The forward graph of ``cfg`` for ``n_tokens`` tokens against caches of ``slots`` rows."""
-    f = Forward(cfg, n_tokens, dict(slots), dict(n_kv or {}), dtype_of(cache_dtype or f32), fuse)
+    """The forward graph of ``cfg`` for ``n_tokens`` tokens against caches of ``slots`` rows.
+
+    ``segment = (first, end)``: only layers first..end-1, the head counted as layer n_layer (so
+    ``end = n_layer + 1`` includes it). A segment after the first takes the input ``hidden``;
+    one that ends before the head outputs its hidden states (``hidden_out``): a model split
+    across backends runs its segments in turn.
+    """
+    f = Forward(
+        cfg, n_tokens, dict(slots), dict(n_kv or {}), dtype_of(cache_dtype or f32), fuse, segment
+    )
     return f.head(BODIES[cfg.arch](f), logits)

@@ -21,7 +21,7 @@ argmax (1,) i32, so greedy decoding copies one id back instead of the vocabulary
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,11 +59,19 @@ class Forward:
     n_kv: dict[str, int]
     cache_dtype: DType = f32
     fuse: bool = False  # stacked projections (config.FUSED): fewer, larger matrix products
+    segment: tuple[int, int] | None = None  # layers [first, end) of a split model; see build
 
     def __post_init__(self) -> None:
         cfg, n = self.cfg, self.n_tokens
         if n < 1:
             raise GraphError(f"a forward pass needs at least one token, got n_tokens={n}")
+        first, end = self.segment or (0, cfg.n_layer + 1)
+        if not 0 <= first < end <= cfg.n_layer + 1:
+            raise GraphError(
+                f"segment {self.segment} must lie in 0..{cfg.n_layer + 1} (layers, then the head)"
+            )
+        self.first, self.end = first, end
+        self.layer_ids = range(first, min(end, cfg.n_layer))
         self.g = g = GraphBuilder()
         self.shapes = weight_shapes(cfg, self.fuse)
         self.layers = weight_layers(cfg, self.fuse)
@@ -169,9 +177,19 @@ class Forward:
             start += r
         return out
 
+    def start(self, embed: Callable[[], Tensor]) -> Tensor:
+        """The hidden states the segment starts from: ``embed()`` for the first one, else the
+        previous segment's, fed as the input ``hidden`` (n, n_embd) f32."""
+        if self.first == 0:
+            return embed()
+        return self.g.input("hidden", (self.n_tokens, self.cfg.n_embd), f32)
+
     def head(self, h: Tensor, logits: Logits) -> Graph:
-        """Final norm and output matrix on the requested rows only; returns the finished graph."""
+        """Final norm and output matrix on the requested rows only; returns the finished graph.
+        A segment that ends before the head outputs its hidden states instead."""
         g, n = self.g, self.n_tokens
+        if self.end <= self.cfg.n_layer:
+            return self._finish([g.cont(h, name="hidden_out")])
         if logits == "none":
             return self._finish([])
         if logits in ("last", "argmax"):

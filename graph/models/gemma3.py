@@ -19,9 +19,13 @@ __all__ = ["body"]
 def body(f: Forward) -> Tensor:
     """The token embedding and the decoder layers; returns the final hidden states."""
     cfg, g = f.cfg, f.g
-    h = g.get_rows(f.w("token_embd.weight"), f.tokens)
-    h = g.scale(h, math.sqrt(cfg.n_embd), name="inp_embd")
-    for il, kind in enumerate(cfg.layer_kinds):
+    h = f.start(
+        lambda: g.scale(
+            g.get_rows(f.w("token_embd.weight"), f.tokens), math.sqrt(cfg.n_embd), name="inp_embd"
+        )
+    )
+    for il in f.layer_ids:
+        kind = cfg.layer_kinds[il]
         p = f"blk.{il}."
         local = kind == SWA
         x = g.rms_norm(h, f.w(p + "attn_norm.weight"), cfg.rms_eps)

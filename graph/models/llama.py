@@ -15,8 +15,8 @@ __all__ = ["body"]
 def body(f: Forward) -> Tensor:
     """The token embedding and the decoder layers; returns the final hidden states."""
     cfg, g = f.cfg, f.g
-    h = g.get_rows(f.w("token_embd.weight"), f.tokens, name="inp_embd")
-    for il in range(cfg.n_layer):
+    h = f.start(lambda: g.get_rows(f.w("token_embd.weight"), f.tokens, name="inp_embd"))
+    for il in f.layer_ids:
         p = f"blk.{il}."
         x = g.rms_norm(h, f.w(p + "attn_norm.weight"), cfg.rms_eps)
         a = f.attention(
