@@ -298,13 +298,20 @@ def _finish(
     return Placement(policy, budget, layers, ahead, slots, slot_bytes, t, tuple(notes))
 
 
+def human(n: float) -> str:
+    """Bytes as GiB (two decimals) from 1 GiB up, else MiB or KiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size or unit == "KiB":
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
 def _too_small(p: Placement, room: int, reserve: int) -> str:
-    gib = 2**30
     return (
-        f"budget {room / gib:.2f} GiB (after {reserve / gib:.2f} GiB reserved for activations) "
-        f"cannot hold placement {p.policy}: {p.resident_bytes / gib:.2f} GiB of resident layers "
-        f"plus {p.slots} slot(s) of {p.slot_bytes / gib:.3f} GiB = {p.device_bytes / gib:.2f} GiB; "
-        "raise --vram, keep fewer layers resident, or stream with fewer slots"
+        f"budget {human(room)} (after {human(reserve)} reserved for activations) cannot hold "
+        f"placement {p.policy}: {human(p.resident_bytes)} of resident layers plus {p.slots} "
+        f"slot(s) of {human(p.slot_bytes)} = {human(p.device_bytes)}; raise --vram, keep fewer "
+        "layers resident, or stream with fewer slots"
     )
 
 
@@ -349,8 +356,8 @@ def _auto(
     if best is None:
         smallest = min((sizes[b] for b in blocks), default=0)
         raise GraphError(
-            f"budget {room / 2**30:.2f} GiB cannot hold even one streaming slot of the largest "
-            f"layer ({biggest / 2**30:.3f} GiB; smallest {smallest / 2**30:.3f} GiB); raise --vram"
+            f"budget {human(room)} cannot hold even one streaming slot of the largest layer "
+            f"({human(biggest)}; smallest {human(smallest)}); raise --vram"
         )
     n_res = sum(1 for p in best.layers if p.where == GPU and 0 <= p.layer < n_layer)
     notes = (

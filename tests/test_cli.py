@@ -108,7 +108,12 @@ def test_bench_sweeps_stream_counts(capsys: pytest.CaptureFixture[str]) -> None:
         main([*args, "--streams", "0"])
 
 
-def test_bench_sweeps_placements(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_sweeps_placements(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    monkeypatch.setenv("STREAMGRAPH_CACHE", str(tmp_path))  # the link's calibration lands here
     args = ["bench", "-m", "llama-tiny", "-p", "4", "-n", "2", "-r", "1", "-o", "json"]
     assert main([*args, "--strategy", "all,*0+1"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -118,5 +123,14 @@ def test_bench_sweeps_placements(capsys: pytest.CaptureFixture[str]) -> None:
         ("*0+1", "pp4"),
         ("*0+1", "tg2"),
     ]
+    assert rows[0]["streamed_mb"] == 0 and rows[2]["streamed_mb"] > 0
+    assert all(r["stream_gbs"] > 0 and r["link_pct"] > 0 for r in rows[2:])
+    assert rows[2]["weights_mib"] < rows[0]["weights_mib"]
+    assert main([*args[:-2], "--strategy", "auto", "--vram", "0.0004,0.01"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0].split("|")]
+    assert "vram" in header and "link" in header
+    budgets = [row.split("|")[header.index("vram")].strip() for row in table[2:]]
+    assert budgets == ["0.0004", "0.0004", "0.01", "0.01"]
     assert main([*args, "--strategy", "auto"]) == 2  # auto needs --vram: one line, exit 2
     assert "needs a budget" in capsys.readouterr().err

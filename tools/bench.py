@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from backends import best_backend, get_backend
+from engine.calibration import calibrate
 from engine.session import Session
 from engine.weights import device_weights
 from graph.dtypes import dtype_of
@@ -48,6 +49,11 @@ class BenchResult:
     ts_sd: float
     ts_median: float
     launches: int  # kernel launches per forward pass of this test's graph
+    vram: str = ""  # --vram as asked (GiB), "" without a budget
+    weights_mib: float = 0.0  # weight bytes on the device: resident layers, the ring, the cache
+    streamed_mb: float = 0.0  # weight megabytes copied to the device per forward pass
+    stream_gbs: float = 0.0  # achieved host-to-device rate while streaming
+    link_pct: float = 0.0  # ... as a share of the measured pinned link
 
 
 def _ints(text: str) -> list[int]:
@@ -117,7 +123,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="weight placements: all, auto, *N+K, comma-separated (default all)",
     )
     p.add_argument(
-        "--vram", type=float, default=None, help="GPU budget in GiB for the weights (with auto)"
+        "--vram",
+        type=lambda t: [float(x) for x in t.split(",")],
+        default=[None],
+        help="GPU budgets in GiB for the weights, e.g. 6,8,10 (with auto or *N+K)",
     )
     p.add_argument(
         "--graphs",
@@ -142,7 +151,7 @@ def run_bench(
     graphs: Sequence[str] = ("on",),
     streams: Sequence[str] = ("1",),
     strategies: Sequence[str] = ("all",),
-    vram: float | None = None,
+    vram: Sequence[float | None] = (None,),
 ) -> list[BenchResult]:
     if reps < 1:
         raise ValueError(f"repetitions must be at least 1, got {reps}")
@@ -156,7 +165,7 @@ def run_bench(
     rng = np.random.default_rng(seed)
     results = []
 
-    def bench_mode(graph_mode: str, n_streams: str, strategy: str) -> None:
+    def bench_mode(graph_mode: str, n_streams: str, strategy: str, budget: float | None) -> None:
         mode = {"on": "graph", "off": "eager"}[graph_mode]
         sess = Session(
             cfg,
@@ -167,11 +176,19 @@ def run_bench(
             mode=mode,
             streams=n_streams if n_streams == "auto" else int(n_streams),
             offload=None if strategy == "all" else strategy,
-            vram=vram,
+            vram=budget,
         )
+        placement = sess.placement
+        held = size_mib if placement is None else placement.device_bytes / 2**20
+        if sess.ring is not None:
+            held += sess.ring.cache.used / 2**20
+        streamed = placement.streamed_bytes if placement is not None else 0
+        link = calibrate(be).link_bytes_per_s if streamed else 0.0
 
-        def record(test: str, n: int, secs: list[float], launches: int) -> None:
+        def record(test: str, n: int, secs: list[float], launches: int, passes: int) -> None:
             rates = [n / s for s in secs]
+            # streamed bytes per forward pass x passes per second
+            rate = streamed / 1e9 * passes / statistics.median(secs)
             sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
             params = round(cfg.n_params() / 1e6, 2)
             results.append(
@@ -191,6 +208,11 @@ def run_bench(
                     sd,
                     statistics.median(rates),
                     launches,
+                    "" if budget is None else f"{budget:g}",
+                    round(held, 1),
+                    round(streamed / 1e6, 3),
+                    round(rate, 2),
+                    round(100 * rate * 1e9 / link, 1) if link else 0.0,
                 )
             )
             log(f"  {test}: {results[-1].ts_mean:.2f} ± {sd:.2f} t/s")
@@ -210,7 +232,8 @@ def run_bench(
             pp()
             pp()  # a second warm-up: graph mode captures on its second run
             launches = sess.executor(n, sess.n_kv_for(n)).n_launches
-            record(f"pp{n}", n, [pp() for _ in range(reps)], launches)
+            chunks = -(-n // sess.n_batch)
+            record(f"pp{n}", n, [pp() for _ in range(reps)], launches, chunks)
         for n in n_gen:
             if n == 0:
                 continue
@@ -226,12 +249,13 @@ def run_bench(
             log(f"tg{n} graphs={graph_mode}: warm-up + {reps} repetitions")
             tg()
             launches = sess.executor(1, sess.n_kv_for(n + 1), "argmax").n_launches
-            record(f"tg{n}", n, [tg() for _ in range(reps)], launches)
+            record(f"tg{n}", n, [tg() for _ in range(reps)], launches, n)
 
     for graph_mode in graphs:
         for n_streams in streams:
             for strategy in strategies:
-                bench_mode(graph_mode, n_streams, strategy)
+                for budget in vram if strategy != "all" else [None]:
+                    bench_mode(graph_mode, n_streams, strategy, budget)
     return results
 
 
@@ -253,6 +277,9 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
         "t/s",
         "launches",
     ]
+    streaming = any(r.streamed_mb for r in results)
+    if streaming:
+        cols += ["vram", "weights", "streamed", "GB/s", "link"]
     rows = [
         [
             r.model,
@@ -267,6 +294,17 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
             f"{r.ts_mean:.2f} ± {r.ts_sd:.2f}",
             str(r.launches),
         ]
+        + (
+            [
+                r.vram or "-",
+                f"{r.weights_mib:.1f} MiB",
+                f"{r.streamed_mb:.1f} MB",
+                f"{r.stream_gbs:.1f}",
+                f"{r.link_pct:.0f}%",
+            ]
+            if streaming
+            else []
+        )
         for r in results
     ]
     if fmt == "csv":
@@ -278,7 +316,7 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
     widths = [
         max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)
     ]
-    right = {"size", "params", "t/s", "launches"}
+    right = {"size", "params", "t/s", "launches", "weights", "streamed", "GB/s", "link"}
 
     def line(cells: list[str]) -> str:
         return (
