@@ -50,6 +50,14 @@ def measure(backend: str | Backend) -> Costs:
     dst = be.view(be.alloc(PROBE_BYTES), 0, (PROBE_BYTES // 4,), f32, (1,))
     copy = be.copy_launch(dst, host, main)
     link = PROBE_BYTES / _median_s(copy, be.synchronize)
+    # a copy's fixed cost: eight 1 MiB copies against the same bytes at link speed
+    small = [be.copy_launch(dst[: 2**18], host[: 2**18], main) for _ in range(8)]
+
+    def eight() -> None:
+        for c in small:
+            c()
+
+    overhead = max(0.0, (_median_s(eight, be.synchronize) - 8 * 2**20 / link) / 8)
     # device: one matrix-vector product over 64 MiB of f32 weights; launch: a 1-element add
     d = 4096
     g = GraphBuilder()
@@ -73,6 +81,7 @@ def measure(backend: str | Backend) -> Costs:
         device_bytes_per_s=device,
         host_bytes_per_s=(d * d * 4) / host_s,
         launch_s=launch,
+        copy_overhead_s=overhead,
     )
 
 

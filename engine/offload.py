@@ -54,6 +54,7 @@ class Costs:
     device_bytes_per_s: float = 3.5e12  # what a decode layer reads per second on the device
     host_bytes_per_s: float = 20e9  # NumPy on the host
     launch_s: float = 20e-6  # fixed cost of a layer (its launches)
+    copy_overhead_s: float = 5e-6  # what each copy costs beyond its bytes (setup, DMA latency)
 
     def device_s(self, nbytes: int) -> float:
         return self.launch_s + nbytes / self.device_bytes_per_s
@@ -61,8 +62,10 @@ class Costs:
     def host_s(self, nbytes: int) -> float:
         return nbytes / self.host_bytes_per_s
 
-    def copy_s(self, nbytes: int) -> float:
-        return nbytes / self.link_bytes_per_s
+    def copy_s(self, nbytes: int, copies: int = 1) -> float:
+        """A layer's fetch: its bytes at link speed plus the overhead of each of its copies
+        (one per weight matrix)."""
+        return copies * self.copy_overhead_s + nbytes / self.link_bytes_per_s
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,16 @@ def layer_bytes(graph: Graph) -> dict[int, int]:
     return out
 
 
+def layer_copies(graph: Graph) -> dict[int, int]:
+    """Weight matrices per layer tag: the copies a fetch of the layer makes."""
+    out: dict[int, int] = {}
+    for n in graph.weights:
+        if len(n.shape) >= 2:
+            layer = n.layer if n.layer is not None else 0
+            out[layer] = out.get(layer, 0) + 1
+    return out
+
+
 def parse_policy(policy: str, n_layer: int) -> tuple[str, int, int]:
     """``(kind, n, k)`` from a policy string; kind in all, ngl, stream, auto."""
     p = policy.strip()
@@ -184,8 +197,10 @@ def predict(
     ahead: int,
     costs: Costs,
     tokens: int = 3,
+    copies: Mapping[int, int] | None = None,
 ) -> float:
-    """Seconds per decode token in steady state (the last of ``tokens`` simulated ones)."""
+    """Seconds per decode token in steady state (the last of ``tokens`` simulated ones);
+    ``copies``: weight matrices per layer (one copy each), 1 where not given."""
     order = sorted(k for k in sizes if k != EMBEDDING)
     streamed = [k for k in order if where[k] == STREAMED]
     slots = ahead + 1
@@ -211,7 +226,9 @@ def predict(
                         prev = seq[j - slots]
                         free_at = compute_done.get(prev, t_compute)
                     start = max(copy_free, free_at)
-                    copy_free = start + costs.copy_s(sizes[key[1]])
+                    layer = key[1]
+                    n_copies = copies.get(layer, 1) if copies else 1
+                    copy_free = start + costs.copy_s(sizes[layer], n_copies)
                     copy_done[key] = copy_free
                 t_compute = max(t_compute, copy_done[(t, k)])
             step = costs.host_s(sizes[k]) if where[k] == HOST else costs.device_s(sizes[k])
@@ -235,6 +252,7 @@ def place(
     """
     costs = costs or Costs()
     sizes = layer_bytes(graph)
+    copies = layer_copies(graph)
     blocks = sorted(k for k in sizes if k >= 0)
     n_layer = max(blocks) if blocks else 0  # the head's tag
     has_head = n_layer in sizes and n_layer > 0
@@ -245,7 +263,7 @@ def place(
     if kind == "auto":
         if room is None:
             raise GraphError("offload policy 'auto' needs a budget (--vram)")
-        return _auto(sizes, n_layer, room, costs, budget)
+        return _auto(sizes, n_layer, room, costs, budget, copies)
     where: dict[int, str] = {}
     cause: dict[int, str] = {}
     for layer in sizes:
@@ -265,12 +283,12 @@ def place(
             else:
                 where[layer], cause[layer] = STREAMED, f"*{n}+{k}: streamed, fetched {k} ahead"
     if kind == "stream" and n_layer in sizes:  # the head: resident if the budget holds it
-        trial = _finish(policy, budget, sizes, dict(where), cause, k, costs)
+        trial = _finish(policy, budget, sizes, dict(where), cause, k, costs, copies=copies)
         head_fits = room is None or trial.device_bytes + sizes[n_layer] <= room
         if head_fits:
             where[n_layer] = GPU
             cause[n_layer] = "head: resident (read every token, the budget holds it)"
-    out = _finish(policy, budget, sizes, where, cause, k, costs)
+    out = _finish(policy, budget, sizes, where, cause, k, costs, copies=copies)
     if room is not None and out.device_bytes > room:
         raise GraphError(_too_small(out, room, reserve))
     return out
@@ -285,6 +303,7 @@ def _finish(
     ahead: int,
     costs: Costs,
     notes: Sequence[str] = (),
+    copies: Mapping[int, int] | None = None,
 ) -> Placement:
     streamed = [k for k in sorted(sizes) if where[k] == STREAMED]
     slots = min(ahead + 1, len(streamed)) if streamed else 0
@@ -294,7 +313,7 @@ def _finish(
     layers = tuple(
         LayerPlacement(k, sizes[k], where[k], cause[k], slot_of.get(k)) for k in sorted(sizes)
     )
-    t = predict(sizes, where, ahead, costs)
+    t = predict(sizes, where, ahead, costs, copies=copies)
     return Placement(policy, budget, layers, ahead, slots, slot_bytes, t, tuple(notes))
 
 
@@ -316,7 +335,12 @@ def _too_small(p: Placement, room: int, reserve: int) -> str:
 
 
 def _auto(
-    sizes: Mapping[int, int], n_layer: int, room: int, costs: Costs, budget: int | None
+    sizes: Mapping[int, int],
+    n_layer: int,
+    room: int,
+    costs: Costs,
+    budget: int | None,
+    copies: Mapping[int, int] | None = None,
 ) -> Placement:
     """Every candidate that fits, timed; the fastest wins (ties: fewer device bytes)."""
     blocks = [k for k in sorted(sizes) if 0 <= k < n_layer]
@@ -349,7 +373,7 @@ def _auto(
                     if need > room:
                         continue
                     tried += 1
-                    cand = _finish("auto", budget, sizes, where, cause, ahead, costs)
+                    cand = _finish("auto", budget, sizes, where, cause, ahead, costs, copies=copies)
                     key = (round(cand.predicted_s, 9), cand.device_bytes)
                     if best is None or key < (round(best.predicted_s, 9), best.device_bytes):
                         best = cand
@@ -377,6 +401,7 @@ def _auto(
         best.ahead,
         costs,
         notes,
+        copies=copies,
     )
 
 

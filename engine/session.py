@@ -371,6 +371,17 @@ class Session:
         order = {r: i for i, r in enumerate(wanted)}
         return stacked[[order[r] for r in rows]]
 
+    def prepare(self) -> None:
+        """Start fetching the streamed layers the next forward pass reads first, before its
+        tokens are known (ChatRWKV's wish in #152). After a pass this is already under way:
+        each pass ends by fetching the next one's first layers. Without streaming, nothing."""
+        ring = self.ring
+        if ring is None or ring.primed:
+            return
+        for j in range(min(ring.slots, len(ring.fetches))):
+            ring.fetch(j, after_free=False)
+        ring.primed = True
+
     def decode_greedy(self, token: int) -> int:
         """One token in, the most likely next token out. The argmax runs on the backend after
         the head, so only one id comes back instead of the vocabulary's logits."""

@@ -72,14 +72,14 @@ def test_a_budget_too_small_is_an_error_naming_the_bytes(llama7b) -> None:  # no
 
 
 def test_the_timing_model_is_link_bound_when_streaming() -> None:
-    costs = Costs(link_bytes_per_s=1e9, device_bytes_per_s=1e15, launch_s=0.0)
+    costs = Costs(link_bytes_per_s=1e9, device_bytes_per_s=1e15, launch_s=0.0, copy_overhead_s=0)
     sizes = {0: 10**9, 1: 10**9, 2: 10**9}
     everything = {k: STREAMED for k in sizes}
     assert offload.predict(sizes, everything, 0, costs) == pytest.approx(3.0, rel=1e-6)
     resident = {k: GPU for k in sizes}
     assert offload.predict(sizes, resident, 0, costs) == pytest.approx(3e-6, rel=1e-6)
     # compute equal to the link: with K=1 a fetch overlaps the previous layer's compute
-    even = Costs(link_bytes_per_s=1e9, device_bytes_per_s=1e9, launch_s=0.0)
+    even = Costs(link_bytes_per_s=1e9, device_bytes_per_s=1e9, launch_s=0.0, copy_overhead_s=0)
     serial = offload.predict(sizes, everything, 0, even)
     overlapped = offload.predict(sizes, everything, 1, even)
     assert overlapped < serial

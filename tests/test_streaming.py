@@ -212,3 +212,28 @@ def test_offloading_sessions_keep_the_embedding_in_host_memory() -> None:
     assert isinstance(s.weights["token_embd.weight"], np.ndarray)
     ex = s.executor(1, s.n_kv_for(1))
     assert "token_embd.weight" not in ex.weights and "output.weight" in ex.weights
+
+
+def test_prepare_starts_the_first_fetches_before_the_first_step() -> None:
+    cfg = preset("llama-tiny")
+    w = random_weights(cfg, seed=8)
+    s = Session(cfg, w, n_ctx=16, n_batch=4, offload="*0+0")
+    ref = Session(cfg, w, n_ctx=16, n_batch=4)
+    ring = s.ring
+    assert ring is not None and not ring.primed
+    s.prepare()
+    assert ring.primed and ring.fetched == ring.slots
+    s.prepare()  # already under way: nothing more
+    assert ring.fetched == ring.slots
+    np.testing.assert_array_equal(s.prefill([2, 7, 1]), ref.prefill([2, 7, 1]))
+    np.testing.assert_array_equal(s.decode(8), ref.decode(8))
+
+
+def test_the_timing_model_counts_each_copy() -> None:
+    """Each weight matrix is one copy with a fixed cost: more, smaller copies predict slower."""
+    costs = offload.Costs(link_bytes_per_s=1e9, copy_overhead_s=1e-3, launch_s=0.0)
+    sizes = {0: 10**6, 1: 10**6}
+    where = {0: offload.STREAMED, 1: offload.STREAMED}
+    one = offload.predict(sizes, where, 0, costs, copies={0: 1, 1: 1})
+    four = offload.predict(sizes, where, 0, costs, copies={0: 4, 1: 4})
+    assert four - one == pytest.approx(2 * 3 * 1e-3, rel=1e-6)
