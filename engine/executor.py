@@ -29,7 +29,7 @@ from backends import COMPUTE_OPS, Backend, get_backend
 from engine import fusion as fusion_pass
 from engine import memory, offload, scheduler, streaming
 from graph.ir import Graph, Node
-from graph.ops import ALIAS_OPS, VIEW_OPS, GraphError, Op
+from graph.ops import ALIAS_OPS, GraphError, Op
 
 __all__ = ["Executor", "run", "MODES"]
 
@@ -209,7 +209,13 @@ class Executor:
                     self._sync[first] = (st_, waits_, None)
                     self._sync[len(self._steps) - 1] = (st_, [], rec)
         if self.ring is not None:
-            self._index_fetches(graph, in_group, group_at)
+            members = [
+                list(f.nodes)
+                if (f := group_at.get(n.id)) is not None and f in self.fused
+                else [n.id]
+                for _, n in self._steps
+            ]
+            self._ring_steps = streaming.RingSteps(self.ring, graph, members, be, self._main)
         # the fork (every other stream waits for the inputs, copied on the main stream) and the
         # join (the main stream waits for every other before the outputs are copied out)
         self._fork = be.event() if self._side else None
@@ -360,7 +366,7 @@ class Executor:
         if self._sync:
             return self._launch_streams()
         if self.ring is not None:
-            return self._launch_streaming()
+            return self._ring_steps.launch(self._steps, self._copies_out, self._capturing, _failed)
         i = 0
         try:
             for i, (step, _) in enumerate(self._steps):  # noqa: B007
@@ -369,103 +375,6 @@ class Executor:
             raise _failed(self._steps[i][1], e) from e
         for copy in self._copies_out:
             copy()
-
-    def _index_fetches(self, graph: Graph, in_group: set[int], group_at: Mapping[int, Any]) -> None:
-        """For each fetch of the ring: the step before which compute waits for it, and the step
-        after which its slot is free (a layer this graph does not read frees its slot where the
-        layer before it did, and is never waited for)."""
-        ring = self.ring
-        assert ring is not None
-        nodes = graph.nodes
-        fetch_of = {f.layer: j for j, f in enumerate(ring.fetches)}
-        streamed = {  # (cached layers are always in place: nothing to wait for)
-            n.id: fetch_of[n.layer]
-            for n in graph.weights
-            if n.name in ring.arrays and n.layer in fetch_of
-        }
-
-        def layers_read(i: int) -> set[int]:
-            out = set()
-            for s in nodes[i].srcs:
-                while nodes[s].op in VIEW_OPS:
-                    s = nodes[s].srcs[0]
-                if s in streamed:
-                    out.add(streamed[s])
-            return out
-
-        n = len(ring.fetches)
-        first, last = [-1] * n, [-1] * n
-        for i, (_, node) in enumerate(self._steps):
-            f = group_at.get(node.id)
-            members = list(f.nodes) if f is not None and f in self.fused else [node.id]
-            for m in members:
-                for j in layers_read(m):
-                    if first[j] < 0:
-                        first[j] = i
-                    last[j] = i
-        self._ready_at: dict[int, list[int]] = {}
-        self._free_at: dict[int, list[int]] = {}
-        self._free_first: list[int] = []  # unread fetches among the first: free at the start
-        slots = ring.slots
-        for j in range(n):
-            if first[j] < 0:  # unread here: free where the previous fetch was freed
-                if j == 0 or last[j - 1] < 0:
-                    self._free_first.append(j)
-                else:
-                    self._free_at.setdefault(last[j - 1], []).append(j)
-                    last[j] = last[j - 1]
-                continue
-            if j >= slots and last[j - slots] >= first[j]:
-                raise GraphError(
-                    f"streamed layer {ring.fetches[j].layer} is read before layer "
-                    f"{ring.fetches[j - slots].layer} is done with its slot; use more slots"
-                )
-            self._ready_at.setdefault(first[j], []).append(j)
-            self._free_at.setdefault(last[j], []).append(j)
-        self._stream_fork, self._stream_join = self.backend.event(), self.backend.event()
-
-    def _launch_streaming(self) -> None:
-        """Compute on the main stream, the ring's fetches on the copy stream, K+1 slots; the
-        pass ends by fetching the next pass's first layers (see ``streaming.WeightRing``)."""
-        ring = self.ring
-        assert ring is not None
-        main, copy = self._main, ring.copy_stream
-        self._stream_fork.record(main)
-        self._stream_fork.wait(copy)
-        n, slots = len(ring.fetches), ring.slots
-        primed = ring.primed
-        if not primed:
-            for j in range(min(slots, n)):
-                ring.fetch(j, after_free=False)
-        # fetches in flight from the last pass are complete when a replay starts (replays on
-        # one stream never overlap) and a capture may not wait on them: wait only eagerly
-        skip = set(range(min(slots, n))) if primed and self._capturing else set()
-        refill = not ring.resident
-        for j in self._free_first:
-            ring.free[ring.fetches[j].slot].record(main)
-        ready_at, free_at = self._ready_at, self._free_at
-        i = 0
-        try:
-            for i, (step, _) in enumerate(self._steps):
-                for j in ready_at.get(i, ()):
-                    if j not in skip:
-                        ring.fetches[j].ready.wait(main)
-                step()
-                for j in free_at.get(i, ()):
-                    ring.free[ring.fetches[j].slot].record(main)
-                    if j + slots < n:
-                        ring.fetch(j + slots)
-        except Exception as e:
-            raise _failed(self._steps[i][1], e) from e
-        if refill:  # the next pass's first layers, each once its slot is free
-            for j in range(min(slots, n)):
-                ring.fetch(j)
-        ring.primed = True
-        ring.cache.count_pass(0 if primed and ring.resident else n)  # this pass's layers
-        self._stream_join.record(copy)
-        self._stream_join.wait(main)
-        for c in self._copies_out:
-            c()
 
     def _launch_streams(self) -> None:
         """The steps on their streams, with the schedule's waits and records, between the fork

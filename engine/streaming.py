@@ -28,9 +28,9 @@ import numpy as np
 from backends import Backend
 from engine.offload import STREAMED, Placement
 from graph.ir import Graph
-from graph.ops import GraphError
+from graph.ops import VIEW_OPS, GraphError
 
-__all__ = ["WeightRing", "Fetch"]
+__all__ = ["WeightRing", "Fetch", "ParamCache", "RingSteps"]
 
 ALIGN = 256
 
@@ -193,3 +193,107 @@ class WeightRing:
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class RingSteps:
+    """Where one executor's steps meet the ring: before which step compute waits for a fetch,
+    after which step a fetch's slot is free. A layer this graph does not read (the head of a
+    prefill chunk that skips logits) frees its slot where the layer before it did and is never
+    waited for."""
+
+    def __init__(
+        self, ring: WeightRing, graph: Graph, members: list[list[int]], be: Backend, main: Any
+    ) -> None:
+        self.ring, self.main = ring, main
+        nodes = graph.nodes
+        fetch_of = {f.layer: j for j, f in enumerate(ring.fetches)}
+        streamed = {  # (cached layers are always in place: nothing to wait for)
+            n.id: fetch_of[n.layer]
+            for n in graph.weights
+            if n.name in ring.arrays and n.layer in fetch_of
+        }
+
+        def layers_read(i: int) -> set[int]:
+            out = set()
+            for s in nodes[i].srcs:
+                while nodes[s].op in VIEW_OPS:
+                    s = nodes[s].srcs[0]
+                if s in streamed:
+                    out.add(streamed[s])
+            return out
+
+        n = len(ring.fetches)
+        first, last = [-1] * n, [-1] * n
+        for i, step in enumerate(members):
+            for m in step:
+                for j in layers_read(m):
+                    if first[j] < 0:
+                        first[j] = i
+                    last[j] = i
+        self.ready_at: dict[int, list[int]] = {}
+        self.free_at: dict[int, list[int]] = {}
+        self.free_first: list[int] = []  # unread fetches among the first: free at the start
+        slots = ring.slots
+        for j in range(n):
+            if first[j] < 0:  # unread here: free where the previous fetch was freed
+                if j == 0 or last[j - 1] < 0:
+                    self.free_first.append(j)
+                else:
+                    self.free_at.setdefault(last[j - 1], []).append(j)
+                    last[j] = last[j - 1]
+                continue
+            if j >= slots and last[j - slots] >= first[j]:
+                raise GraphError(
+                    f"streamed layer {ring.fetches[j].layer} is read before layer "
+                    f"{ring.fetches[j - slots].layer} is done with its slot; use more slots"
+                )
+            self.ready_at.setdefault(first[j], []).append(j)
+            self.free_at.setdefault(last[j], []).append(j)
+        self.fork, self.join = be.event(), be.event()
+
+    def launch(
+        self,
+        steps: list[tuple[Callable[[], None], Any]],
+        copies_out: list[Callable[[], None]],
+        capturing: bool,
+        failed: Callable[[Any, Exception], Exception],
+    ) -> None:
+        """Compute on the main stream, fetches on the copy stream, the pass ending by fetching
+        the next pass's first layers (see ``WeightRing``)."""
+        ring, main = self.ring, self.main
+        copy = ring.copy_stream
+        self.fork.record(main)
+        self.fork.wait(copy)
+        n, slots = len(ring.fetches), ring.slots
+        primed = ring.primed
+        if not primed:
+            for j in range(min(slots, n)):
+                ring.fetch(j, after_free=False)
+        # fetches in flight from the last pass are complete when a replay starts (replays on
+        # one stream never overlap) and a capture may not wait on them: wait only eagerly
+        skip = set(range(min(slots, n))) if primed and capturing else set()
+        for j in self.free_first:
+            ring.free[ring.fetches[j].slot].record(main)
+        ready_at, free_at = self.ready_at, self.free_at
+        i = 0
+        try:
+            for i, (step, _) in enumerate(steps):
+                for j in ready_at.get(i, ()):
+                    if j not in skip:
+                        ring.fetches[j].ready.wait(main)
+                step()
+                for j in free_at.get(i, ()):
+                    ring.free[ring.fetches[j].slot].record(main)
+                    if j + slots < n:
+                        ring.fetch(j + slots)
+        except Exception as e:
+            raise failed(steps[i][1], e) from e
+        if not ring.resident:  # the next pass's first layers, each once its slot is free
+            for j in range(min(slots, n)):
+                ring.fetch(j)
+        ring.primed = True
+        ring.cache.count_pass(0 if primed and ring.resident else n)  # this pass's layers
+        self.join.record(copy)
+        self.join.wait(main)
+        for c in copies_out:
+            c()

@@ -77,7 +77,7 @@ def test_stress_mode_turns_a_missing_ready_wait_into_a_wrong_result() -> None:
         return bad
 
     assert differs(4) == 0  # every wait in place: stress changes nothing
-    ex._ready_at = {}  # compute no longer waits for its layer's fetch
+    ex._ring_steps.ready_at = {}  # compute no longer waits for its layer's fetch
     assert differs(8) > 0
 
 
