@@ -22,9 +22,10 @@ Built around plans that are captured once and replayed, not around calling CuPy 
 * Groups found by the fusion pass (``engine.fusion``) run as one kernel each
   (``backends.cuda_fused``): decode is launch-bound, so fewer launches is the main lever.
 
-How each op becomes a launch is ``backends.cuda_launch``; this module owns the device: memory,
-streams, capture, the NVRTC module cache, cuBLAS. Inputs that a row kernel needs dense but that
-arrive strided are copied into planned scratch first (the elementwise kernels take any strides).
+How each op becomes a launch is ``backends.cuda_launch``, ``cuda_matmul`` and
+``cuda_attention``; this module owns the device: memory, streams, capture, the NVRTC module
+cache, cuBLAS. Inputs that a row kernel needs dense but that arrive strided are copied into
+planned scratch first (the elementwise kernels take any strides).
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ from typing import Any
 import cupy as cp  # ImportError here: the registry turns it into a one-line BackendError
 import numpy as np
 
+from backends import cuda_attention, cuda_launch, cuda_matmul
 from backends.base import Backend, BackendError, FusedGroup
 from backends.cuda_driver import DriverLauncher, load_driver
 from backends.cuda_fused import FUSED_COMPILERS
 from backends.cuda_launch import (
-    COMPILERS,
     CTYPE,
     STRIDED_OPS,
     THREADS,
@@ -52,7 +53,6 @@ from backends.cuda_launch import (
     dense_copy_bytes,
     dtype_of_array,
     elementwise,
-    own_scratch_bytes,
     ptr,
 )
 from graph.dtypes import DType
@@ -60,6 +60,9 @@ from graph.ir import Node
 from graph.ir import contiguous_strides as _contiguous
 
 __all__ = ["CupyBackend"]
+
+COMPILERS = {**cuda_launch.COMPILERS, **cuda_matmul.COMPILERS, **cuda_attention.COMPILERS}
+"""How each compute op becomes prepared launches (see the three modules)."""
 
 H2D, D2H = 1, 2  # cudaMemcpyKind
 
@@ -367,7 +370,8 @@ class CupyBackend(Backend):
 
     # -- planning ------------------------------------------------------------------------------
     def scratch_bytes(self, node: Node, srcs: Sequence[Node]) -> int:
-        return sum(dense_copy_bytes(node, srcs)) + own_scratch_bytes(node, srcs)
+        own = cuda_matmul.scratch_bytes(node, srcs) + cuda_attention.scratch_bytes(node, srcs)
+        return sum(dense_copy_bytes(node, srcs)) + own
 
     def compile(
         self,

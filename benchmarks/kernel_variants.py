@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from backends import cuda_launch, get_backend
+from backends import cuda_attention, cuda_matmul, get_backend
 from engine.executor import Executor
 from graph import GraphBuilder, f32
 from graph.dtypes import bf16
@@ -117,11 +117,11 @@ def main() -> None:
     for n_out, k, kind in matvec_cases:
         graph, inputs, weights = matvec_graph(n_out, k, kind)
         for fusion, new in ((True, True), (False, True), (False, False)):
-            cuda_launch.MAX_INPUT_FLOATS = 11 * 1024 if new else 0  # 0: k_matvec declines
+            cuda_matmul.MAX_INPUT_FLOATS = 11 * 1024 if new else 0  # 0: k_matvec declines
 
             what = "fused" if fusion else "unfused (norms + matvec)" if new else "norms + old gemv"
             case(f"{kind} matvec {n_out}x{k}: {what}", graph, weights, inputs, fusion)
-    cuda_launch.MAX_INPUT_FLOATS = 11 * 1024
+    cuda_matmul.MAX_INPUT_FLOATS = 11 * 1024
     for defines in (
         []
         if only == "matvec"
@@ -137,7 +137,7 @@ def main() -> None:
         for kv in ("f32", "bf16"):
             graph, ainputs = attention_graph(m, kv)
             for kernel in ("last_block", "kernel", "old"):
-                cuda_launch.DECODE_MAX_TOKENS = 0 if kernel == "old" else 8
+                cuda_attention.DECODE_MAX_TOKENS = 0 if kernel == "old" else 8
                 be.attn_merge = "kernel" if kernel == "old" else kernel
                 what = {
                     "last_block": "decode kernel, splits merged by the last block",
@@ -145,7 +145,7 @@ def main() -> None:
                     "old": "split kernel + merge launch",
                 }[kernel]
                 case(f"attention m={m} {kv} cache: {what}", graph, {}, ainputs)
-    cuda_launch.DECODE_MAX_TOKENS = 8
+    cuda_attention.DECODE_MAX_TOKENS = 8
     be.attn_merge = "kernel"
     print("\nkernel                                              regs  local B  shared B")
     for name, f in sorted(be._functions.items()):

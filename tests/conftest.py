@@ -1,9 +1,11 @@
-"""Shared test set-up: the ``gpu`` marker skips cleanly where CUDA or CuPy is absent."""
+"""Shared test set-up: the ``gpu`` marker skips cleanly where CUDA or CuPy is absent; the ``gpu``
+fixture is the CuPy backend, and ``close`` the GPU tests' comparison with the NumPy reference."""
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 
 
@@ -26,3 +28,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             reason = cuda_available()
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def gpu():  # noqa: ANN201
+    from backends import get_backend
+
+    return get_backend("cupy")
+
+
+def close(got: np.ndarray, want: np.ndarray, tol: float, what: str = "") -> None:
+    """Equal within ``tol`` relative to each value and to the largest magnitude (at least 1),
+    with the same entries finite."""
+    g, w = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert g.shape == w.shape, what
+    assert np.isfinite(g).all() == np.isfinite(w).all(), what
+    scale = max(1.0, float(np.abs(w).max(initial=0.0)))
+    np.testing.assert_allclose(g, w, rtol=tol, atol=tol * scale, err_msg=what)

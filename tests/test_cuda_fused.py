@@ -11,28 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends import get_backend
 from engine.executor import Executor
 from engine.session import Session
 from engine.weights import device_weights, random_weights
 from graph import GraphBuilder, f32
 from graph.dtypes import bf16
 from graph.models import preset
+from tests.conftest import close
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def gpu():  # noqa: ANN201
-    return get_backend("cupy")
-
-
-def _close(got: np.ndarray, want: np.ndarray, tol: float, what: str = "") -> None:
-    g, w = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert g.shape == w.shape, what
-    assert np.isfinite(g).all() == np.isfinite(w).all(), what
-    scale = max(1.0, float(np.abs(w).max(initial=0.0)))
-    np.testing.assert_allclose(g, w, rtol=tol, atol=tol * scale, err_msg=what)
 
 
 def _both(graph, weights, inputs, gpu, states=None, runs=2):  # noqa: ANN001, ANN202
@@ -86,7 +73,7 @@ def test_norm_matvec(gpu, pre: str, rows: int, k: int, n_out: int, wdtype: str) 
     # the input vectors are built in shared memory: larger ones run as separate launches
     assert _patterns(dev) == (["norm_matvec"] if rows * k <= 11 * 1024 else [])
     for i, (a_, b_) in enumerate(zip(got, want, strict=True)):
-        _close(a_, b_, 2e-5 * np.sqrt(k), f"output {i}")
+        close(a_, b_, 2e-5 * np.sqrt(k), f"output {i}")
 
 
 @pytest.mark.parametrize("act", ["geglu", "swiglu"])
@@ -106,7 +93,7 @@ def test_glu_matvec_on_halves_of_a_stacked_projection(gpu, act, rows, k, n_out, 
     weights = {"w": (rng.standard_normal((n_out, k)) / np.sqrt(k)).astype(np.float32)}
     want, got, _, _, dev = _both(graph, weights, inputs, gpu)
     assert _patterns(dev) == (["glu_matvec"] if rows * k <= 11 * 1024 else [])
-    _close(got[0], want[0], 8 * 2.0**-8, act)
+    close(got[0], want[0], 8 * 2.0**-8, act)
 
 
 def test_unsupported_layouts_fall_back_to_one_launch_per_node(gpu) -> None:  # noqa: ANN001
@@ -121,7 +108,7 @@ def test_unsupported_layouts_fall_back_to_one_launch_per_node(gpu) -> None:  # n
     inputs = {"a": rng.standard_normal((1, 333), np.float32)}
     want, got, _, _, dev = _both(graph, weights, inputs, gpu)
     assert dev.fusions and not dev.fused and dev.n_launches == 2
-    _close(got[0], want[0], 1e-4)
+    close(got[0], want[0], 1e-4)
 
 
 def _front_end(n, hq, hk, d, dv, m, *, norms, mode, n_dims, cache):  # noqa: ANN001, ANN202
@@ -176,9 +163,9 @@ def test_rope_store(gpu, hq, hk, d, dv, norms, mode, n_dims, n, cache) -> None: 
     want, got, cpu_states, dev_states, dev = _both(graph, weights, inputs, gpu, states)
     assert _patterns(dev) == ["rope_store"]
     tol = 2e-5 if cache == "f32" else 8 * 2.0**-8
-    _close(got[0], want[0], tol, "attention output")
+    close(got[0], want[0], tol, "attention output")
     for s in states:
-        _close(dev_states[s], cpu_states[s], tol, f"cache {s}")
+        close(dev_states[s], cpu_states[s], tol, f"cache {s}")
 
 
 @pytest.mark.parametrize(
@@ -227,7 +214,7 @@ def _decode_attention(gpu, n, m, h, hk, d, dv, window, kv) -> None:  # noqa: ANN
     want, got, _, _, _ = _both(graph, {}, inputs, gpu, runs=4)  # tickets reset between runs
     assert any(name.startswith("k_attn_decode") for name in gpu._functions)
     tol = {"f32": 2e-5, "f16": 8 * 2.0**-11, "bf16": 8 * 2.0**-8}[kv]
-    _close(got[0], want[0], tol)
+    close(got[0], want[0], tol)
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gemma3-tiny"])
@@ -243,8 +230,8 @@ def test_models_fused_and_unfused_agree_with_numpy(gpu, name: str) -> None:  # n
     tok = 5
     for step in range(7):
         want = cpu.decode(tok)
-        _close(fused.decode(tok), want, 1e-4, f"fused, step {step}")
-        _close(plain.decode(tok), want, 1e-4, f"unfused, step {step}")
+        close(fused.decode(tok), want, 1e-4, f"fused, step {step}")
+        close(plain.decode(tok), want, 1e-4, f"unfused, step {step}")
         tok = (tok * 7 + 3) % cfg.n_vocab
     ex = fused.executor(1, fused.n_kv_for(fused.n_past + 1))
     assert {"norm_matvec", "glu_matvec", "rope_store"} <= set(_patterns(ex))

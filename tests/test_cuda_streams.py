@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends import get_backend
 from engine.executor import Executor
 from engine.session import Session
 from engine.weights import device_weights, random_weights
@@ -16,11 +15,6 @@ from graph.dtypes import bf16
 from graph.models import preset
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def gpu():  # noqa: ANN201
-    return get_backend("cupy")
 
 
 @pytest.mark.parametrize("streams", [2, 4, 8, "auto"])

@@ -19,24 +19,12 @@ from engine.weights import device_weights, random_weights
 from graph import GraphBuilder, f32
 from graph.dtypes import bf16, f16
 from graph.models import preset
+from tests.conftest import close
 from tests.strategies import Case, graph_cases
 
 pytestmark = pytest.mark.gpu
 
 TOL = {f32.name: 2e-5, f16.name: 8 * 2.0**-11, bf16.name: 8 * 2.0**-8}
-
-
-@pytest.fixture(scope="module")
-def gpu():  # noqa: ANN201
-    return get_backend("cupy")
-
-
-def _close(got: np.ndarray, want: np.ndarray, tol: float, what: str = "") -> None:
-    g, w = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert g.shape == w.shape, what
-    assert np.isfinite(g).all() == np.isfinite(w).all(), what
-    scale = max(1.0, float(np.abs(w).max(initial=0.0)))
-    np.testing.assert_allclose(g, w, rtol=tol, atol=tol * scale, err_msg=what)
 
 
 def test_every_compute_op_compiles(gpu) -> None:  # noqa: ANN001
@@ -57,9 +45,9 @@ def test_random_graphs_equal_numpy(case: Case) -> None:
         feed = {k: v for k, v in inputs.items() if k in cpu.input_names}
         want, got = cpu.run(feed), dev.run(feed)
         for o, a, b in zip(case.graph.outputs, got, want, strict=True):
-            _close(a, b, tol, f"output %{o} {case.graph.nodes[o].op.name} ops={case.ops}")
+            close(a, b, tol, f"output %{o} {case.graph.nodes[o].op.name} ops={case.ops}")
     for name, value in cpu_states.items():
-        _close(gpu.to_host(gpu_states[name]), value, tol, f"state {name}")
+        close(gpu.to_host(gpu_states[name]), value, tol, f"state {name}")
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 64])
@@ -83,7 +71,7 @@ def test_mul_mat_gemv_and_cublas_paths(gpu, rows: int, wdtype: str, k: int, n_ou
     else:
         want = Executor(graph, weights, "numpy").run(inputs)[0]
     got = Executor(graph, weights, gpu).run(inputs)[0]
-    _close(got, want, 1e-5 * np.sqrt(k), f"{rows} rows, {wdtype}, K={k}")
+    close(got, want, 1e-5 * np.sqrt(k), f"{rows} rows, {wdtype}, K={k}")
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gemma3-tiny"])
@@ -94,10 +82,10 @@ def test_tiny_models_prefill_and_decode_equal_numpy(gpu, name: str, mode: str) -
     cpu = Session(cfg, w, "numpy", n_ctx=64, n_batch=8)
     dev = Session(cfg, w, gpu, n_ctx=64, n_batch=8, mode=mode)
     ids = list(range(3, 14))
-    _close(dev.prefill(ids, logits="all"), cpu.prefill(ids, logits="all"), 1e-4, "prefill")
+    close(dev.prefill(ids, logits="all"), cpu.prefill(ids, logits="all"), 1e-4, "prefill")
     tok = 7
     for step in range(6):  # past the tiny gemma's window of 4
-        _close(dev.decode(tok), cpu.decode(tok), 1e-4, f"decode step {step}")
+        close(dev.decode(tok), cpu.decode(tok), 1e-4, f"decode step {step}")
         tok = (tok * 31 + 5) % cfg.n_vocab
 
 
@@ -111,11 +99,11 @@ def test_gemma3_270m_shape_equals_numpy(gpu, dtype: str) -> None:  # noqa: ANN00
     tol = 1e-4 if dtype == "f32" else 3e-2
     ids = [int(t) for t in np.random.default_rng(0).integers(0, cfg.n_vocab, 16)]
     want, got = cpu.prefill(ids), dev.prefill(ids)
-    _close(got, want, tol, "prefill")
+    close(got, want, tol, "prefill")
     assert int(got.argmax()) == int(want.argmax()) or dtype == "bf16"
     tok = int(want.argmax())
     for step in range(4):
-        _close(dev.decode(tok), cpu.decode(tok), tol, f"decode {step}")
+        close(dev.decode(tok), cpu.decode(tok), tol, f"decode {step}")
         tok = (tok + 1009) % cfg.n_vocab
 
 

@@ -1,0 +1,171 @@
+"""Attention as prepared CUDA launches: a one-launch decode kernel for few query tokens and a
+grouped-query online softmax over key batches for prompts, key splits merged by a second launch
+(or by the last block to finish, ``CupyBackend.attn_merge``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from backends.base import BackendError
+from backends.cuda_launch import (
+    CTYPE,
+    Job,
+    dtype_of_array,
+    need_contiguous,
+    prepare_launch,
+    ptr,
+)
+from graph.ir import Node
+from graph.ops import AttentionParams, Op
+
+if TYPE_CHECKING:  # annotations only: importing the backend would import cupy
+    from backends.cupy_backend import CupyBackend
+
+ATTN_WARPS = 4
+ATTN_DMAX = 256
+ATTN_GB = 4  # query heads per block (kernels.cu GB)
+ATTN_KEYS = 32  # keys a block takes per pass: ATTN_WARPS x KB
+
+
+def _attn_rows(n: int, h: int, hk: int) -> int:
+    """Blocks along the first grid axis: one per query token, kv head and group of query heads."""
+    return n * hk * -(-(h // hk) // ATTN_GB)
+
+
+def _attn_splits(rows: int, m: int) -> int:
+    """Key splits so that few query rows (decode) still fill the GPU: about 8 blocks per SM."""
+    want = max(1, -(-1056 // max(rows, 1)))
+    return max(1, min(want, -(-m // ATTN_KEYS), 1024))  # kernels.cu MAX_SPLITS
+
+
+DECODE_MAX_TOKENS = 8  # query tokens up to which attention uses the one-launch decode kernel
+DECODE_TILE = 64  # kernels.cu DT_KEYS
+
+
+def _decode_splits(rows: int, m: int) -> tuple[int, int]:
+    """(splits, keys per split) for the decode kernel: about two blocks per SM in all, at most
+    32 splits (the merge walks them), each a whole number of 64-key tiles."""
+    tiles = -(-m // DECODE_TILE)
+    splits = max(1, min(-(-264 // max(rows, 1)), tiles, 32))
+    chunk = -(-tiles // splits) * DECODE_TILE
+    return -(-m // chunk) if m else 1, chunk
+
+
+def _decode_ok(q: Any, k: Any, v: Any) -> bool:
+    n, _, d = q.shape
+    dv = v.shape[2]
+    dense = all(a.data.ptr % 16 == 0 for a in (k, v))
+    return n <= DECODE_MAX_TOKENS and d % 8 == 0 and dv % 8 == 0 and dense
+
+
+def decode_attention(
+    be: CupyBackend, node: Node, out: Any, srcs: Sequence[Any], scratch: Any, merge: str
+) -> tuple[Callable[[], None], int] | None:
+    """``k_attn_decode`` for few query tokens, and its number of key splits; None if the
+    shapes do not suit it. ``merge``: the splits' partials (in ``scratch``, one record of
+    ``(max, sum, acc[Dv])`` per query head and split) merged by the last block to finish
+    ("last_block") or by a second launch ("kernel")."""
+    p: AttentionParams = node.params  # type: ignore[assignment]
+    q, k, v, qpos, kpos = srcs
+    if not _decode_ok(q, k, v):
+        return None
+    n, h, d = q.shape
+    m, hk, _ = k.shape
+    dv = v.shape[2]
+    rows = _attn_rows(n, h, hk)
+    splits, chunk = _decode_splits(rows, m)
+    types = ", ".join(CTYPE[dtype_of_array(a).name] for a in (q, k, v))
+    f = be.fn(f"k_attn_decode<{types}>")
+    tickets = be.counters(rows)
+    part = ptr(scratch) if splits > 1 else np.uint64(0)
+    dargs = (
+        *(ptr(a) for a in (q, k, v, qpos, kpos, out)),
+        part,
+        ptr(tickets),
+        *(np.int32(x) for x in (h, hk, m, d, dv)),
+        np.float32(p.scale),
+        np.int32(p.window),
+        np.int32(chunk),
+        np.int32(merge == "last_block"),
+    )
+    main = prepare_launch(be, f, (rows, splits), (256,), dargs)
+    if splits == 1 or merge != "kernel":
+        return main, splits
+    return _then(main, _combine(be, n * h, splits, dv, part, out)), splits
+
+
+def _c_attention(job: Job) -> Callable[[], None]:
+    be, node, out, srcs, scratch, fixed = job
+    need_contiguous(node, srcs, range(5))
+    p: AttentionParams = node.params  # type: ignore[assignment]
+    q, k, v, qpos, kpos = srcs
+    n, h, d = q.shape
+    m, hk, _ = k.shape
+    dv = v.shape[2]
+    if max(d, dv) > ATTN_DMAX:
+        raise BackendError(
+            f"ATTENTION {node.label}: head dim {max(d, dv)} > {ATTN_DMAX} is not supported"
+        )
+    if n * h == 0:
+        return lambda: None
+    rows = _attn_rows(n, h, hk)
+    types = ", ".join(CTYPE[dtype_of_array(a).name] for a in (q, k, v))
+    decode = decode_attention(be, node, out, srcs, scratch, be.attn_merge)
+    if decode is not None:
+        return decode[0]
+    splits = _attn_splits(rows, m)
+    chunk = -(-m // splits) if m else 1
+    f = be.fn(f"k_attention<{types}>")
+    part = ptr(scratch) if splits > 1 else np.uint64(0)
+    args = (
+        ptr(q),
+        ptr(k),
+        ptr(v),
+        ptr(qpos),
+        ptr(kpos),
+        ptr(out),
+        part,
+        np.int32(h),
+        np.int32(hk),
+        np.int32(m),
+        np.int32(d),
+        np.int32(dv),
+        np.float32(p.scale),
+        np.int32(p.window),
+        np.int32(chunk),
+    )
+    main = prepare_launch(be, f, (rows, splits), (32 * ATTN_WARPS,), args)
+    if splits == 1:
+        return main
+    return _then(main, _combine(be, n * h, splits, dv, part, out))
+
+
+def _combine(be: CupyBackend, heads: int, splits: int, dv: int, part: Any, out: Any) -> Any:
+    """The launch that merges the key splits' partials of every query head."""
+    args = (part, ptr(out), np.int32(splits), np.int32(dv))
+    return prepare_launch(be, be.fn("k_attn_combine"), (heads,), (128,), args)
+
+
+def _then(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        second()
+
+    return both
+
+
+def scratch_bytes(node: Node, srcs: Sequence[Node]) -> int:
+    """The key splits' partials, when an attention splits its keys."""
+    if node.op is not Op.ATTENTION:
+        return 0
+    n, h, dv = node.shape
+    rows, m = _attn_rows(n, h, srcs[1].shape[1]), srcs[1].shape[0]
+    splits = max(_attn_splits(rows, m), _decode_splits(rows, m)[0])
+    return n * h * splits * (dv + 2) * 4 if splits > 1 else 0
+
+
+COMPILERS = {Op.ATTENTION: _c_attention}
