@@ -246,15 +246,30 @@ class _Stream:
             raise e
 
 
-class _Event:
-    """CUDA's semantics: ``wait`` waits for the most recent ``record`` issued before it."""
+class _Graphs:
+    """Which capture (CUDA graph) the host is recording or replaying now, if any: CUDA refuses
+    to wait outside a capture on an event last recorded inside one (a replay does not record
+    the event object), or inside a capture on one recorded outside it. The NumPy backend
+    replays by running the launch again, so it tracks this to refuse the same waits."""
 
     def __init__(self) -> None:
+        self.active: int | None = None  # the capture being recorded or replayed
+        self.count = 0
+
+
+class _Event:
+    """CUDA's semantics: ``wait`` waits for the most recent ``record`` issued before it, and
+    a record inside a capture is only visible to waits inside that capture."""
+
+    def __init__(self, graphs: _Graphs) -> None:
         self._cv = threading.Condition()
         self._issued = 0
         self._done = 0
+        self._graphs = graphs
+        self._recorded_in: int | None = None  # the capture of the last record, None eager
 
     def record(self, stream: _Stream) -> None:
+        self._recorded_in = self._graphs.active
         with self._cv:
             self._issued += 1
             target = self._issued
@@ -267,6 +282,14 @@ class _Event:
         stream.submit(mark)
 
     def wait(self, stream: _Stream) -> None:
+        active = self._graphs.active
+        if self._issued and self._recorded_in != active:
+            where = "a capture" if self._recorded_in is not None else "no capture"
+            now = "inside a capture" if active is not None else "outside any capture"
+            raise RuntimeError(
+                f"waiting {now} on an event last recorded in {where}: CUDA refuses this "
+                "(cudaErrorInvalidValue or a capture isolation error)"
+            )
         with self._cv:
             target = self._issued
 
@@ -292,6 +315,7 @@ class NumpyBackend(Backend):
 
     def __init__(self) -> None:
         self._main = _Stream(inline=True)
+        self._graphs = _Graphs()
 
     def alloc(self, nbytes: int) -> np.ndarray:
         return np.zeros(max(int(nbytes), 1), dtype=np.uint8)
@@ -338,7 +362,24 @@ class NumpyBackend(Backend):
         return self._main
 
     def event(self) -> _Event:
-        return _Event()
+        return _Event(self._graphs)
+
+    def capture(self, launch: Callable[[], None]) -> Callable[[], None]:
+        """A replay of ``launch``: running it again under one capture id (no launch overhead to
+        save on a CPU), so that its events keep CUDA's rules. As in CUDA, capturing runs
+        nothing; the first replay does."""
+        graphs = self._graphs
+        graphs.count += 1
+        graph = graphs.count
+
+        def run() -> None:
+            outer, graphs.active = graphs.active, graph
+            try:
+                launch()
+            finally:
+                graphs.active = outer
+
+        return run
 
     def synchronize(self) -> None:
         pass

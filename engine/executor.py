@@ -252,7 +252,6 @@ class Executor:
                 self._side_out.setdefault(k, []).append(c)
         self._debug = int(os.environ.get("STREAMGRAPH_DEBUG", "0") or 0)
         self._replay: Callable[[], None] | None = None
-        self._capturing = False
         self._warmed = False
 
     # -- binding -------------------------------------------------------------------------------
@@ -338,14 +337,12 @@ class Executor:
         ``copy=False`` returns the staging buffers themselves, which the next run overwrites.
         """
         self.set_inputs(inputs)
+        if self.ring is not None:
+            self.ring.settle(self._main)
         if self._replay is not None:
             self._replay()
         elif self.mode == "graph" and self._warmed and self._debug < 2:
-            self._capturing = True
-            try:
-                self._replay = self.backend.capture(self.launch)
-            finally:
-                self._capturing = False
+            self._replay = self.backend.capture(self.launch)
             self._replay()
         else:
             self.launch()
@@ -366,7 +363,7 @@ class Executor:
         if self._sync:
             return self._launch_streams()
         if self.ring is not None:
-            return self._ring_steps.launch(self._steps, self._copies_out, self._capturing, _failed)
+            return self._ring_steps.launch(self._steps, self._copies_out, _failed)
         i = 0
         try:
             for i, (step, _) in enumerate(self._steps):  # noqa: B007

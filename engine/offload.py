@@ -19,9 +19,10 @@ Policies:
                   of K+1 slots, the layer K ahead fetched while one computes; the head streams
                   too unless the budget holds it (``*N+K`` says nothing of it; we keep it
                   resident when it fits, since it is read every token).
-``auto``          the cheapest placement that fits ``budget``: residency (first layers, or
-                  spread among the streamed ones where that hides the link better), head
-                  placement, K and the slot count, each candidate timed by ``predict``.
+``auto``          the cheapest placement that fits ``budget``: residency (the first layers,
+                  the last ones, or spread among the streamed ones, whichever hides the link
+                  best), head placement, K and the slot count, each candidate timed by
+                  ``predict``.
 
 ``predict`` simulates one steady-state token: a copy stream fetching streamed layers in order
 (each into the slot its layer K+1 earlier freed, the fetch of the next token's first layers
@@ -42,6 +43,7 @@ __all__ = ["Costs", "LayerPlacement", "Placement", "place", "predict", "parse_po
 
 GPU, STREAMED, HOST = "gpu", "streamed", "host"
 EMBEDDING = -1
+ARRANGEMENTS = ("first", "last", "spread")  # where auto puts its resident blocks (``_pick``)
 _STRATEGY = re.compile(r"^\*(\d+)\+(\d*)$")
 
 
@@ -200,41 +202,54 @@ def predict(
     copies: Mapping[int, int] | None = None,
 ) -> float:
     """Seconds per decode token in steady state (the last of ``tokens`` simulated ones);
-    ``copies``: weight matrices per layer (one copy each), 1 where not given."""
+    ``copies``: weight matrices per layer (one copy each), 1 where not given.
+
+    The simulation follows ``engine.streaming`` step for step: one copy stream runs the
+    fetches in the order they are queued (fetch j into slot j mod slots once the fetch
+    ``slots`` earlier has been computed; after a slot's last user in a token, the next
+    token's fetch into that slot); the compute stream runs the layers in order, a streamed
+    one once its fetch is in. A token ends when both streams are done (its CUDA graph joins
+    them), so a copy the compute does not need until the next token still counts, and
+    resident layers at the start of a token run with the copy stream idle (its slots are all
+    full): put first, they cost their compute; put last, they hide the next token's first
+    fetches."""
     order = sorted(k for k in sizes if k != EMBEDDING)
     streamed = [k for k in order if where[k] == STREAMED]
-    slots = ahead + 1
-    copy_done: dict[tuple[int, int], float] = {}
-    compute_done: dict[tuple[int, int], float] = {}
-    copy_free = 0.0  # when the copy stream is idle
-    t_compute = 0.0
+    fetch_of = {k: j for j, k in enumerate(streamed)}
+    n = len(streamed)
+    slots = min(ahead + 1, n)
+
+    def copy_s(k: int) -> float:
+        return costs.copy_s(sizes[k], copies.get(k, 1) if copies else 1)
+
+    moving = n > slots  # else every streamed layer keeps its slot after the first token
+    ready = [0.0] * n  # when fetch j of this token is in its slot
+    start, copy_free = 0.0, 0.0
     starts = []
-    seq = [(t, k) for t in range(tokens) for k in streamed]  # every fetch, in copy order
-    fetch_index = {key: i for i, key in enumerate(seq)}
-    pending = list(seq)
     for t in range(tokens):
-        starts.append(t_compute)
+        starts.append(start)
+        if t == 0 or moving:
+            ready[:slots] = [start] * slots  # primed by the token before (or by prepare())
+        copy_free = max(copy_free, start)
+        done = [0.0] * n  # when streamed layer j's compute finished
+        queued = slots  # fetches of this token queued on the copy stream so far
+        now = start
         for k in order:
             if where[k] == STREAMED:
-                # fetches up to `ahead` past this one; each waits for its slot, freed when the
-                # layer that used it `slots` fetches earlier has been computed
-                while pending and fetch_index[pending[0]] <= fetch_index[(t, k)] + ahead:
-                    key = pending.pop(0)
-                    j = fetch_index[key]
-                    free_at = 0.0
-                    if j >= slots:
-                        prev = seq[j - slots]
-                        free_at = compute_done.get(prev, t_compute)
-                    start = max(copy_free, free_at)
-                    layer = key[1]
-                    n_copies = copies.get(layer, 1) if copies else 1
-                    copy_free = start + costs.copy_s(sizes[layer], n_copies)
-                    copy_done[key] = copy_free
-                t_compute = max(t_compute, copy_done[(t, k)])
-            step = costs.host_s(sizes[k]) if where[k] == HOST else costs.device_s(sizes[k])
-            t_compute += step
-            compute_done[(t, k)] = t_compute
-    starts.append(t_compute)
+                j = fetch_of[k]
+                while moving and queued <= j:  # fetches wait for the compute `slots` earlier
+                    copy_free = max(copy_free, done[queued - slots]) + copy_s(streamed[queued])
+                    ready[queued] = copy_free
+                    queued += 1
+                now = max(now, ready[j])
+            now += costs.host_s(sizes[k]) if where[k] == HOST else costs.device_s(sizes[k])
+            if where[k] == STREAMED:
+                done[fetch_of[k]] = now
+        if moving:  # the next token's first fetches, each queued as its slot's last user
+            for i in range(n - slots, n):  # in this token is done
+                copy_free = max(copy_free, done[i]) + copy_s(streamed[i % slots])
+        start = max(now, copy_free)
+    starts.append(start)
     return starts[-1] - starts[-2]
 
 
@@ -350,8 +365,8 @@ def _auto(
     tried = 0
     for head_where in [GPU, STREAMED] if head is not None else [None]:
         for n_res in range(len(blocks), -1, -1):
-            for spread in (False, True) if 0 < n_res < len(blocks) else (False,):
-                resident = _pick(blocks, n_res, spread)
+            for arrange in ARRANGEMENTS if 0 < n_res < len(blocks) else ("first",):
+                resident = _pick(blocks, n_res, arrange)
                 n_streamed = len(blocks) - n_res + (head_where == STREAMED)
                 for ahead in range(0, max(1, n_streamed)):
                     if n_streamed == 0 and ahead:
@@ -360,7 +375,11 @@ def _auto(
                     cause = {EMBEDDING: "embedding: only the rows of a step's tokens move"}
                     for b in blocks:
                         where[b] = GPU if b in resident else STREAMED
-                        cause[b] = "resident" if b in resident else f"streamed {ahead} ahead"
+                        cause[b] = (
+                            f"resident ({arrange} {n_res} blocks)"
+                            if b in resident
+                            else f"streamed {ahead} ahead"
+                        )
                     if head is not None:
                         where[head] = head_where or GPU
                         cause[head] = f"head: {where[head]}"
@@ -384,8 +403,13 @@ def _auto(
             f"({human(biggest)}; smallest {human(smallest)}); raise --vram"
         )
     n_res = sum(1 for p in best.layers if p.where == GPU and 0 <= p.layer < n_layer)
+    arranged = next(
+        (p.cause.split("(")[1].split()[0] for p in best.layers if p.cause.startswith("resident")),
+        "-",
+    )
+    head_at = best.where(head) if head is not None else "-"
     notes = (
-        f"chose {n_res} resident block(s), head {best.where(head) if head is not None else '-'}, "
+        f"chose {n_res} resident block(s) ({arranged}), head {head_at}, "
         f"K={best.ahead}, {best.slots} slot(s) among {tried} placements that fit "
         f"{room / 2**30:.2f} GiB",
         f"streamed {best.streamed_bytes / 2**30:.2f} GiB/token at "
@@ -405,10 +429,14 @@ def _auto(
     )
 
 
-def _pick(blocks: Sequence[int], n: int, spread: bool) -> set[int]:
-    """``n`` resident blocks: the first ``n``, or spread evenly so that streamed layers sit
-    between resident ones whose compute hides their fetch."""
-    if not spread:
+def _pick(blocks: Sequence[int], n: int, arrange: str) -> set[int]:
+    """``n`` resident blocks: the first ``n`` (ChatRWKV's ``*N+K``), the last ``n`` (their
+    compute at the end of a token hides the next token's first fetches, see ``predict``), or
+    spread evenly so that streamed layers sit between resident ones whose compute hides their
+    fetch."""
+    if arrange == "first":
         return set(blocks[:n])
+    if arrange == "last":
+        return set(blocks[len(blocks) - n :])
     step = len(blocks) / n
     return {blocks[min(len(blocks) - 1, int(i * step))] for i in range(n)}

@@ -92,7 +92,8 @@ class Session:
         if offload is not None:
             probe = build(cfg, 1, kv_slots(cfg, n_ctx, 1), None, "last", f32, fuse)
             budget = None if vram is None else int(vram * 2**30)
-            costs = calibrate(self.backend) if offload == "auto" else None
+            # placements that stream are timed with the device's measured link (cached)
+            costs = calibrate(self.backend) if offload == "auto" or "*" in offload else None
             self.placement = place(probe, offload, budget, costs)
             host = sorted(
                 p.layer for p in self.placement.layers if p.where == HOST and p.layer >= 0
@@ -118,6 +119,9 @@ class Session:
                 for n in probe.weights
                 if n.layer == -1 and self.placement.where(-1) == HOST and self.split != 0
             }
+        # the host segment of a split model computes with f32 matrices (see ``_upload``)
+        half = self.split is not None and cfg.dtype.name in ("f16", "bf16")
+        self._host_cfg = cfg.replace(dtype=f32) if half else cfg
         self.weights = self._upload(tie_output(cfg, dict(weights)))
         self.ring: WeightRing | None = None  # one ring of slots for every executor
         if self.placement is not None and self.placement.streamed_bytes:
@@ -165,6 +169,10 @@ class Session:
                 )
             if name in self._streamed or name in self._host_tables or name in self._host_names:
                 out[name] = w if isinstance(w, np.ndarray) else self.backend.to_host(w)
+                if name in self._host_names and self._host_cfg is not self.cfg and len(shape) == 2:
+                    # the CPU backend widens half-precision matrices to f32 for every product,
+                    # which costs more than the product: widen the host's layers once instead
+                    out[name] = np.asarray(out[name]).astype(np.float32)
                 continue
             if id(w) not in uploaded:
                 if isinstance(w, np.ndarray):
@@ -265,7 +273,7 @@ class Session:
             bounds, [self.backend, self.host_backend][-len(bounds) :], strict=True
         ):
             graph = build(
-                cfg,
+                self._host_cfg if be is self.host_backend else cfg,
                 n_tokens,
                 self.slots,
                 dict(n_kv),
@@ -375,12 +383,8 @@ class Session:
         """Start fetching the streamed layers the next forward pass reads first, before its
         tokens are known (ChatRWKV's wish in #152). After a pass this is already under way:
         each pass ends by fetching the next one's first layers. Without streaming, nothing."""
-        ring = self.ring
-        if ring is None or ring.primed:
-            return
-        for j in range(min(ring.slots, len(ring.fetches))):
-            ring.fetch(j, after_free=False)
-        ring.primed = True
+        if self.ring is not None:
+            self.ring.prime()
 
     def decode_greedy(self, token: int) -> int:
         """One token in, the most likely next token out. The argmax runs on the backend after

@@ -94,9 +94,10 @@ class ParamCache:
 class WeightRing:
     """The ring of slots, the pinned host copies, and the fetches of one forward pass. One ring
     serves every executor of a session (they stream the same layers in the same order), and a
-    pass ends by fetching the next pass's first K+1 layers (``primed``), so those copies
-    overlap the end of this pass instead of delaying the start of the next. With no more
-    streamed layers than slots, every layer stays in its slot after the first pass."""
+    pass fetches the next pass's first K+1 layers (``primed``), each as soon as its slot's
+    last user in this pass is done, so those copies overlap the end of this pass instead of
+    delaying the start of the next. With no more streamed layers than slots, every layer
+    stays in its slot after the first pass."""
 
     def __init__(
         self,
@@ -170,13 +171,12 @@ class WeightRing:
             self.cache.buffers.append(buf)
         be.synchronize()
         self.primed = False  # the first K+1 fetches of the next pass are issued already
+        self.pending = False  # ... by ``Session.prepare``, and no stream has waited for them
         self.fetched = 0  # fetches issued in all (statistics)
 
     def fetch(self, j: int, after_free: bool = True) -> None:
         """Queue fetch ``j`` on the copy stream: wait for its slot, copy, mark it ready. The
-        first fetches of a pass skip the wait: the pass before has finished (runs and graph
-        replays on one stream never overlap), and a capture may not wait on an event recorded
-        outside it."""
+        first fetches of a pass before any pass skip the wait: nothing holds the slots."""
         f = self.fetches[j]
         if after_free:
             self.free[f.slot].wait(self.copy_stream)
@@ -184,6 +184,24 @@ class WeightRing:
             copy()
         f.ready.record(self.copy_stream)
         self.fetched += 1
+
+    def prime(self) -> None:
+        """Queue the first pass's fetches ahead of it (``Session.prepare``)."""
+        if self.primed:
+            return
+        for j in range(min(self.slots, len(self.fetches))):
+            self.fetch(j, after_free=False)
+        self.primed = self.pending = True
+
+    def settle(self, main: Any) -> None:
+        """Before a run: the main stream waits for fetches ``prime`` queued. Every other
+        primed fetch was issued by an earlier run, which the host waited for, so a pass never
+        waits for its primed fetches itself (a capture could not: an event recorded outside
+        it, or inside another capture, is invalid there)."""
+        if self.pending:
+            for j in range(min(self.slots, len(self.fetches))):
+                self.fetches[j].ready.wait(main)
+            self.pending = False
 
     @property
     def resident(self) -> bool:
@@ -255,25 +273,35 @@ class RingSteps:
         self,
         steps: list[tuple[Callable[[], None], Any]],
         copies_out: list[Callable[[], None]],
-        capturing: bool,
         failed: Callable[[Any, Exception], Exception],
     ) -> None:
-        """Compute on the main stream, fetches on the copy stream, the pass ending by fetching
-        the next pass's first layers (see ``WeightRing``)."""
+        """Compute on the main stream, fetches on the copy stream. When fetch j's slot is free
+        the copy stream is given the fetch that uses the slot next: j + slots in this pass, or
+        for the last user of a slot the next pass's fetch into it (see ``WeightRing``). So the
+        next pass's first fetches start as their slots free, not after the whole pass: only
+        the slot freed last is copied after the last layer."""
         ring, main = self.ring, self.main
         copy = ring.copy_stream
         self.fork.record(main)
         self.fork.wait(copy)
         n, slots = len(ring.fetches), ring.slots
         primed = ring.primed
+        moving = not ring.resident
         if not primed:
             for j in range(min(slots, n)):
                 ring.fetch(j, after_free=False)
-        # fetches in flight from the last pass are complete when a replay starts (replays on
-        # one stream never overlap) and a capture may not wait on them: wait only eagerly
-        skip = set(range(min(slots, n))) if primed and capturing else set()
-        for j in self.free_first:
+        # primed fetches are complete or waited for already (``WeightRing.settle``)
+        skip = set(range(min(slots, n))) if primed else set()
+
+        def freed(j: int) -> None:
             ring.free[ring.fetches[j].slot].record(main)
+            if j + slots < n:
+                ring.fetch(j + slots)
+            elif moving:
+                ring.fetch(j % slots)  # the next pass's fetch into this slot
+
+        for j in self.free_first:
+            freed(j)
         ready_at, free_at = self.ready_at, self.free_at
         i = 0
         try:
@@ -283,14 +311,9 @@ class RingSteps:
                         ring.fetches[j].ready.wait(main)
                 step()
                 for j in free_at.get(i, ()):
-                    ring.free[ring.fetches[j].slot].record(main)
-                    if j + slots < n:
-                        ring.fetch(j + slots)
+                    freed(j)
         except Exception as e:
             raise failed(steps[i][1], e) from e
-        if not ring.resident:  # the next pass's first layers, each once its slot is free
-            for j in range(min(slots, n)):
-                ring.fetch(j)
         ring.primed = True
         ring.cache.count_pass(0 if primed and ring.resident else n)  # this pass's layers
         self.join.record(copy)

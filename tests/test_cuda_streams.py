@@ -85,6 +85,11 @@ def test_streamed_270m_shape_equals_resident(gpu, mode: str, policy: str) -> Non
         want = ref.decode(tok)
         np.testing.assert_array_equal(s.decode(tok), want)
         tok = int(np.argmax(want))
+    # a new executor runs eagerly after the decode's capture: it must not wait on events
+    # last recorded inside that capture (CUDA refuses it)
+    s.prepare()
+    np.testing.assert_array_equal(s.prefill([4, 2, 7]), ref.prefill([4, 2, 7]))
+    np.testing.assert_array_equal(s.decode(tok), ref.decode(tok))
     ex = s.executor(1, s.n_kv_for(s.n_past + 1))
     assert ex.ring is not None and ex.ring.streamed_bytes == s.placement.streamed_bytes
 

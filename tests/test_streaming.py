@@ -12,6 +12,7 @@ from engine import offload
 from engine.executor import Executor
 from engine.session import Session
 from engine.weights import random_weights, tie_output
+from graph.dtypes import dtype_of
 from graph.models import build, kv_slots, preset
 from graph.ops import GraphError
 
@@ -92,10 +93,12 @@ def test_ring_holds_k_plus_one_slots_of_the_largest_streamed_layer() -> None:
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gemma3-tiny"])
-def test_n_gpu_layers_splits_the_model_between_backends(name: str) -> None:
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_n_gpu_layers_splits_the_model_between_backends(name: str, dtype: str) -> None:
     """ngl=N: layers 0..N-1 on the session's backend, the rest and the head on the CPU
-    backend, the hidden states crossing once; ngl=n_layer+1 keeps everything on the device."""
-    cfg = preset(name)
+    backend, the hidden states crossing once; ngl=n_layer+1 keeps everything on the device.
+    Half-precision host layers are widened to f32 once (exactly), not at every product."""
+    cfg = preset(name).replace(dtype=dtype_of(dtype))
     w = random_weights(cfg, seed=4)
     ref = Session(cfg, w, n_ctx=32, n_batch=4)
     for ngl in range(cfg.n_layer + 2):
@@ -108,6 +111,8 @@ def test_n_gpu_layers_splits_the_model_between_backends(name: str) -> None:
             np.testing.assert_array_equal(s.decode(tok), ref.decode(tok))
         assert s.decode_greedy(7) == ref.decode_greedy(7)
         if s.split is not None:
+            head = s.weights["output.weight"]
+            assert isinstance(head, np.ndarray) and head.dtype == np.float32
             host_caches = [k for k, v in s.states.items() if int(k.split(".")[1]) >= ngl]
             assert all(isinstance(s.states[k], np.ndarray) for k in host_caches)
             ex = s.executor(1, s.n_kv_for(s.n_past + 1))
@@ -214,19 +219,44 @@ def test_offloading_sessions_keep_the_embedding_in_host_memory() -> None:
     assert "token_embd.weight" not in ex.weights and "output.weight" in ex.weights
 
 
-def test_prepare_starts_the_first_fetches_before_the_first_step() -> None:
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_prepare_starts_the_first_fetches_before_the_first_step(mode: str) -> None:
     cfg = preset("llama-tiny")
     w = random_weights(cfg, seed=8)
-    s = Session(cfg, w, n_ctx=16, n_batch=4, offload="*0+0")
+    s = Session(cfg, w, n_ctx=16, n_batch=4, offload="*0+0", mode=mode)
     ref = Session(cfg, w, n_ctx=16, n_batch=4)
     ring = s.ring
     assert ring is not None and not ring.primed
     s.prepare()
-    assert ring.primed and ring.fetched == ring.slots
+    assert ring.primed and ring.pending and ring.fetched == ring.slots
     s.prepare()  # already under way: nothing more
     assert ring.fetched == ring.slots
     np.testing.assert_array_equal(s.prefill([2, 7, 1]), ref.prefill([2, 7, 1]))
-    np.testing.assert_array_equal(s.decode(8), ref.decode(8))
+    assert not ring.pending  # the run's main stream waited for them first
+    for tok in (8, 3, 9):  # the decode executor: eager, captured, replayed
+        np.testing.assert_array_equal(s.decode(tok), ref.decode(tok))
+    s.prepare()  # primed by the last pass: nothing more
+    np.testing.assert_array_equal(s.prefill([4, 4]), ref.prefill([4, 4]))
+
+
+def test_numpy_events_keep_cudas_capture_rules() -> None:
+    """A replayed capture does not record its events' objects: CUDA refuses to wait on them
+    outside the capture (the bug a streamed 7B bench hit when a new executor ran eagerly after
+    another one's capture). The NumPy backend refuses the same wait, so CI sees it."""
+    from backends import get_backend
+
+    be = get_backend("numpy")
+    main = be.main_stream()
+    ev = be.event()
+    replay = be.capture(lambda: ev.record(main))
+    replay()
+    with pytest.raises(RuntimeError, match="outside any capture on an event last recorded in a"):
+        ev.wait(main)
+    ev.record(main)  # recorded eagerly again: waits outside captures are fine
+    ev.wait(main)
+    inside = be.capture(lambda: ev.wait(main))
+    with pytest.raises(RuntimeError, match="inside a capture on an event last recorded in no"):
+        inside()
 
 
 def test_the_timing_model_counts_each_copy() -> None:
