@@ -5,7 +5,8 @@
 Measures the pinned host-to-device bandwidth (64 MiB copies), then decodes with the layers a
 placement streams fetched from pinned host memory into a ring of slots: per policy, the device
 bytes, ms per token (median), streamed GB per token, achieved GB/s and its share of the measured
-link, and what ``engine.offload.predict`` said with that bandwidth.
+link, and what ``engine.offload.predict`` said with the device's calibrated costs. ``auto`` gets
+the budget ``*9+2`` takes, to show where it puts the same residency.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import time
 import numpy as np
 
 from backends import get_backend
-from engine.offload import Costs, predict
 from engine.session import Session
 from engine.weights import device_weights
 from graph.dtypes import bf16
@@ -52,8 +52,19 @@ def main() -> None:
     w = {k: be.to_host(v) for k, v in device_weights(cfg, be, seed=0).items()}
     print("| policy | GPU weights MiB | ms/token | streamed MB | GB/s | % of link | predicted ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for policy in ("all", "*9+2", "*0+2", "*0+0"):
-        s = Session(cfg, w, be, n_ctx=64, n_batch=1, offload=policy)
+    # auto gets the budget *9+2 uses: it may keep other layers resident (the last ones)
+    nine = Session(cfg, w, be, n_ctx=64, n_batch=1, offload="*9+2").placement
+    assert nine is not None
+    budget = nine.device_bytes / 2**30
+    del nine
+    for policy, vram in (
+        ("all", None),
+        ("*9+2", None),
+        ("auto", budget),
+        ("*0+2", None),
+        ("*0+0", None),
+    ):
+        s = Session(cfg, w, be, n_ctx=64, n_batch=1, offload=policy, vram=vram)
         tok = s.decode_greedy(3)
         for _ in range(3):
             tok = s.decode_greedy(tok)
@@ -67,11 +78,9 @@ def main() -> None:
         assert p is not None
         streamed = p.streamed_bytes
         gbs = streamed / t / 1e9
-        pred = p.predicted_s
-        if streamed:
-            sizes = {q.layer: q.nbytes for q in p.layers}
-            where = {q.layer: q.where for q in p.layers}
-            pred = predict(sizes, where, p.ahead, Costs(link_bytes_per_s=link))
+        pred = p.predicted_s  # with the device's calibrated costs
+        if p.notes:
+            print("  " + p.notes[0])
         print(
             f"| {policy} | {p.device_bytes / 2**20:.0f} | {t * 1e3:.2f} | {streamed / 1e6:.0f} "
             f"| {gbs:.1f} | {100 * streamed / t / link:.0f}% | {pred * 1e3:.2f} |",

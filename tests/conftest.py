@@ -1,5 +1,6 @@
 """Shared test set-up: the ``gpu`` marker skips cleanly where CUDA or CuPy is absent; the ``gpu``
-fixture is the CuPy backend, and ``close`` the GPU tests' comparison with the NumPy reference."""
+fixture is the CuPy backend, and ``close`` the GPU tests' comparison with the NumPy reference.
+The cache directory (``$STREAMGRAPH_CACHE``) is a temporary one for the whole run."""
 
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             reason = cuda_available()
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_in_a_temporary_directory(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202
+    """Calibrations and downloads the tests cause land in a directory of the test run, never
+    in the user's cache (a test may override it with its own)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("STREAMGRAPH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="session")
