@@ -14,6 +14,7 @@ running them costs nothing. Leaves have no kernel either: the executor binds the
 from __future__ import annotations
 
 import functools
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -54,6 +55,18 @@ class FusedGroup(Protocol):
 
 class Stream(Protocol):
     def synchronize(self) -> None: ...
+
+
+class _HostMark:
+    """A host-clock timestamp (``Backend.mark``), None until its stream reaches it."""
+
+    __slots__ = ("t",)
+
+    def __init__(self) -> None:
+        self.t: float | None = None
+
+    def stamp(self) -> None:
+        self.t = time.perf_counter()
 
 
 class Backend(ABC):
@@ -117,6 +130,29 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    # -- timing (engine.trace) -----------------------------------------------------------------
+    def mark(self, stream: Stream | None = None) -> Any:
+        """A timestamp queued on ``stream`` (the main stream by default): taken when the stream
+        reaches it, after everything queued there before it, so two marks around a launch time
+        the launch on the device, not its issue on the host. Read with ``mark_seconds`` once
+        the stream's work is done.
+
+        This default is the host clock, stamped by a callable issued through ``on_stream``: on
+        an inline stream that is now, on a worker-thread stream when the worker runs it."""
+        mark = _HostMark()
+        self.on_stream(mark.stamp, stream)()
+        return mark
+
+    def mark_seconds(self, mark: Any, origin: Any) -> float:
+        """Seconds from ``origin`` to ``mark`` (two of this backend's marks, on any streams),
+        once both are reached (after the streams are synchronized)."""
+        if mark.t is None or origin.t is None:
+            raise BackendError(
+                "a timing mark was never reached: synchronize its stream before reading it "
+                "(or a launch before it failed)"
+            )
+        return float(mark.t - origin.t)
 
     # -- planning hooks (all called once, when an executor is built) -------------------------------
     def scratch_bytes(self, node: Node, srcs: Sequence[Node]) -> int:

@@ -349,6 +349,26 @@ class CupyBackend(Backend):
     def synchronize(self) -> None:
         self.compute_stream.synchronize()
 
+    def mark(self, stream: Any | None = None) -> Any:
+        """A timing CUDA event recorded on ``stream`` (the compute stream by default): the GPU
+        stamps it when the stream's earlier work is complete. The schedule's own events are
+        made with ``disable_timing`` (cheaper to record and wait on); these are not. A mark
+        between two kernels also ends a programmatic dependent launch's overlap of them, so a
+        traced run is slightly slower than an untraced eager one."""
+        ev = cp.cuda.Event()  # block=False, disable_timing=False
+        ev.record(stream if stream is not None else self.compute_stream)
+        return ev
+
+    def mark_seconds(self, mark: Any, origin: Any) -> float:
+        """``cudaEventElapsedTime`` (milliseconds, ~0.5 us resolution) in seconds; both events
+        must be complete, so call it after the streams are synchronized."""
+        try:
+            return float(cp.cuda.get_elapsed_time(origin, mark)) / 1e3
+        except cp.cuda.runtime.CUDARuntimeError as e:
+            raise BackendError(
+                f"a timing mark is not complete (synchronize its stream first): {e}"
+            ) from None
+
     def capture(self, launch: Callable[[], None]) -> Callable[[], None]:
         s = self.compute_stream
         s.begin_capture()

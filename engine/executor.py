@@ -14,6 +14,8 @@ for a group's pattern runs it as one launch at the group's last node, any other 
 one by one there. ``fusion=False`` turns the pass off (one launch per node, for comparison).
 
 ``STREAMGRAPH_DEBUG=2`` prints one line per node with its time, the way tinygrad's DEBUG does.
+``trace=Trace()`` (``engine.trace``) records every run's launches, copies and event waits on a
+timeline of its streams, timed on the device (``tools.timeline`` draws it).
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from backends import COMPUTE_OPS, Backend, get_backend
 from engine import fusion as fusion_pass
-from engine import memory, offload, scheduler, streaming
+from engine import memory, offload, streaming
+from engine.passes import decide, host_gathers
+from engine.trace import COPY, HOST, PASSES, Recorder, Trace, step_info
 from graph.ir import Graph, Node
 from graph.ops import ALIAS_OPS, GraphError, Op
 
@@ -66,6 +71,8 @@ class Executor:
         placement: offload.Placement | None = None,
         ring: streaming.WeightRing | None = None,
         host_tables: Collection[str] = (),
+        trace: Trace | None = None,
+        trace_label: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -79,36 +86,12 @@ class Executor:
         )
         if missing:
             raise GraphError(f"backend {be.name} has no kernel for {', '.join(sorted(missing))}")
-        scratch = {}
-        for n in graph.nodes:
-            if n.op in be.kernels:
-                nbytes = be.scratch_bytes(n, [graph.nodes[s] for s in n.srcs])
-                if nbytes:
-                    scratch[n.id] = nbytes
-        # a caller's own plan knows nothing of fused groups, so it runs without them
-        self.fusions = fusion_pass.find(graph) if fusion and plan is None else []
-        steps = fusion_pass.step_of(graph, self.fusions)
-        # streams: the scheduler's assignment; a plan of one stream runs without events
-        self.schedule: scheduler.Schedule | None = None
-        if streams != 1 and plan is None:
-            sched = scheduler.schedule(graph, streams, steps, mode)
-            if sched.n_streams > 1:
-                self.schedule = sched
         # tables kept in host memory (the token embedding): the rows a step needs are gathered
         # on the host and copied in with the inputs; the table never reaches the device
-        self._gathers = _host_gathers(graph, set(host_tables))
-        self.plan = (
-            plan
-            if plan is not None
-            else memory.plan(
-                graph,
-                scratch,
-                reuse=reuse,
-                steps=steps,
-                schedule=self.schedule,
-                early={g for g, _, _ in self._gathers},
-            )
-        )
+        self._gathers = host_gathers(graph, set(host_tables))
+        d = decide(graph, be, fusion, streams, mode, reuse, host_tables, plan)
+        self.fusions, self.schedule, self.plan = d.fusions, d.schedule, d.plan
+        steps = self._step_of = d.steps
         be.check_fits(self.plan.arena_bytes, f"the arena of a {len(graph)}-node graph")
         self.arena = be.alloc(self.plan.arena_bytes)
         self.states: dict[str, Array] = {}
@@ -158,7 +141,7 @@ class Executor:
             for k in sorted({sched.stream[u] for u in sched.steps} - {0}):
                 opts = {"stress": stress, "seed": k} if stress else {}
                 self._side[k] = be.stream(**opts)
-        events = {u: be.event() for u in sched.records} if sched is not None else {}
+        events = self._events = {u: be.event() for u in sched.records} if sched else {}
 
         def stream_of(unit: int) -> Any:
             k = sched.stream[unit] if sched is not None else 0
@@ -253,6 +236,10 @@ class Executor:
         self._debug = int(os.environ.get("STREAMGRAPH_DEBUG", "0") or 0)
         self._replay: Callable[[], None] | None = None
         self._warmed = False
+        self.trace_label = trace_label  # names this executor's tracks: "CPU backend" (a split)
+        self._trace: Trace | None = None
+        self._traced: _Traced | None = None  # the wrapped launches of the current trace
+        self.trace = trace
 
     # -- binding -------------------------------------------------------------------------------
     def _bind_weights(self, weights: Mapping[str, Any]) -> None:
@@ -335,7 +322,10 @@ class Executor:
         In ``graph`` mode the first run is eager (kernels compile, libraries initialise), the
         second captures the whole forward pass, and every later run replays the capture.
         ``copy=False`` returns the staging buffers themselves, which the next run overwrites.
+        While a trace is set every run is eager (see ``_run_traced``).
         """
+        if self._trace is not None:
+            return self._run_traced(inputs, copy)
         self.set_inputs(inputs)
         if self.ring is not None:
             self.ring.settle(self._main)
@@ -347,44 +337,66 @@ class Executor:
         else:
             self.launch()
             self._warmed = True
+        self._wait()
+        return [host.copy() if copy else host for host, _ in self._outputs]
+
+    def _wait(self) -> None:
         for st in self._side.values():
             st.synchronize()  # (the join already orders them; this surfaces a worker's error)
         if self.ring is not None:
             self.ring.copy_stream.synchronize()
         self.backend.synchronize()  # the staged outputs are complete; the inputs free again
-        return [host.copy() if copy else host for host, _ in self._outputs]
 
     def launch(self) -> None:
         """Issue every kernel once (inputs must already be set)."""
         if self._debug >= 2 and self.ring is None:
             return self._launch_debug()
-        for copy in self._copies_in:
+        self._issue(self._steps, self._copies_in, self._copies_out, self._side_out)
+
+    def _issue(
+        self,
+        steps: list[tuple[Callable[[], None], Node]],
+        copies_in: list[Callable[[], None]],
+        copies_out: list[Callable[[], None]],
+        side_out: dict[int, list[Callable[[], None]]],
+        rec: Recorder | None = None,
+    ) -> None:
+        """One run's launches: the executor's own, or their traced wraps (``rec`` set)."""
+        for copy in copies_in:
             copy()
         if self._sync:
-            return self._launch_streams()
+            return self._launch_streams(steps, copies_out, side_out, rec)
         if self.ring is not None:
-            return self._ring_steps.launch(self._steps, self._copies_out, _failed)
+            return self._ring_steps.launch(steps, copies_out, _failed, rec)
         i = 0
         try:
-            for i, (step, _) in enumerate(self._steps):  # noqa: B007
+            for i, (step, _) in enumerate(steps):  # noqa: B007
                 step()
         except Exception as e:
-            raise _failed(self._steps[i][1], e) from e
-        for copy in self._copies_out:
+            raise _failed(steps[i][1], e) from e
+        for copy in copies_out:
             copy()
 
-    def _launch_streams(self) -> None:
+    def _launch_streams(
+        self,
+        steps: list[tuple[Callable[[], None], Node]],
+        copies_out: list[Callable[[], None]],
+        side_out: dict[int, list[Callable[[], None]]],
+        rec: Recorder | None,
+    ) -> None:
         """The steps on their streams, with the schedule's waits and records, between the fork
-        and the join."""
+        and the join (``rec``: a traced run, whose fork and join waits are shown too)."""
         main, fork = self._main, self._fork
         if fork is not None:
             fork.record(main)
             for st in self._side.values():
                 fork.wait(st)
+                if rec is not None:
+                    rec.note(st, "wait fork (inputs in)", "wait")
         sync = self._sync
         i = 0
         try:
-            for i, (step, _) in enumerate(self._steps):  # noqa: B007
+            for i, (step, _) in enumerate(steps):  # noqa: B007
                 entry = sync.get(i)
                 if entry is None:
                     step()
@@ -396,13 +408,15 @@ class Executor:
                 if rec is not None:
                     rec.record(st)
         except Exception as e:
-            raise _failed(self._steps[i][1], e) from e
+            raise _failed(steps[i][1], e) from e
         for k, st in self._side.items():
-            for copy in self._side_out.get(k, ()):
+            for copy in side_out.get(k, ()):
                 copy()
             self._joins[k].record(st)
             self._joins[k].wait(main)
-        for copy in self._copies_out:
+            if rec is not None:
+                rec.note(main, f"wait join (stream {k})", "wait")
+        for copy in copies_out:
             copy()
 
     def _launch_debug(self) -> None:
@@ -427,6 +441,110 @@ class Executor:
         for copy in self._copies_out:
             copy()
 
+    # -- tracing (engine.trace) ------------------------------------------------------------------
+    @property
+    def trace(self) -> Trace | None:
+        """The trace this executor's runs record into, or None (the default, which costs
+        nothing: the traced launches are built only when one is set).
+
+        While a trace is set every run is eager, each launch bracketed by marks on its stream:
+        a captured CUDA graph runs as one unit whose kernels cannot be timed one by one, so
+        ``graph`` mode pauses (a capture already made replays again once the trace is unset).
+        A streaming executor's ring records its fetches into the same trace."""
+        return self._trace
+
+    @trace.setter
+    def trace(self, trace: Trace | None) -> None:
+        self._trace, self._traced = trace, None
+        if self.ring is not None:
+            self.ring.trace = trace
+
+    def _track(self, k: int) -> str:
+        label = self.trace_label
+        if label is None:
+            return f"stream {k}"
+        return label if k == 0 else f"{label} stream {k}"
+
+    def _instrument(self, trace: Trace) -> _Traced:
+        """This executor's launches wrapped for ``trace``: each step named by its node (a fused
+        group by its pattern) on its stream's track, with the schedule's waits and records."""
+        main, sched, nodes = self._main, self.schedule, self.graph.nodes
+        tracks = {id(main): self._track(0)}
+        tracks.update({id(st): self._track(k) for k, st in self._side.items()})
+        if self.ring is not None:
+            tracks[id(self.ring.copy_stream)] = COPY
+        rec = Recorder(trace, self.backend, tracks)
+        fused = {f.anchor: f for f in self.fused}
+        producer = {id(ev): u for u, ev in self._events.items()}
+
+        def event(ev: Any) -> str:
+            u = producer[id(ev)]
+            what = nodes[u].name or f"{nodes[u].op.name} %{u}"
+            return f"{what} (stream {sched.stream[u] if sched is not None else 0})"
+
+        steps = []
+        for i, (launch, node) in enumerate(self._steps):
+            k = sched.stream[self._step_of[node.id]] if sched is not None else 0
+            f = fused.get(node.id)
+            members = [nodes[m] for m in f.nodes] if f is not None else [node]
+            name, args = step_info(self.graph, members, f.pattern if f is not None else None)
+            _, waits, record = self._sync.get(i, (None, (), None))
+            wrapped = rec.wrap(
+                launch,
+                self._side.get(k, main),
+                name,
+                "fused" if f is not None else "kernel",
+                args,
+                [event(ev) for ev in waits],
+                event(record) if record is not None else None,
+            )
+            steps.append((wrapped, node))
+        n_in = sum(n.nbytes for n, *_ in self._inputs.values())
+        n_in += sum(stage.nbytes for stage, *_ in self._gather_stages)
+        copies_in = rec.bracket(self._copies_in, main, "copy inputs", "copy", {"bytes": n_in})
+        out_bytes = {id(c): host.nbytes for host, c in self._outputs}
+
+        def outs(copies: list[Callable[[], None]], st: Any) -> list[Callable[[], None]]:
+            n = sum(out_bytes[id(c)] for c in copies)
+            return rec.bracket(copies, st, "copy outputs", "copy", {"bytes": n})
+
+        side_out = {k: outs(cs, self._side[k]) for k, cs in self._side_out.items()}
+        tokens = self._inputs.get("tokens")
+        name = "forward" if tokens is None else f"forward, {tokens[0].numel} token(s)"
+        if self.trace_label is not None:
+            name += f" on {self.trace_label}"
+        return _Traced(trace, rec, steps, copies_in, outs(self._copies_out, main), side_out, name)
+
+    def _run_traced(self, inputs: Mapping[str, Any], copy: bool) -> list[np.ndarray]:
+        """``run`` recording into the trace: a new clock, the host's own spans (inputs, issue,
+        synchronize), the wrapped launches, and the marks read once the streams are done."""
+        trace = self._trace
+        assert trace is not None
+        t = self._traced
+        if t is None or t.trace is not trace:
+            t = self._traced = self._instrument(trace)
+        perf = time.perf_counter
+        t0 = perf()
+        trace.start(self.backend)
+        try:
+            self.set_inputs(inputs)
+            trace.host_span(HOST, "set inputs", "issue", t0, perf())
+            if self.ring is not None and self.ring.pending:
+                self.ring.settle(self._main)
+                t.rec.note(self._main, "wait primed fetches", "wait")
+            self._issue(t.steps, t.copies_in, t.copies_out, t.side_out, t.rec)
+            t1 = perf()
+            self._wait()
+            trace.host_span(HOST, "synchronize", "sync", t1, perf())
+            outs = [host.copy() if copy else host for host, _ in self._outputs]
+            trace.host_span(PASSES, t.name, "run", t0, perf(), {"launches": len(t.steps)})
+            trace.resolve()
+        except BaseException:
+            trace.discard()
+            raise
+        self._warmed = True
+        return outs
+
     @property
     def input_names(self) -> frozenset[str]:
         """Inputs this graph reads (dead-code elimination may have dropped some a builder made)."""
@@ -442,25 +560,17 @@ class Executor:
         return self._arrays[self.graph[node].id]
 
 
-def _host_gathers(graph: Graph, tables: set[str]) -> list[tuple[int, int, int]]:
-    """(GET_ROWS node, table weight, index input) for the gathers from host-kept tables."""
-    out = []
-    for n in graph.nodes:
-        if n.op is Op.WEIGHT and n.name in tables:
-            readers = [graph.nodes[u] for u in graph.consumers[n.id]]
-            if any(r.op is not Op.GET_ROWS or r.srcs[0] != n.id for r in readers):
-                raise GraphError(f"host table {n.name} is read by more than row gathers")
-        if n.op is not Op.GET_ROWS:
-            continue
-        table, idx = (graph.nodes[s] for s in n.srcs)
-        if table.op is Op.WEIGHT and table.name in tables:
-            if idx.op is not Op.INPUT:
-                raise GraphError(
-                    f"{n.label} gathers from host table {table.name} with a computed index; "
-                    "only rows picked by an input can be gathered on the host"
-                )
-            out.append((n.id, table.id, idx.id))
-    return out
+@dataclass
+class _Traced:
+    """An executor's launches wrapped for one trace (``Executor._instrument``)."""
+
+    trace: Trace
+    rec: Recorder
+    steps: list[tuple[Callable[[], None], Node]]
+    copies_in: list[Callable[[], None]]
+    copies_out: list[Callable[[], None]]
+    side_out: dict[int, list[Callable[[], None]]]
+    name: str
 
 
 def run(

@@ -61,6 +61,7 @@ class Schedule:
     records: frozenset[int]  # steps after which an event is recorded
     clock: Mapping[int, tuple[int, ...]] = field(repr=False)  # step -> steps known done, per stream
     position: Mapping[int, int] = field(repr=False)  # step -> its index in its stream's order
+    graph: Graph | None = field(default=None, repr=False, compare=False)  # what was scheduled
 
     @property
     def n_streams(self) -> int:
@@ -108,6 +109,16 @@ class Schedule:
                 for s in self.steps
             ],
         }
+
+    def _repr_svg_(self) -> str | None:
+        """Jupyter shows a schedule as its graph with streams as border colours and event waits
+        as dashed edges (Graphviz; None, and so the text, without it)."""
+        if self.graph is None:
+            return None
+        from engine.annotate import annotate
+        from graph.drawing import svg_or_none
+
+        return svg_or_none(annotate(self.graph, schedule=self, device="gpu"))
 
     def __str__(self) -> str:
         lines = [
@@ -260,4 +271,5 @@ def schedule(
         records=frozenset(records),
         clock=clock,
         position=position,
+        graph=graph,
     )

@@ -35,6 +35,7 @@ from engine.executor import Executor
 from engine.offload import HOST, STREAMED, Placement, place
 from engine.sampling import Sampler, SamplerConfig
 from engine.streaming import WeightRing
+from engine.trace import CPU, Trace
 from engine.weights import tie_output
 from graph.dtypes import DType, dtype_of, f32
 from graph.models import FULL, FUSED, ModelConfig, build, kv_slots, weight_shapes
@@ -58,7 +59,9 @@ class Session:
     (``engine.scheduler``); ``offload``: a weight placement policy (``engine.offload``: all,
     auto, *N+K) under ``vram`` GiB; streamed layers stay in host memory and reach the device
     through a ring of slots (``engine.streaming``); ``cache``: GiB of device memory, on top of
-    ``vram``, that keeps the first streamed layers that fit (``streaming.ParamCache``).
+    ``vram``, that keeps the first streamed layers that fit (``streaming.ParamCache``);
+    ``trace``: an ``engine.trace.Trace`` every executor of the session and its weight ring
+    record into (settable later as ``session.trace``; runs are eager while one is set).
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class Session:
         offload: str | None = None,
         vram: float | None = None,
         cache: float = 0.0,
+        trace: Trace | None = None,
     ) -> None:
         if n_ctx < 1 or n_batch < 1:
             raise ValueError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
@@ -143,7 +147,9 @@ class Session:
                 self.states[f"cache_{kv}.{il}"] = be.view(
                     buf, 0, shape, self.cache_dtype, (shape[1] * shape[2], shape[2], 1)
                 )
-        self._executors: dict[tuple, Executor] = {}
+        self._executors: dict[tuple, Executor | _Split] = {}
+        self._trace: Trace | None = None
+        self.trace = trace
         self.stats = GenerationStats()
         self.reset()
 
@@ -255,6 +261,7 @@ class Session:
                 placement=self.placement,
                 ring=self.ring,
                 host_tables=self._host_tables,
+                trace=self._trace,
             )
             self._executors[key] = ex
         return ex
@@ -291,9 +298,25 @@ class Session:
                     mode=self.mode if be is self.backend else "eager",
                     fusion=self.fusion,
                     host_tables=self._host_tables if first == 0 and be is self.backend else (),
+                    trace=self._trace,
+                    trace_label=CPU if first == self.split else None,
                 )
             )
         return _Split(parts)
+
+    @property
+    def trace(self) -> Trace | None:
+        """The trace the session's runs record into (``engine.trace``), or None."""
+        return self._trace
+
+    @trace.setter
+    def trace(self, trace: Trace | None) -> None:
+        self._trace = trace
+        if self.ring is not None:
+            self.ring.trace = trace
+        for ex in self._executors.values():
+            for part in ex.parts if isinstance(ex, _Split) else [ex]:
+                part.trace = trace
 
     def _check(self, ids: np.ndarray) -> None:
         """Refuse tokens that would overflow the context or are not in the vocabulary."""

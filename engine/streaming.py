@@ -15,10 +15,15 @@ Only matrices stream: a layer's norm vectors (kilobytes) stay resident, so a fus
 reads the previous layer's norm together with its own matrices (``engine.fusion``) still uses
 one slot. Host copies are pinned (``Backend.pinned``): a pageable copy runs ~8x slower, so a
 backend that cannot pin refuses instead of streaming slowly.
+
+With a trace set (``WeightRing.trace``, ``engine.trace``), each fetch is a span on the ``copy
+stream`` track ("fetch blk.12 (slot 1)"), the copy stream's wait for a free slot and the
+compute stream's wait for a ready one are instants on their tracks.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +32,7 @@ import numpy as np
 
 from backends import Backend
 from engine.offload import STREAMED, Placement
+from engine.trace import COPY, HOST, Recorder, Trace
 from graph.ir import Graph
 from graph.ops import VIEW_OPS, GraphError
 
@@ -43,6 +49,8 @@ class Fetch:
     slot: int
     copies: list[Callable[[], None]]
     ready: Any  # recorded on the copy stream after the copies
+    label: str = ""  # how a trace names the layer: blk.12, output
+    nbytes: int = 0
 
 
 @dataclass
@@ -110,6 +118,7 @@ class WeightRing:
     ) -> None:
         self.placement = placement
         self.copy_stream = copy_stream
+        self.backend = be
         streamed = [p.layer for p in placement.layers if p.where == STREAMED]
         self.slots = placement.slots
         by_layer: dict[int, list[Any]] = {}
@@ -156,7 +165,9 @@ class WeightRing:
                 self.arrays[n.name] = view
                 copies.append(be.copy_launch(view, pinned, copy_stream))
                 off += _aligned(n.nbytes)
-            self.fetches.append(Fetch(layer, slot, copies, be.event()))
+            label = _layer_label(by_layer[layer][0].name, layer)
+            nbytes = sum(n.nbytes for n in by_layer[layer])
+            self.fetches.append(Fetch(layer, slot, copies, be.event(), label, nbytes))
         self.streamed_bytes = sum(n.nbytes for nodes in by_layer.values() for n in nodes)
         for nodes in cached.values():
             buf = be.alloc(max(1, sum(_aligned(n.nbytes) for n in nodes)))
@@ -173,10 +184,23 @@ class WeightRing:
         self.primed = False  # the first K+1 fetches of the next pass are issued already
         self.pending = False  # ... by ``Session.prepare``, and no stream has waited for them
         self.fetched = 0  # fetches issued in all (statistics)
+        self._rec: Recorder | None = None
+
+    @property
+    def trace(self) -> Trace | None:
+        """Where fetches are recorded (set by the session or executor that uses the ring)."""
+        return self._rec.trace if self._rec is not None else None
+
+    @trace.setter
+    def trace(self, trace: Trace | None) -> None:
+        tracks = {id(self.copy_stream): COPY}
+        self._rec = Recorder(trace, self.backend, tracks) if trace is not None else None
 
     def fetch(self, j: int, after_free: bool = True) -> None:
         """Queue fetch ``j`` on the copy stream: wait for its slot, copy, mark it ready. The
         first fetches of a pass before any pass skip the wait: nothing holds the slots."""
+        if self._rec is not None:
+            return self._fetch_traced(j, after_free, self._rec)
         f = self.fetches[j]
         if after_free:
             self.free[f.slot].wait(self.copy_stream)
@@ -184,6 +208,28 @@ class WeightRing:
             copy()
         f.ready.record(self.copy_stream)
         self.fetched += 1
+
+    def _fetch_traced(self, j: int, after_free: bool, rec: Recorder) -> None:
+        """``fetch`` with its copies bracketed by marks on the copy stream."""
+        f, copy, be, trace = self.fetches[j], self.copy_stream, self.backend, rec.trace
+        clock = trace.clock(be)
+        if after_free:
+            self.free[f.slot].wait(copy)
+        start = be.mark(copy)
+        t0 = time.perf_counter()
+        for c in f.copies:
+            c()
+        t1 = time.perf_counter()
+        end = be.mark(copy)
+        f.ready.record(copy)
+        self.fetched += 1
+        name = f"fetch {f.label} (slot {f.slot})"
+        args = {"layer": f.layer, "slot": f.slot, "bytes": f.nbytes, "copies": len(f.copies)}
+        trace.span(clock, COPY, name, "fetch", start, end, args)
+        trace.host_span(HOST, name, "issue", t0, t1, {"track": COPY})
+        if after_free:
+            trace.instant(clock, COPY, f"wait slot {f.slot} free", "wait", start)
+        trace.instant(clock, COPY, f"record {f.label} ready", "record", end)
 
     def prime(self) -> None:
         """Queue the first pass's fetches ahead of it (``Session.prepare``)."""
@@ -211,6 +257,12 @@ class WeightRing:
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _layer_label(weight: str, layer: int) -> str:
+    """``blk.12`` for a block's weights, the weight's first word (``output``) for the head."""
+    parts = weight.split(".")
+    return ".".join(parts[:2]) if parts[0] == "blk" and len(parts) > 2 else parts[0] or str(layer)
 
 
 class RingSteps:
@@ -274,16 +326,20 @@ class RingSteps:
         steps: list[tuple[Callable[[], None], Any]],
         copies_out: list[Callable[[], None]],
         failed: Callable[[Any, Exception], Exception],
+        rec: Recorder | None = None,
     ) -> None:
         """Compute on the main stream, fetches on the copy stream. When fetch j's slot is free
         the copy stream is given the fetch that uses the slot next: j + slots in this pass, or
         for the last user of a slot the next pass's fetch into it (see ``WeightRing``). So the
         next pass's first fetches start as their slots free, not after the whole pass: only
-        the slot freed last is copied after the last layer."""
+        the slot freed last is copied after the last layer. ``rec``: a traced run (its steps
+        are wrapped already); the compute stream's waits and records are shown too."""
         ring, main = self.ring, self.main
         copy = ring.copy_stream
         self.fork.record(main)
         self.fork.wait(copy)
+        if rec is not None:
+            rec.note(copy, "wait fork (run start)", "wait")
         n, slots = len(ring.fetches), ring.slots
         primed = ring.primed
         moving = not ring.resident
@@ -294,6 +350,8 @@ class RingSteps:
         skip = set(range(min(slots, n))) if primed else set()
 
         def freed(j: int) -> None:
+            if rec is not None:  # (marked just before the record: never after the waiter goes)
+                rec.note(main, f"record slot {ring.fetches[j].slot} free", "record")
             ring.free[ring.fetches[j].slot].record(main)
             if j + slots < n:
                 ring.fetch(j + slots)
@@ -309,6 +367,8 @@ class RingSteps:
                 for j in ready_at.get(i, ()):
                     if j not in skip:
                         ring.fetches[j].ready.wait(main)
+                        if rec is not None:
+                            rec.note(main, f"wait {ring.fetches[j].label} ready", "wait")
                 step()
                 for j in free_at.get(i, ()):
                     freed(j)
@@ -318,5 +378,7 @@ class RingSteps:
         ring.cache.count_pass(0 if primed and ring.resident else n)  # this pass's layers
         self.join.record(copy)
         self.join.wait(main)
+        if rec is not None:
+            rec.note(main, "wait join (copy stream)", "wait")
         for c in copies_out:
             c()

@@ -334,3 +334,9 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"<{self.summary()}>"
+
+    def _repr_svg_(self) -> str | None:
+        """Jupyter shows a graph as a picture (Graphviz; None, and so the text, without it)."""
+        from graph.drawing import document, svg_or_none
+
+        return svg_or_none(document(self))

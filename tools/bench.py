@@ -2,12 +2,18 @@
 
     streamgraph bench                          # gemma3-270m shape, generated weights, best backend
     streamgraph bench -m llama-tiny -p 32,128 -n 16 -r 5 -o json
+    streamgraph bench -m llama-tiny -p 32 -n 8 --streams 3 --trace out.json   # + out.png
 
 Tests are named as llama-bench names them: ``pp<N>`` processes an N-token prompt in one pass
 from an empty cache; ``tg<N>`` generates N tokens one at a time (greedy, after a one-token
 prompt). Each test runs once to warm up (executors are built then), then ``-r`` timed
 repetitions; the table shows tokens/s as mean ± sample standard deviation. Progress goes to
 stderr, the table to stdout.
+
+``--trace out.json`` records an execution timeline (``tools.timeline``): after a test's timed
+repetitions, one more run of it, untimed, is traced, so the timings never include tracing's
+cost. Each test's run is a section of its own in the trace, and a traced run launches kernel by
+kernel (a CUDA graph cannot be timed per kernel), so ``graphs=on`` shows eager launches there.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ import numpy as np
 from backends import best_backend, get_backend
 from engine.calibration import calibrate
 from engine.session import Session
+from engine.trace import Trace
 from engine.weights import device_weights
 from graph.dtypes import dtype_of
 from graph.models import PRESETS, preset
 from graph.ops import GraphError
+from tools import timeline
 
 __all__ = ["BenchResult", "run_bench", "add_arguments", "main"]
 
@@ -140,6 +148,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-o", "--output", default="md", choices=["md", "json", "jsonl", "csv"], help="output format"
     )
+    p.add_argument(
+        "--trace",
+        default=None,
+        metavar="OUT.json",
+        help="write an execution timeline of one extra, untimed run of each test (Chrome trace "
+        "JSON for Perfetto; a PNG beside it with matplotlib)",
+    )
 
 
 def run_bench(
@@ -155,7 +170,10 @@ def run_bench(
     streams: Sequence[str] = ("1",),
     strategies: Sequence[str] = ("all",),
     vram: Sequence[float | None] = (None,),
+    trace: Trace | None = None,
 ) -> list[BenchResult]:
+    """Every test of every configuration; ``trace``: record one extra, untimed run of each test
+    into it (a section per test)."""
     if reps < 1:
         raise ValueError(f"repetitions must be at least 1, got {reps}")
     be = get_backend(backend or best_backend())
@@ -232,6 +250,21 @@ def run_bench(
             )
             log(f"  {test}: {results[-1].ts_mean:.2f} ± {sd:.2f} t/s")
 
+        def traced(test: str, once: Callable[[], float]) -> None:
+            """One more run of ``test``, recorded into ``trace`` (after the timed ones)."""
+            if trace is None:
+                return
+            where = "" if budget is None else f" vram={budget:g}"
+            trace.section = (
+                f"{test} {be.name} streams={n_streams} graphs={graph_mode} {strategy}{where}"
+            )
+            sess.trace = trace
+            try:
+                once()
+            finally:
+                sess.trace = None
+            log(f"  {test}: traced one more run")
+
         for n in n_prompt:
             if n == 0:
                 continue
@@ -249,6 +282,7 @@ def run_bench(
             launches = sess.executor(n, sess.n_kv_for(n)).n_launches
             chunks = -(-n // sess.n_batch)
             record(f"pp{n}", n, [pp() for _ in range(reps)], launches, chunks)
+            traced(f"pp{n}", pp)
         for n in n_gen:
             if n == 0:
                 continue
@@ -265,6 +299,7 @@ def run_bench(
             tg()
             launches = sess.executor(1, sess.n_kv_for(n + 1), "argmax").n_launches
             record(f"tg{n}", n, [tg() for _ in range(reps)], launches, n)
+            traced(f"tg{n}", tg)
 
     for graph_mode in graphs:
         for n_streams in streams:
@@ -369,6 +404,10 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    trace = None
+    if args.trace:
+        timeline.check_path(args.trace)  # before the run, not after it
+        trace = Trace()
     results = run_bench(
         args.model,
         args.n_prompt,
@@ -381,8 +420,11 @@ def main(args: argparse.Namespace) -> int:
         streams=args.streams,
         strategies=args.strategy,
         vram=args.vram,
+        trace=trace,
     )
     print(format_results(results, args.output))
     if results and args.output == "md":
         print(f"\nbackend: {get_backend(results[0].backend).describe()}")
+    if trace is not None:
+        timeline.save(trace, args.trace)
     return 0

@@ -2,6 +2,7 @@
 
 streamgraph bench [-m MODEL] [-p N,...] [-n N,...] [-r R] [--backend B] [-o md|json|csv]
 streamgraph graph [-m MODEL] [-t N_TOKENS] [--plan] [--streams N] [--offload POLICY --vram GiB]
+streamgraph dump [-m MODEL | --graph FILE] [--decode | --prompt-len N] [--strategy P] -o FILE
 streamgraph generate -m MODEL "prompt" [-n N] [--temp T --top-k K --top-p P -s SEED]
 streamgraph info -m MODEL
 streamgraph perplexity -m MODEL -f FILE [-c N_CTX]
@@ -46,7 +47,7 @@ def _graph_main(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     from graph.models import PRESETS
-    from tools import bench, model_commands
+    from tools import bench, graph_dump, model_commands
 
     p = argparse.ArgumentParser(
         prog="streamgraph", description="A compute-graph engine for decoder LLMs."
@@ -74,6 +75,11 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--vram", type=float, default=None, help="device budget in GiB (for --offload)")
     g.set_defaults(func=_graph_main)
+    d = sub.add_parser(
+        "dump", help="draw a forward pass with its placement, streams, fusion and memory plan"
+    )
+    graph_dump.add_arguments(d)
+    d.set_defaults(func=graph_dump.main)
     model_commands.add_generate(sub)
     model_commands.add_info(sub)
     model_commands.add_perplexity(sub)

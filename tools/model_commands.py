@@ -1,6 +1,7 @@
 """The commands that run a real model file: ``generate``, ``info`` and ``perplexity``.
 
     streamgraph generate -m gemma3-270m "The capital of France is" -n 32
+    streamgraph generate -m gemma3-270m "The capital of France is" -n 8 --trace gen.json
     streamgraph info -m path/to/model.gguf
     streamgraph perplexity -m gemma3-270m -f text.txt -c 512
 
@@ -84,6 +85,13 @@ def add_generate(sub: Any) -> None:
     p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalty looks back")
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: random)")
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to the prompt")
+    p.add_argument(
+        "--trace",
+        default=None,
+        metavar="OUT.json",
+        help="write an execution timeline of the run (Chrome trace JSON for Perfetto; a PNG "
+        "beside it with matplotlib); traced runs launch kernel by kernel, so they run slower",
+    )
     p.set_defaults(func=_generate)
 
 
@@ -92,6 +100,10 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.n_predict < 0:
         raise ValueError(f"-n must be >= 0, got {args.n_predict}")
+    if args.trace:
+        from tools.timeline import check_path
+
+        check_path(args.trace)  # before loading the model, not after the run
     sampler = Sampler(
         SamplerConfig(
             args.temp, args.top_k, args.top_p, args.repeat_penalty, args.repeat_last_n, args.seed
@@ -106,6 +118,10 @@ def _generate(args: argparse.Namespace) -> int:
             f"prompt ({len(ids)} tokens) + -n {args.n_predict} exceed the context "
             f"{sess.n_ctx}; raise -c"
         )
+    if args.trace:
+        from engine.trace import Trace
+
+        sess.trace = Trace("generate")  # the whole run: prefill, then every decode step
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
@@ -121,8 +137,12 @@ def _generate(args: argparse.Namespace) -> int:
     _log(
         f"prompt: {s.n_prompt} tokens in {s.t_prompt:.2f} s ({s.prompt_tps:.1f} t/s) | "
         f"generation: {s.n_gen} tokens in {s.t_gen:.2f} s ({s.gen_tps:.1f} t/s) | "
-        f"stopped: {s.stopped_by}"
+        f"stopped: {s.stopped_by}" + (" (traced: eager launches)" if args.trace else "")
     )
+    if args.trace:
+        from tools.timeline import save
+
+        save(sess.trace, args.trace, _log)
     return 0
 
 
