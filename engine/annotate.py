@@ -103,7 +103,12 @@ def annotate(
     doc["summary"]["device_bytes"] = {"weights": on_device, "caches": states, "arena": arena}
     if placement is not None:
         doc["layers"] = {
-            str(p.layer): {"where": p.where, "cause": p.cause, "bytes": p.nbytes, "slot": p.slot}
+            str(p.layer): {
+                "where": device if p.where == GPU else p.where,  # resident: the session's device
+                "cause": p.cause,
+                "bytes": p.nbytes,
+                "slot": p.slot,
+            }
             for p in placement.layers
         }
         doc["summary"].update(
