@@ -182,3 +182,15 @@ def test_svg_and_png_render_with_graphviz(tmp_path) -> None:  # noqa: ANN001
 
     sched = scheduler.schedule(graph, 3)
     assert "<svg" in sched._repr_svg_()
+
+
+def test_a_gguf_file_is_drawn_from_its_header(tmp_path) -> None:  # noqa: ANN001
+    """Only the header is read: the config comes from the file, the weights are never loaded."""
+    from tests.gguf_fixtures import GEMMA3, GEMMA3_TYPES, write_model
+
+    path = tmp_path / "tiny.gguf"
+    write_model(path, GEMMA3, GEMMA3_TYPES)
+    doc = graph_dump.from_model(str(path), prompt_len=2, backend="numpy")
+    assert doc["title"].startswith("tiny.gguf f32: 2-token prompt")
+    layers = {n["layer"] for n in doc["nodes"] if n["kind"] == "weight"}
+    assert max(layers) == doc["n_layer"] == GEMMA3.n_layer

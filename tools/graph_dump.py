@@ -98,7 +98,7 @@ def from_model(
     backend = backend or best_backend()
     d = decide(graph, backend, fusion=fusion, streams=streams, mode=mode, host_tables=host_tables)
     what = "decode step" if prompt_len == 1 else f"{prompt_len}-token prompt"
-    title = f"{model} {cfg.dtype.name}: {what}"
+    title = f"{Path(model).name} {cfg.dtype.name}: {what}"
     if strategy:
         title += f", {strategy}" + (f" in {vram:g} GiB" if vram is not None else "")
     options = {
