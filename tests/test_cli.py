@@ -49,7 +49,6 @@ def test_bench_runs_bf16_weights() -> None:
 @pytest.mark.parametrize(
     "argv",
     [
-        ["bench", "-m", "no-such-model"],
         ["bench", "-p", "x"],
         ["bench", "-p", "-3"],
         ["bench", "--dtype", "q4_k"],
@@ -63,6 +62,8 @@ def test_bench_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[s
 
 
 def test_bench_bad_values_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "-m", "no-such-model"]) == 2  # neither built in nor a file
+    assert "built-in architectures: gemma3-270m" in capsys.readouterr().err
     assert main(["bench", "-m", "llama-tiny", "-r", "0"]) == 2
     assert "repetitions must be at least 1" in capsys.readouterr().err
     assert main(["bench", "-m", "llama-tiny", "--backend", "tpu"]) == 2

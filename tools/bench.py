@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import statistics
 import sys
 import time
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+from tqdm import tqdm
 
 from backends import best_backend, get_backend
 from engine.calibration import calibrate
@@ -65,18 +67,86 @@ class BenchResult:
     stream_gbs: float = 0.0  # achieved host-to-device rate while streaming
     link_pct: float = 0.0  # ... as a share of the measured pinned link
     predicted_ts: float = 0.0  # what engine.offload.predict said of a streamed tg test (t/s)
+    vram_mib: float = 0.0  # device bytes at the peak: resident weights + the session's allocations
+    ttft_ms: float = 0.0  # time to first token (median): the prompt pass that gives its logits
+    p50_ms: float = 0.0  # per-token latency of generation, median over every token timed
+    p90_ms: float = 0.0  # ... 90th percentile
+
+
+SEED_PRESETS: dict[str, tuple[str, dict[str, object]]] = {
+    "seed-prefetch": (
+        "ChatRWKV #152's *N+K table on a 7B Llama shape",
+        {
+            "model": "llama-7b",
+            "dtype": "bf16",
+            "n_prompt": [2048],
+            "n_gen": [16],
+            "strategy": ["all", "*10+0", "*15+0", "*10+10", "*15+5", "*20+0", "auto"],
+            "vram": [6.0, 8.0, 10.0],
+        },
+    ),
+    "seed-streams": (
+        "llama.cpp #4719's 1 vs N streams, eager and in graphs, separate projections",
+        {
+            "model": "gemma3-270m",
+            "dtype": "bf16",
+            "n_prompt": [512],
+            "n_gen": [128],
+            "streams": ["1", "2", "4", "auto"],
+            "graphs": ["on", "off"],
+            "no_stack": True,
+        },
+    ),
+    "seed-head": (
+        "rwkv.cpp #106's head on the GPU (ngl=19) or the CPU (ngl=18), Gemma 3 270M",
+        {
+            "model": "gemma3-270m",
+            "dtype": "bf16",
+            "n_prompt": [128],
+            "n_gen": [32],
+            "strategy": ["ngl=19", "ngl=18"],
+        },
+    ),
+}
+"""What ``--preset`` sets: the model and the sweep (``-r``, ``-o``, ``--backend``, ``--plot``
+and ``--trace`` still apply)."""
 
 
 def _ints(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if any(v < 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"token counts must be >= 0, got {text!r}")
+    """Comma-separated counts, each a value or a range as llama-bench writes them: ``a-b``
+    (step 1), ``a-b+s`` (step s), ``a-b*m`` (times m): ``-p 128-1024*2`` is 128,256,512,1024."""
+    vals: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+)(?:([+*])(\d+))?)?", part)
+        if m is None:
+            raise argparse.ArgumentTypeError(
+                f"expected counts or ranges (64, 64-256+64, 128-1024*2), got {part!r}"
+            )
+        first = int(m[1])
+        if m[2] is None:
+            vals.append(first)
+            continue
+        last, op, step = int(m[2]), m[3] or "+", int(m[4] or 1)
+        if last < first or (op == "+" and step < 1) or (op == "*" and (step < 2 or first < 1)):
+            raise argparse.ArgumentTypeError(f"range {part!r} never reaches its end")
+        v = first
+        while v <= last:
+            vals.append(v)
+            v = v + step if op == "+" else v * step
     return vals
+
+
+def _pairs(text: str) -> list[tuple[int, int]]:
+    """``-pg 512,128``: a prompt and a generation run as one test (several: 512,128;64,16)."""
+    out = []
+    for part in text.split(";"):
+        nums = _ints(part)
+        if len(nums) != 2 or nums[0] < 1 or nums[1] < 1:
+            raise argparse.ArgumentTypeError(f"-pg takes PROMPT,GEN pairs (512,128), got {part!r}")
+        out.append((nums[0], nums[1]))
+    return out
 
 
 def _streams(text: str) -> list[str]:
@@ -101,14 +171,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "-m",
         "--model",
         default="gemma3-270m",
-        choices=sorted(PRESETS),
-        help="built-in architecture, run with generated weights (default: gemma3-270m)",
+        help=f"a built-in architecture run with generated weights ({', '.join(sorted(PRESETS))}; "
+        "default gemma3-270m), or a GGUF file",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(SEED_PRESETS),
+        help="redo a seed thread's table: "
+        + "; ".join(f"{k}: {v[0]}" for k, v in sorted(SEED_PRESETS.items())),
     )
     p.add_argument(
         "-p", "--n-prompt", type=_ints, default=[64], help="prompt lengths, e.g. 64,512 (0: none)"
     )
     p.add_argument(
         "-n", "--n-gen", type=_ints, default=[16], help="tokens to generate, e.g. 16,128 (0: none)"
+    )
+    p.add_argument(
+        "-pg",
+        "--prompt-gen",
+        type=_pairs,
+        default=[],
+        metavar="PP,TG",
+        help="a prompt then a generation as one test, llama-bench's pp+tg (e.g. 512,128)",
     )
     p.add_argument(
         "-r", "--repetitions", type=int, default=3, help="timed repetitions per test (default 3)"
@@ -149,6 +234,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "-o", "--output", default="md", choices=["md", "json", "jsonl", "csv"], help="output format"
     )
     p.add_argument(
+        "--no-stack",
+        action="store_true",
+        help="separate Q/K/V and gate/up projections (what several streams can overlap)",
+    )
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="draw the sweep's t/s")
+    p.add_argument(
         "--trace",
         default=None,
         metavar="OUT.json",
@@ -171,18 +262,35 @@ def run_bench(
     strategies: Sequence[str] = ("all",),
     vram: Sequence[float | None] = (None,),
     trace: Trace | None = None,
+    pg: Sequence[tuple[int, int]] = (),
+    stack: bool = True,
 ) -> list[BenchResult]:
     """Every test of every configuration; ``trace``: record one extra, untimed run of each test
     into it (a section per test)."""
     if reps < 1:
         raise ValueError(f"repetitions must be at least 1, got {reps}")
     be = get_backend(backend or best_backend())
-    cfg = preset(model).replace(dtype=dtype_of(dtype))
-    log(f"generating {cfg.n_params() / 1e6:.2f}M {dtype} weights for {model} on {be.name} ...")
-    weights = device_weights(cfg, be, seed)
+    pg = list(pg)
+    if model in PRESETS:
+        cfg = preset(model).replace(dtype=dtype_of(dtype))
+        log(f"generating {cfg.n_params() / 1e6:.2f}M {dtype} weights for {model} on {be.name}")
+        weights = device_weights(cfg, be, seed)
+    else:  # a GGUF file (or a packaged model's name): its weights, dequantized to ``dtype``
+        from engine.gguf import open_gguf
+        from engine.packaged import ModelNotFound, resolve_model
+
+        try:
+            path = resolve_model(model)
+        except ModelNotFound as e:
+            raise ValueError(f"{e}; built-in architectures: {', '.join(sorted(PRESETS))}") from e
+        log(f"loading {path.name} as {dtype} ...")
+        gguf = open_gguf(path)
+        cfg = gguf.config.replace(dtype=dtype_of(dtype))
+        weights = gguf.weights(cfg.dtype)
+        model = path.name
     unique = {id(w): w for w in weights.values()}
     size_mib = sum(w.nbytes for w in unique.values()) / 2**20
-    n_ctx = max([*n_prompt, 0]) + max([*n_gen, 0]) + 1
+    n_ctx = max([*n_prompt, 0, *(a + b for a, b in pg)]) + max([*n_gen, 0]) + 1
     rng = np.random.default_rng(seed)
     results: list[BenchResult] = []
     skipped: list[GraphError] = []
@@ -193,15 +301,17 @@ def run_bench(
             weights,
             be,
             n_ctx=n_ctx,
-            n_batch=max([*n_prompt, 1]),
+            n_batch=max([*n_prompt, *(a for a, _ in pg), 1]),
             mode=mode,
             streams=n_streams if n_streams == "auto" else int(n_streams),
             offload=None if strategy == "all" else strategy,
             vram=budget,
+            fuse=stack,
         )
 
     def bench_mode(graph_mode: str, n_streams: str, strategy: str, budget: float | None) -> None:
         mode = {"on": "graph", "off": "eager"}[graph_mode]
+        allocated_before = getattr(be, "bytes_allocated", 0)
         try:
             sess = make_session(mode, n_streams, strategy, budget)
         except GraphError as e:  # a placement the budget cannot hold: the other rows still run
@@ -211,14 +321,22 @@ def run_bench(
             skipped.append(e)
             return
         placement = sess.placement
+        # weights the session uses where they are (no copy): the generated device arrays
+        resident = size_mib * 2**20 if placement is None else placement.resident_bytes
         held = size_mib if placement is None else placement.device_bytes / 2**20
         if sess.ring is not None:
             held += sess.ring.cache.used / 2**20
         streamed = placement.streamed_bytes if placement is not None else 0
         link = calibrate(be).link_bytes_per_s if streamed else 0.0
 
-        def record(test: str, n: int, secs: list[float], launches: int, passes: int) -> None:
+        def record(test: str, n: int, samples: list[Sample], launches: int, passes: int) -> None:
+            secs = [x.total for x in samples]
             rates = [n / s for s in secs]
+            steps = sorted(t for x in samples for t in x.steps)
+            allocated = getattr(be, "bytes_allocated", None)
+            vram_mib = 0.0
+            if allocated is not None:  # what the device holds for this configuration
+                vram_mib = (resident + allocated - allocated_before) / 2**20
             # streamed bytes per forward pass x passes per second
             rate = streamed / 1e9 * passes / statistics.median(secs)
             sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
@@ -246,11 +364,15 @@ def run_bench(
                     round(rate, 2),
                     round(100 * rate * 1e9 / link, 1) if link else 0.0,
                     round(1 / placement.predicted_s, 2) if streamed and test[:2] == "tg" else 0.0,
+                    round(vram_mib, 1),
+                    round(statistics.median(x.ttft for x in samples) * 1e3, 3),
+                    round(_percentile(steps, 50) * 1e3, 3) if steps else 0.0,
+                    round(_percentile(steps, 90) * 1e3, 3) if steps else 0.0,
                 )
             )
             log(f"  {test}: {results[-1].ts_mean:.2f} ± {sd:.2f} t/s")
 
-        def traced(test: str, once: Callable[[], float]) -> None:
+        def traced(test: str, once: Callable[[], Sample]) -> None:
             """One more run of ``test``, recorded into ``trace`` (after the timed ones)."""
             if trace is None:
                 return
@@ -265,41 +387,56 @@ def run_bench(
                 sess.trace = None
             log(f"  {test}: traced one more run")
 
+        def timed(test: str, once: Callable[[], Sample], warm: int) -> list[Sample]:
+            log(f"{test} graphs={graph_mode}: warm-up + {reps} repetitions")
+            for _ in range(warm):  # graph mode captures on its second run
+                once()
+            bar = tqdm(range(reps), desc=f"  {test}", file=sys.stderr, leave=False, disable=None)
+            return [once() for _ in bar]
+
         for n in n_prompt:
             if n == 0:
                 continue
             prompt = [int(t) for t in rng.integers(0, cfg.n_vocab, n)]
 
-            def pp(prompt: list[int] = prompt) -> float:
+            def pp(prompt: list[int] = prompt) -> Sample:
                 sess.reset()
                 t0 = time.perf_counter()
-                sess.prefill(prompt)
-                return time.perf_counter() - t0
+                sess.prefill(prompt)  # the first token's logits come with the prompt pass
+                took = time.perf_counter() - t0
+                return Sample(took, took, [])
 
-            log(f"pp{n} graphs={graph_mode}: warm-up + {reps} repetitions")
-            pp()
-            pp()  # a second warm-up: graph mode captures on its second run
+            samples = timed(f"pp{n}", pp, 2)
             launches = sess.executor(n, sess.n_kv_for(n)).n_launches
             chunks = -(-n // sess.n_batch)
-            record(f"pp{n}", n, [pp() for _ in range(reps)], launches, chunks)
+            record(f"pp{n}", n, samples, launches, chunks)
             traced(f"pp{n}", pp)
         for n in n_gen:
             if n == 0:
                 continue
 
-            def tg(n: int = n) -> float:
+            def tg(n: int = n) -> Sample:
                 sess.reset()
-                tok = int(np.argmax(sess.prefill([1])))
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    tok = sess.decode_greedy(tok)  # greedy, as generate(): argmax on the device
-                return time.perf_counter() - t0
+                return _generate(sess, [1], n)
 
-            log(f"tg{n} graphs={graph_mode}: warm-up + {reps} repetitions")
-            tg()
+            samples = timed(f"tg{n}", tg, 1)
             launches = sess.executor(1, sess.n_kv_for(n + 1), "argmax").n_launches
-            record(f"tg{n}", n, [tg() for _ in range(reps)], launches, n)
+            record(f"tg{n}", n, samples, launches, n)
             traced(f"tg{n}", tg)
+        for n_pp, n_tg in pg:
+            prompt = [int(t) for t in rng.integers(0, cfg.n_vocab, n_pp)]
+
+            def both(prompt: list[int] = prompt, n: int = n_tg) -> Sample:
+                sess.reset()
+                x = _generate(sess, prompt, n)
+                return Sample(x.ttft + x.total, x.ttft, x.steps)  # prompt and generation
+
+            test = f"pp{n_pp}+tg{n_tg}"
+            samples = timed(test, both, 2)
+            launches = sess.executor(1, sess.n_kv_for(n_pp + n_tg), "argmax").n_launches
+            chunks = -(-n_pp // sess.n_batch)
+            record(test, n_pp + n_tg, samples, launches, chunks + n_tg)
+            traced(test, both)
 
     for graph_mode in graphs:
         for n_streams in streams:
@@ -310,6 +447,35 @@ def run_bench(
     if skipped and not results:
         raise skipped[0]
     return results
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One timed repetition: the seconds its tokens/s divide by, the time to the first token,
+    and each generated token's latency."""
+
+    total: float
+    ttft: float
+    steps: list[float]
+
+
+def _generate(sess: Session, prompt: list[int], n: int) -> Sample:
+    """The prompt pass (its time is the time to first token), then ``n`` greedy tokens as
+    ``generate()`` makes them (argmax on the device), each one timed."""
+    t0 = time.perf_counter()
+    tok = int(np.argmax(sess.prefill(prompt)))
+    ttft = time.perf_counter() - t0
+    steps = []
+    for _ in range(n):
+        t = time.perf_counter()
+        tok = sess.decode_greedy(tok)
+        steps.append(time.perf_counter() - t)
+    return Sample(sum(steps), ttft, steps)
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """The q-th percentile by linear interpolation (NumPy's default)."""
+    return float(np.percentile(sorted_values, q))
 
 
 def format_results(results: list[BenchResult], fmt: str) -> str:
@@ -331,6 +497,8 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
         "launches",
     ]
     streaming = any(r.streamed_mb for r in results)
+    device = any(r.vram_mib for r in results)
+    cols += ["TTFT ms", "p50 ms", "p90 ms"] + (["VRAM"] if device else [])
     if streaming:
         cols += ["vram", "weights", "streamed", "GB/s", "link", "predicted"]
     rows = [
@@ -346,7 +514,11 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
             r.test,
             f"{r.ts_mean:.2f} ± {r.ts_sd:.2f}",
             str(r.launches),
+            f"{r.ttft_ms:.2f}",
+            f"{r.p50_ms:.2f}" if r.p50_ms else "-",
+            f"{r.p90_ms:.2f}" if r.p90_ms else "-",
         ]
+        + ([f"{r.vram_mib:.0f} MiB"] if device else [])
         + (
             [
                 r.vram or "-",
@@ -380,6 +552,10 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
         "GB/s",
         "link",
         "predicted",
+        "TTFT ms",
+        "p50 ms",
+        "p90 ms",
+        "VRAM",
     }
 
     def line(cells: list[str]) -> str:
@@ -404,6 +580,11 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.preset:
+        for key, value in SEED_PRESETS[args.preset][1].items():
+            setattr(args, key, value)
+    if args.plot and not str(args.plot).lower().endswith(".png"):
+        raise ValueError(f"--plot writes a PNG: name it .png, not {args.plot}")
     trace = None
     if args.trace:
         timeline.check_path(args.trace)  # before the run, not after it
@@ -421,10 +602,45 @@ def main(args: argparse.Namespace) -> int:
         strategies=args.strategy,
         vram=args.vram,
         trace=trace,
+        pg=args.prompt_gen,
+        stack=not args.no_stack,
     )
     print(format_results(results, args.output))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: wrote {args.plot}", file=sys.stderr)
     if results and args.output == "md":
         print(f"\nbackend: {get_backend(results[0].backend).describe()}")
     if trace is not None:
         timeline.save(trace, args.trace)
     return 0
+
+
+def plot(results: list[BenchResult], path: str) -> None:
+    """The sweep as bars: tokens/s (mean, with the standard deviation) per configuration, one
+    panel per test."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'streamgraph[viz]'") from None
+    tests = list(dict.fromkeys(r.test for r in results))
+    fig = Figure(figsize=(max(6.0, 1.0 + 0.6 * len(results) / len(tests)), 3.2 * len(tests)))
+    for k, test in enumerate(tests):
+        ax = fig.add_subplot(len(tests), 1, k + 1)
+        rows = [r for r in results if r.test == test]
+        labels = [_config(r) for r in rows]
+        ax.bar(range(len(rows)), [r.ts_mean for r in rows], yerr=[r.ts_sd for r in rows])
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{rows[0].model} {rows[0].dtype} {test} ({rows[0].backend})", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _config(r: BenchResult) -> str:
+    """What distinguishes a row: streams, graphs, placement and budget."""
+    parts = [f"s={r.streams}", f"graphs {r.graphs}"]
+    if r.strategy != "all":
+        parts.append(r.strategy + (f" @{r.vram}G" if r.vram else ""))
+    return " ".join(parts)

@@ -1,0 +1,114 @@
+"""``streamgraph bench`` beyond the basics in test_cli.py: llama-bench's ranges and pp+tg
+tests, the latency columns, every output format's shape, the seed presets, the plot, a GGUF
+file, and the default run (the README's main job) finishing."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from dataclasses import fields
+
+import pytest
+
+from tools import bench
+from tools.cli import main
+
+
+def test_ranges_expand_as_llama_bench_writes_them() -> None:
+    assert bench._ints("128-1024*2") == [128, 256, 512, 1024]
+    assert bench._ints("0-16+8,3") == [0, 8, 16, 3]
+    assert bench._ints("1-3") == [1, 2, 3]
+    assert bench._pairs("512,128;64,16") == [(512, 128), (64, 16)]
+    for bad in ("4-2", "1-8*1", "x", "0-8*2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench._ints(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="PROMPT,GEN"):
+        bench._pairs("512")
+
+
+def test_pp_tg_and_latency_columns() -> None:
+    res = bench.run_bench("llama-tiny", [4], [3], 2, "numpy", pg=[(4, 3)], log=lambda s: None)
+    by = {r.test: r for r in res}
+    assert set(by) == {"pp4", "tg3", "pp4+tg3"}
+    assert by["pp4+tg3"].n_tokens == 7
+    for r in res:
+        assert r.ts_mean > 0 and r.ttft_ms > 0
+    assert by["pp4"].p50_ms == 0.0  # a prompt pass has no per-token latencies
+    for test in ("tg3", "pp4+tg3"):
+        assert 0 < by[test].p50_ms <= by[test].p90_ms
+
+
+def _rows(fmt: str, capsys: pytest.CaptureFixture[str]) -> str:
+    argv = ["bench", "-m", "llama-tiny", "-p", "4", "-n", "2", "-r", "2", "--streams", "1,2"]
+    assert main([*argv, "--no-stack", "-o", fmt]) == 0
+    return capsys.readouterr().out
+
+
+def test_every_output_format_has_its_shape(capsys: pytest.CaptureFixture[str]) -> None:
+    names = [f.name for f in fields(bench.BenchResult)]
+    rows = json.loads(_rows("json", capsys))
+    assert len(rows) == 4 and all(list(r) == names for r in rows)  # 2 streams x (pp, tg)
+    assert {r["streams"] for r in rows} == {"1", "2"}
+    lines = _rows("jsonl", capsys).strip().splitlines()
+    assert [list(json.loads(x)) for x in lines] == [names] * 4
+    table = list(csv.reader(io.StringIO(_rows("csv", capsys))))
+    assert table[0] == names and len(table) == 5 and all(len(r) == len(names) for r in table)
+    md = [x for x in _rows("md", capsys).splitlines() if x.startswith("|")]
+    assert len(md) == 2 + 4
+    width = md[0].count("|")
+    assert all(x.count("|") == width for x in md)
+    assert "TTFT ms" in md[0] and "p90 ms" in md[0]
+
+
+def test_presets_set_the_seed_sweeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def fake(model, n_prompt, n_gen, reps, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.update(model=model, n_prompt=n_prompt, n_gen=n_gen, **kw)
+        return []
+
+    monkeypatch.setattr(bench, "run_bench", fake)
+    assert main(["bench", "--preset", "seed-prefetch"]) == 0
+    assert seen["model"] == "llama-7b" and seen["vram"] == [6.0, 8.0, 10.0]
+    assert "*15+5" in seen["strategies"] and seen["n_prompt"] == [2048]
+    assert main(["bench", "--preset", "seed-streams"]) == 0
+    assert seen["streams"] == ["1", "2", "4", "auto"] and seen["stack"] is False
+    assert main(["bench", "--preset", "seed-head"]) == 0
+    assert seen["strategies"] == ["ngl=19", "ngl=18"]
+
+
+def test_the_seed_head_preset_runs_on_a_tiny_model(capsys: pytest.CaptureFixture[str]) -> None:
+    """The head as layer n_layer: ngl=3 keeps it on the device, ngl=2 computes it on the host."""
+    argv = ["bench", "-m", "llama-tiny", "-p", "4", "-n", "2", "-r", "1", "-o", "json"]
+    assert main([*argv, "--strategy", "ngl=3,ngl=2"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["strategy"] for r in rows] == ["ngl=3", "ngl=3", "ngl=2", "ngl=2"]
+
+
+def test_plot_draws_the_sweep(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sweep.png"
+    argv = ["bench", "-m", "llama-tiny", "-p", "4", "-n", "2", "-r", "2", "--streams", "1,2"]
+    assert main([*argv, "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*argv, "--plot", str(tmp_path / "sweep.svg")]) == 2
+    assert "name it .png" in capsys.readouterr().err
+
+
+def test_a_gguf_file_is_benchmarked(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    from tests.gguf_fixtures import LLAMA, LLAMA_TYPES, write_model
+
+    path = tmp_path / "tiny.gguf"
+    write_model(path, LLAMA, LLAMA_TYPES)
+    assert main(["bench", "-m", str(path), "-p", "4", "-n", "2", "-r", "1", "-o", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["model"] for r in rows} == {"tiny.gguf"} and len(rows) == 2
+
+
+def test_the_default_run_finishes(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's main job: the 270M shape on the best backend (here the CPU)."""
+    assert main(["bench", "-r", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| gemma3-270m |" in out and "pp64" in out and "tg16" in out
