@@ -24,6 +24,7 @@ compute stream's wait for a ready one are instants on their tracks.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +120,9 @@ class WeightRing:
         self.placement = placement
         self.copy_stream = copy_stream
         self.backend = be
+        # a dropped ring gives its pinned host copies back (to the pinned pool, where the next
+        # session's equal layers reuse them); a fetch still in flight must not read them then
+        weakref.finalize(self, copy_stream.synchronize)
         streamed = [p.layer for p in placement.layers if p.where == STREAMED]
         self.slots = placement.slots
         by_layer: dict[int, list[Any]] = {}

@@ -4,6 +4,8 @@ count, eager and captured, equals the single-stream run bitwise (same kernels, o
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -92,6 +94,30 @@ def test_streamed_270m_shape_equals_resident(gpu, mode: str, policy: str) -> Non
     np.testing.assert_array_equal(s.decode(tok), ref.decode(tok))
     ex = s.executor(1, s.n_kv_for(s.n_past + 1))
     assert ex.ring is not None and ex.ring.streamed_bytes == s.placement.streamed_bytes
+
+
+def test_dropped_streamed_sessions_give_their_pinned_memory_back(gpu) -> None:  # noqa: ANN001
+    """Each streamed session pins a host copy of its streamed layers. A sweep of placements in
+    one process (``streamgraph bench --strategy ... --vram 6,8,10``) kept every one of them
+    pinned until the host ran out of memory; now a dropped session returns them to the pinned
+    pool, where the next session's layers of the same sizes are served from."""
+    import cupy as cp
+
+    cfg = preset("gemma3-tiny")
+    w = random_weights(cfg, seed=3)
+    pool = cp.get_default_pinned_memory_pool()
+    s = Session(cfg, w, gpu, n_ctx=16, n_batch=4, offload="*0+1")
+    s.prefill([1, 2, 3])
+    s.prepare()  # fetches in flight when it goes
+    n_pinned = len(s.ring._keep)
+    free_before = pool.n_free_blocks()
+    del s
+    gc.collect()
+    assert pool.n_free_blocks() >= free_before + n_pinned
+    s = Session(cfg, w, gpu, n_ctx=16, n_batch=4, offload="*0+1")
+    assert pool.n_free_blocks() <= free_before + 1  # served from the blocks given back
+    ref = Session(cfg, w, gpu, n_ctx=16, n_batch=4)
+    np.testing.assert_array_equal(s.prefill([1, 2, 3]), ref.prefill([1, 2, 3]))
 
 
 def test_n_gpu_layers_runs_the_rest_on_the_cpu(gpu) -> None:  # noqa: ANN001

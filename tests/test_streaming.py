@@ -5,6 +5,9 @@ one bitwise, and the stress mode must turn a missing "slot ready" wait into a wr
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 
@@ -139,6 +142,20 @@ def test_one_ring_serves_every_executor_and_the_next_pass_is_fetched_ahead() -> 
     s.decode(4)
     assert ring.fetched - before == len(ring.fetches)  # a pass fetches each layer once
     assert ring.primed
+
+
+def test_a_dropped_session_lets_its_ring_and_host_copies_go() -> None:
+    """A sweep builds one streamed session after another in one process: each must give its
+    ring and its pinned host copies back when dropped, with its last fetches in flight."""
+    cfg = preset("llama-tiny")
+    s = Session(cfg, random_weights(cfg, seed=4), n_ctx=16, n_batch=4, offload="*0+1")
+    s.prefill([1, 2, 3])
+    s.prepare()  # the next pass's first fetches are queued when the session goes
+    assert s.ring is not None
+    ring, host = weakref.ref(s.ring), weakref.ref(s.ring._keep[0])
+    del s
+    gc.collect()
+    assert ring() is None and host() is None
 
 
 def test_layers_that_fit_their_own_slots_are_fetched_once() -> None:
