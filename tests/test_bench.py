@@ -75,6 +75,7 @@ def test_presets_set_the_seed_sweeps(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "*15+5" in seen["strategies"] and seen["n_prompt"] == [2048]
     assert main(["bench", "--preset", "seed-streams"]) == 0
     assert seen["streams"] == ["1", "2", "4", "auto"] and seen["stack"] is False
+    assert seen["interleave"] is True  # its rows differ by less than the machine drifts
     assert main(["bench", "--preset", "seed-head"]) == 0
     assert seen["strategies"] == ["ngl=19", "ngl=18"]
 
@@ -112,3 +113,39 @@ def test_the_default_run_finishes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "-r", "1"]) == 0
     out = capsys.readouterr().out
     assert "| gemma3-270m |" in out and "pp64" in out and "tg16" in out
+
+
+def test_interleave_times_every_configuration_round_by_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--interleave builds every session first, then each round runs every test once: the
+    sessions take turns, so a drift of the machine falls on every row alike. Without it, one
+    session runs all its repetitions before the next one exists."""
+    built: list[object] = []
+    order: list[int] = []  # which session (by the order they were built) each prompt pass ran on
+
+    class Spy(bench.Session):
+        def __init__(self, *a, **kw) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*a, **kw)
+            built.append(self)
+
+        def prefill(self, *a, **kw):  # noqa: ANN002, ANN003, ANN202
+            order.append(next(i for i, s in enumerate(built) if s is self))
+            return super().prefill(*a, **kw)
+
+    monkeypatch.setattr(bench, "Session", Spy)
+    kw = dict(streams=["1", "2"], log=lambda s: None)
+    res = bench.run_bench("llama-tiny", [4], [2], 3, "numpy", interleave=True, **kw)
+    assert [(r.streams, r.test) for r in res] == [
+        ("1", "pp4"),
+        ("1", "tg2"),
+        ("2", "pp4"),
+        ("2", "tg2"),
+    ]
+    assert all(r.reps == 3 and r.ts_mean > 0 for r in res)
+    # warm-ups: pp twice, tg once, per session; then 3 rounds of pp and tg on 0 and 1 in turn
+    assert order == [0, 0, 0, 1, 1, 1] + [0, 0, 1, 1] + [1, 1, 0, 0] + [0, 0, 1, 1]
+    built.clear()
+    order.clear()
+    bench.run_bench("llama-tiny", [4], [2], 3, "numpy", **kw)
+    assert order == [0] * 9 + [1] * 9  # (2 + 3 pp, 1 + 3 tg) each

@@ -10,6 +10,10 @@ prompt). Each test runs once to warm up (executors are built then), then ``-r`` 
 repetitions; the table shows tokens/s as mean ± sample standard deviation. Progress goes to
 stderr, the table to stdout.
 
+``--interleave`` builds every configuration's session first and then times the repetitions
+round by round across all of them (see ``run_bench``): use it to compare configurations whose
+difference is smaller than the machine's drift over minutes, where their sessions fit at once.
+
 ``--trace out.json`` records an execution timeline (``tools.timeline``): after a test's timed
 repetitions, one more run of it, untimed, is traced, so the timings never include tracing's
 cost. Each test's run is a section of its own in the trace, and a traced run launches kernel by
@@ -26,7 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 from tqdm import tqdm
@@ -95,6 +99,7 @@ SEED_PRESETS: dict[str, tuple[str, dict[str, object]]] = {
             "streams": ["1", "2", "4", "auto"],
             "graphs": ["on", "off"],
             "no_stack": True,
+            "interleave": True,
         },
     ),
     "seed-head": (
@@ -238,6 +243,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="separate Q/K/V and gate/up projections (what several streams can overlap)",
     )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="build every configuration's session first, then time the repetitions round by "
+        "round across all of them, so the machine's drift falls on every row alike (holds "
+        "every session's memory at once)",
+    )
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw the sweep's t/s")
     p.add_argument(
         "--trace",
@@ -264,9 +276,17 @@ def run_bench(
     trace: Trace | None = None,
     pg: Sequence[tuple[int, int]] = (),
     stack: bool = True,
+    interleave: bool = False,
 ) -> list[BenchResult]:
     """Every test of every configuration; ``trace``: record one extra, untimed run of each test
-    into it (a section per test)."""
+    into it (a section per test).
+
+    By default each configuration's session is built, warmed up, timed and dropped before the
+    next one's, so only one session holds memory at a time. ``interleave``: every session is
+    built and warmed up first, then each repetition is a round that runs every test once, in
+    turn (reversed every other round). A machine's speed drifts over minutes (an H200 ran the
+    same captured 270M step at 816 and 904 µs a few minutes apart), which is more than one
+    stream count gains over another; interleaved, the drift falls on every row alike."""
     if reps < 1:
         raise ValueError(f"repetitions must be at least 1, got {reps}")
     be = get_backend(backend or best_backend())
@@ -294,32 +314,37 @@ def run_bench(
     rng = np.random.default_rng(seed)
     results: list[BenchResult] = []
     skipped: list[GraphError] = []
+    sweep = [
+        (graph_mode, n_streams, strategy, budget)
+        for graph_mode in graphs
+        for n_streams in streams
+        for strategy in strategies
+        for budget in (vram if strategy != "all" else [None])
+    ]
 
-    def make_session(mode: str, n_streams: str, strategy: str, budget: float | None) -> Session:
-        return Session(
-            cfg,
-            weights,
-            be,
-            n_ctx=n_ctx,
-            n_batch=max([*n_prompt, *(a for a, _ in pg), 1]),
-            mode=mode,
-            streams=n_streams if n_streams == "auto" else int(n_streams),
-            offload=None if strategy == "all" else strategy,
-            vram=budget,
-            fuse=stack,
-        )
-
-    def bench_mode(graph_mode: str, n_streams: str, strategy: str, budget: float | None) -> None:
-        mode = {"on": "graph", "off": "eager"}[graph_mode]
-        allocated_before = getattr(be, "bytes_allocated", 0)
+    def open_config(graph_mode: str, n_streams: str, strategy: str, budget: float | None):  # noqa: ANN202
+        """The configuration's session and what it places where; None if its budget cannot
+        hold the placement (the other rows still run)."""
+        before = getattr(be, "bytes_allocated", 0)
         try:
-            sess = make_session(mode, n_streams, strategy, budget)
-        except GraphError as e:  # a placement the budget cannot hold: the other rows still run
+            sess = Session(
+                cfg,
+                weights,
+                be,
+                n_ctx=n_ctx,
+                n_batch=max([*n_prompt, *(a for a, _ in pg), 1]),
+                mode={"on": "graph", "off": "eager"}[graph_mode],
+                streams=n_streams if n_streams == "auto" else int(n_streams),
+                offload=None if strategy == "all" else strategy,
+                vram=budget,
+                fuse=stack,
+            )
+        except GraphError as e:
             if len(strategies) * len(vram) == 1:
                 raise
             log(f"{strategy} at --vram {budget}: skipped, {e}")
             skipped.append(e)
-            return
+            return None
         placement = sess.placement
         # weights the session uses where they are (no copy): the generated device arrays
         resident = size_mib * 2**20 if placement is None else placement.resident_bytes
@@ -328,72 +353,14 @@ def run_bench(
             held += sess.ring.cache.used / 2**20
         streamed = placement.streamed_bytes if placement is not None else 0
         link = calibrate(be).link_bytes_per_s if streamed else 0.0
+        predicted = 1 / placement.predicted_s if streamed else 0.0
+        c = _Config(graph_mode, n_streams, strategy, budget, sess, before, resident, held)
+        c.streamed, c.link, c.predicted = streamed, link, predicted
+        return c
 
-        def record(test: str, n: int, samples: list[Sample], launches: int, passes: int) -> None:
-            secs = [x.total for x in samples]
-            rates = [n / s for s in secs]
-            steps = sorted(t for x in samples for t in x.steps)
-            allocated = getattr(be, "bytes_allocated", None)
-            vram_mib = 0.0
-            if allocated is not None:  # what the device holds for this configuration
-                vram_mib = (resident + allocated - allocated_before) / 2**20
-            # streamed bytes per forward pass x passes per second
-            rate = streamed / 1e9 * passes / statistics.median(secs)
-            sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
-            params = round(cfg.n_params() / 1e6, 2)
-            results.append(
-                BenchResult(
-                    model,
-                    round(size_mib, 2),
-                    params,
-                    be.name,
-                    dtype,
-                    n_streams,
-                    strategy,
-                    graph_mode,
-                    test,
-                    n,
-                    reps,
-                    statistics.fmean(rates),
-                    sd,
-                    statistics.median(rates),
-                    launches,
-                    "" if budget is None else f"{budget:g}",
-                    round(held, 1),
-                    round(streamed / 1e6, 3),
-                    round(rate, 2),
-                    round(100 * rate * 1e9 / link, 1) if link else 0.0,
-                    round(1 / placement.predicted_s, 2) if streamed and test[:2] == "tg" else 0.0,
-                    round(vram_mib, 1),
-                    round(statistics.median(x.ttft for x in samples) * 1e3, 3),
-                    round(_percentile(steps, 50) * 1e3, 3) if steps else 0.0,
-                    round(_percentile(steps, 90) * 1e3, 3) if steps else 0.0,
-                )
-            )
-            log(f"  {test}: {results[-1].ts_mean:.2f} ± {sd:.2f} t/s")
-
-        def traced(test: str, once: Callable[[], Sample]) -> None:
-            """One more run of ``test``, recorded into ``trace`` (after the timed ones)."""
-            if trace is None:
-                return
-            where = "" if budget is None else f" vram={budget:g}"
-            trace.section = (
-                f"{test} {be.name} streams={n_streams} graphs={graph_mode} {strategy}{where}"
-            )
-            sess.trace = trace
-            try:
-                once()
-            finally:
-                sess.trace = None
-            log(f"  {test}: traced one more run")
-
-        def timed(test: str, once: Callable[[], Sample], warm: int) -> list[Sample]:
-            log(f"{test} graphs={graph_mode}: warm-up + {reps} repetitions")
-            for _ in range(warm):  # graph mode captures on its second run
-                once()
-            bar = tqdm(range(reps), desc=f"  {test}", file=sys.stderr, leave=False, disable=None)
-            return [once() for _ in bar]
-
+    def jobs_of(c: _Config) -> list[_Job]:
+        """The configuration's tests: pp, tg, then pp+tg."""
+        sess, jobs = c.session, []
         for n in n_prompt:
             if n == 0:
                 continue
@@ -406,11 +373,8 @@ def run_bench(
                 took = time.perf_counter() - t0
                 return Sample(took, took, [])
 
-            samples = timed(f"pp{n}", pp, 2)
-            launches = sess.executor(n, sess.n_kv_for(n)).n_launches
-            chunks = -(-n // sess.n_batch)
-            record(f"pp{n}", n, samples, launches, chunks)
-            traced(f"pp{n}", pp)
+            ex = (n, sess.n_kv_for(n), "last")
+            jobs.append(_Job(c, f"pp{n}", n, pp, 2, ex, -(-n // sess.n_batch)))
         for n in n_gen:
             if n == 0:
                 continue
@@ -419,10 +383,8 @@ def run_bench(
                 sess.reset()
                 return _generate(sess, [1], n)
 
-            samples = timed(f"tg{n}", tg, 1)
-            launches = sess.executor(1, sess.n_kv_for(n + 1), "argmax").n_launches
-            record(f"tg{n}", n, samples, launches, n)
-            traced(f"tg{n}", tg)
+            ex = (1, sess.n_kv_for(n + 1), "argmax")
+            jobs.append(_Job(c, f"tg{n}", n, tg, 1, ex, n))  # graph mode captures on run 2
         for n_pp, n_tg in pg:
             prompt = [int(t) for t in rng.integers(0, cfg.n_vocab, n_pp)]
 
@@ -431,22 +393,141 @@ def run_bench(
                 x = _generate(sess, prompt, n)
                 return Sample(x.ttft + x.total, x.ttft, x.steps)  # prompt and generation
 
-            test = f"pp{n_pp}+tg{n_tg}"
-            samples = timed(test, both, 2)
-            launches = sess.executor(1, sess.n_kv_for(n_pp + n_tg), "argmax").n_launches
-            chunks = -(-n_pp // sess.n_batch)
-            record(test, n_pp + n_tg, samples, launches, chunks + n_tg)
-            traced(test, both)
+            ex = (1, sess.n_kv_for(n_pp + n_tg), "argmax")
+            passes = -(-n_pp // sess.n_batch) + n_tg
+            jobs.append(_Job(c, f"pp{n_pp}+tg{n_tg}", n_pp + n_tg, both, 2, ex, passes))
+        return jobs
 
-    for graph_mode in graphs:
-        for n_streams in streams:
-            for strategy in strategies:
-                for budget in vram if strategy != "all" else [None]:
-                    bench_mode(graph_mode, n_streams, strategy, budget)
-                    gc.collect()  # the session's pinned host copies go before the next one's
+    def warm(job: _Job) -> None:
+        """Warm-up runs (executors are built, then captured); then what the device holds."""
+        log(f"{job.test} {job.config.label}: warm-up + {reps} repetitions")
+        for _ in range(job.warm):
+            job.once()
+        job.launches = job.config.session.executor(*job.executor).n_launches
+        allocated = getattr(be, "bytes_allocated", None)
+        if allocated is not None:  # what the device holds for this configuration
+            c = job.config
+            job.vram_mib = (c.resident + allocated - c.allocated_before) / 2**20
+
+    def record(job: _Job) -> None:
+        c, n = job.config, job.n
+        secs = [x.total for x in job.samples]
+        rates = [n / s for s in secs]
+        steps = sorted(t for x in job.samples for t in x.steps)
+        # streamed bytes per forward pass x passes per second
+        rate = c.streamed / 1e9 * job.passes / statistics.median(secs)
+        sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
+        results.append(
+            BenchResult(
+                model,
+                round(size_mib, 2),
+                round(cfg.n_params() / 1e6, 2),
+                be.name,
+                dtype,
+                c.n_streams,
+                c.strategy,
+                c.graph_mode,
+                job.test,
+                n,
+                reps,
+                statistics.fmean(rates),
+                sd,
+                statistics.median(rates),
+                job.launches,
+                "" if c.budget is None else f"{c.budget:g}",
+                round(c.held, 1),
+                round(c.streamed / 1e6, 3),
+                round(rate, 2),
+                round(100 * rate * 1e9 / c.link, 1) if c.link else 0.0,
+                round(c.predicted, 2) if job.test.startswith("tg") else 0.0,
+                round(job.vram_mib, 1),
+                round(statistics.median(x.ttft for x in job.samples) * 1e3, 3),
+                round(_percentile(steps, 50) * 1e3, 3) if steps else 0.0,
+                round(_percentile(steps, 90) * 1e3, 3) if steps else 0.0,
+            )
+        )
+        log(f"  {job.test} {c.label}: {results[-1].ts_mean:.2f} ± {sd:.2f} t/s")
+
+    def traced(job: _Job) -> None:
+        """One more run of the test, recorded into ``trace`` (after the timed ones)."""
+        if trace is None:
+            return
+        sess = job.config.session
+        trace.section = f"{job.test} {be.name} {job.config.label}"
+        sess.trace = trace
+        try:
+            job.once()
+        finally:
+            sess.trace = None
+        log(f"  {job.test}: traced one more run")
+
+    if not interleave:
+        for key in sweep:
+            config = open_config(*key)
+            for job in jobs_of(config) if config is not None else []:
+                warm(job)
+                bar = tqdm(
+                    range(reps), desc=f"  {job.test}", file=sys.stderr, leave=False, disable=None
+                )
+                job.samples = [job.once() for _ in bar]
+                record(job)
+                traced(job)
+            del config
+            gc.collect()  # the session's pinned host copies go before the next one's
+    else:  # every session at once; round r times each test once, in turn
+        jobs = []
+        for key in sweep:
+            config = open_config(*key)
+            for job in jobs_of(config) if config is not None else []:
+                warm(job)
+                jobs.append(job)
+        for r in tqdm(range(reps), desc="  rounds", file=sys.stderr, leave=False, disable=None):
+            for job in jobs if r % 2 == 0 else jobs[::-1]:  # a drift within a round cancels too
+                job.samples.append(job.once())
+        for job in jobs:
+            record(job)
+            traced(job)
     if skipped and not results:
         raise skipped[0]
     return results
+
+
+@dataclass(slots=True)
+class _Config:
+    """One configuration of the sweep, its session, and what its placement puts where."""
+
+    graph_mode: str
+    n_streams: str
+    strategy: str
+    budget: float | None
+    session: Session
+    allocated_before: int  # the backend's bytes before the session existed
+    resident: float  # weight bytes on the device
+    held: float  # MiB of weights the device holds: resident layers, the ring, the cache
+    streamed: int = 0  # bytes copied to the device per forward pass
+    link: float = 0.0  # the calibrated host-to-device bytes/s (streamed configurations)
+    predicted: float = 0.0  # tokens/s engine.offload.predict expects of decode (streamed ones)
+
+    @property
+    def label(self) -> str:
+        where = "" if self.budget is None else f" vram={self.budget:g}"
+        return f"streams={self.n_streams} graphs={self.graph_mode} {self.strategy}{where}"
+
+
+@dataclass(slots=True)
+class _Job:
+    """One test of one configuration: how to run it once, and its samples."""
+
+    config: _Config
+    test: str
+    n: int  # tokens a run counts
+    once: Callable[[], Sample]
+    warm: int  # untimed runs first
+    executor: tuple[int, dict[str, int], str]  # the key of the executor whose launches count
+    passes: int  # forward passes a run makes (streamed bytes are per pass)
+    launches: int = 0
+    vram_mib: float = 0.0
+    samples: list[Sample] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -604,6 +685,7 @@ def main(args: argparse.Namespace) -> int:
         trace=trace,
         pg=args.prompt_gen,
         stack=not args.no_stack,
+        interleave=args.interleave,
     )
     print(format_results(results, args.output))
     if args.plot:
