@@ -120,8 +120,8 @@ class WeightRing:
         self.placement = placement
         self.copy_stream = copy_stream
         self.backend = be
-        # a dropped ring gives its pinned host copies back (to the pinned pool, where the next
-        # session's equal layers reuse them); a fetch still in flight must not read them then
+        # a dropped ring gives its pinned host copies back (to CuPy's pinned pool); a fetch
+        # still in flight must not be reading them then
         weakref.finalize(self, copy_stream.synchronize)
         streamed = [p.layer for p in placement.layers if p.where == STREAMED]
         self.slots = placement.slots
