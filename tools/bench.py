@@ -699,20 +699,36 @@ def main(args: argparse.Namespace) -> int:
 
 
 def plot(results: list[BenchResult], path: str) -> None:
-    """The sweep as bars: tokens/s (mean, with the standard deviation) per configuration, one
-    panel per test."""
+    """The sweep as bars: tokens/s (mean, with the standard deviation, the value written on
+    each bar) per configuration, one panel per test. Bars are labelled by what varies across
+    the sweep; a panel whose rows differ more than 20-fold (all resident against streamed) is
+    drawn on a log scale, so the slow rows stay readable."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("--plot needs matplotlib: pip install 'streamgraph[viz]'") from None
     tests = list(dict.fromkeys(r.test for r in results))
+    varies = [
+        k
+        for k in ("streams", "graphs", "strategy", "vram")
+        if len({getattr(r, k) for r in results}) > 1
+    ]
     fig = Figure(figsize=(max(6.0, 1.0 + 0.6 * len(results) / len(tests)), 3.2 * len(tests)))
     for k, test in enumerate(tests):
         ax = fig.add_subplot(len(tests), 1, k + 1)
         rows = [r for r in results if r.test == test]
-        labels = [_config(r) for r in rows]
-        ax.bar(range(len(rows)), [r.ts_mean for r in rows], yerr=[r.ts_sd for r in rows])
-        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+        means = [r.ts_mean for r in rows]
+        bars = ax.bar(range(len(rows)), means, yerr=[r.ts_sd for r in rows])
+        ax.bar_label(bars, [f"{m:,.3g}" if m < 1000 else f"{m:,.0f}" for m in means], fontsize=7)
+        if min(means) > 0 and max(means) / min(means) > 20:
+            ax.set_yscale("log")
+        ax.set_xticks(
+            range(len(rows)),
+            [_config(r, varies) for r in rows],
+            rotation=30,
+            ha="right",
+            fontsize=8,
+        )
         ax.set_ylabel("tokens/s")
         ax.set_title(f"{rows[0].model} {rows[0].dtype} {test} ({rows[0].backend})", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
@@ -720,9 +736,13 @@ def plot(results: list[BenchResult], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _config(r: BenchResult) -> str:
-    """What distinguishes a row: streams, graphs, placement and budget."""
-    parts = [f"s={r.streams}", f"graphs {r.graphs}"]
-    if r.strategy != "all":
-        parts.append(r.strategy + (f" @{r.vram}G" if r.vram else ""))
-    return " ".join(parts)
+def _config(r: BenchResult, varies: Sequence[str]) -> str:
+    """What distinguishes a row from the others of the sweep."""
+    parts = []
+    if "streams" in varies:
+        parts.append(f"streams {r.streams}")
+    if "graphs" in varies:
+        parts.append(f"graphs {r.graphs}")
+    if "strategy" in varies or "vram" in varies:
+        parts.append(r.strategy + (f" @{r.vram} GiB" if r.vram else ""))
+    return " ".join(parts) or r.test
