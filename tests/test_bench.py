@@ -149,3 +149,24 @@ def test_interleave_times_every_configuration_round_by_round(
     order.clear()
     bench.run_bench("llama-tiny", [4], [2], 3, "numpy", **kw)
     assert order == [0] * 9 + [1] * 9  # (2 + 3 pp, 1 + 3 tg) each
+
+
+def test_a_sweep_drops_each_session_before_building_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without --interleave one session holds memory at a time: the previous configuration's
+    session is gone before the next one is built (a 7B sweep cannot hold two)."""
+    import weakref
+
+    alive_at_build: list[int] = []
+    built: list[weakref.ref] = []
+
+    class Spy(bench.Session):
+        def __init__(self, *a, **kw) -> None:  # noqa: ANN002, ANN003
+            alive_at_build.append(sum(r() is not None for r in built))
+            super().__init__(*a, **kw)
+            built.append(weakref.ref(self))
+
+    monkeypatch.setattr(bench, "Session", Spy)
+    bench.run_bench("llama-tiny", [4], [2], 1, "numpy", streams=["1", "2", "3"], log=print)
+    assert alive_at_build == [0, 0, 0]

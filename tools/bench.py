@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import re
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
@@ -44,37 +43,9 @@ from graph.dtypes import dtype_of
 from graph.models import PRESETS, preset
 from graph.ops import GraphError
 from tools import timeline
+from tools.bench_report import BenchResult, format_results, plot
 
 __all__ = ["BenchResult", "run_bench", "add_arguments", "main"]
-
-
-@dataclass(frozen=True, slots=True)
-class BenchResult:
-    model: str
-    size_mib: float
-    params_m: float
-    backend: str
-    dtype: str
-    streams: str  # --streams as asked: a count or "auto"
-    strategy: str  # weight placement (engine.offload): all, auto, *N+K
-    graphs: str  # "on": CUDA-graph replay of each forward pass; "off": eager launches
-    test: str
-    n_tokens: int
-    reps: int
-    ts_mean: float  # tokens/s
-    ts_sd: float
-    ts_median: float
-    launches: int  # kernel launches per forward pass of this test's graph
-    vram: str = ""  # --vram as asked (GiB), "" without a budget
-    weights_mib: float = 0.0  # weight bytes on the device: resident layers, the ring, the cache
-    streamed_mb: float = 0.0  # weight megabytes copied to the device per forward pass
-    stream_gbs: float = 0.0  # achieved host-to-device rate while streaming
-    link_pct: float = 0.0  # ... as a share of the measured pinned link
-    predicted_ts: float = 0.0  # what engine.offload.predict said of a streamed tg test (t/s)
-    vram_mib: float = 0.0  # device bytes at the peak: resident weights + the session's allocations
-    ttft_ms: float = 0.0  # time to first token (median): the prompt pass that gives its logits
-    p50_ms: float = 0.0  # per-token latency of generation, median over every token timed
-    p90_ms: float = 0.0  # ... 90th percentile
 
 
 SEED_PRESETS: dict[str, tuple[str, dict[str, object]]] = {
@@ -322,7 +293,9 @@ def run_bench(
         for budget in (vram if strategy != "all" else [None])
     ]
 
-    def open_config(graph_mode: str, n_streams: str, strategy: str, budget: float | None):  # noqa: ANN202
+    def open_config(
+        graph_mode: str, n_streams: str, strategy: str, budget: float | None
+    ) -> _Config | None:
         """The configuration's session and what it places where; None if its budget cannot
         hold the placement (the other rows still run)."""
         before = getattr(be, "bytes_allocated", 0)
@@ -352,11 +325,19 @@ def run_bench(
         if sess.ring is not None:
             held += sess.ring.cache.used / 2**20
         streamed = placement.streamed_bytes if placement is not None else 0
-        link = calibrate(be).link_bytes_per_s if streamed else 0.0
-        predicted = 1 / placement.predicted_s if streamed else 0.0
-        c = _Config(graph_mode, n_streams, strategy, budget, sess, before, resident, held)
-        c.streamed, c.link, c.predicted = streamed, link, predicted
-        return c
+        return _Config(
+            graph_mode,
+            n_streams,
+            strategy,
+            budget,
+            sess,
+            before,
+            resident,
+            held,
+            streamed,
+            link=calibrate(be).link_bytes_per_s if streamed else 0.0,
+            predicted=1 / placement.predicted_s if streamed else 0.0,
+        )
 
     def jobs_of(c: _Config) -> list[_Job]:
         """The configuration's tests: pp, tg, then pp+tg."""
@@ -461,32 +442,38 @@ def run_bench(
             sess.trace = None
         log(f"  {job.test}: traced one more run")
 
-    if not interleave:
-        for key in sweep:
-            config = open_config(*key)
-            for job in jobs_of(config) if config is not None else []:
-                warm(job)
-                bar = tqdm(
-                    range(reps), desc=f"  {job.test}", file=sys.stderr, leave=False, disable=None
-                )
-                job.samples = [job.once() for _ in bar]
-                record(job)
-                traced(job)
-            del config
-            gc.collect()  # the session's pinned host copies go before the next one's
-    else:  # every session at once; round r times each test once, in turn
+    def timed(jobs: list[_Job], desc: str) -> None:
+        """``reps`` rounds, each running every job once, in turn (reversed every other round,
+        so a drift within a round falls on every job alike too)."""
+        for r in tqdm(range(reps), desc=desc, file=sys.stderr, leave=False, disable=None):
+            for job in jobs if r % 2 == 0 else jobs[::-1]:
+                job.samples.append(job.once())
+
+    def one_config(key: tuple[str, str, str, float | None]) -> None:
+        """One configuration from its session's start to its end: each test warmed up, timed
+        and recorded in turn. The session goes with this call's locals."""
+        config = open_config(*key)
+        for job in jobs_of(config) if config is not None else []:
+            warm(job)
+            timed([job], f"  {job.test}")
+            record(job)
+            traced(job)
+
+    if interleave:  # every session at once, the repetitions round by round across all of them
         jobs = []
         for key in sweep:
             config = open_config(*key)
             for job in jobs_of(config) if config is not None else []:
                 warm(job)
                 jobs.append(job)
-        for r in tqdm(range(reps), desc="  rounds", file=sys.stderr, leave=False, disable=None):
-            for job in jobs if r % 2 == 0 else jobs[::-1]:  # a drift within a round cancels too
-                job.samples.append(job.once())
+        timed(jobs, "  rounds")
         for job in jobs:
             record(job)
             traced(job)
+    else:
+        for key in sweep:
+            one_config(key)
+            gc.collect()  # the session's pinned host copies go before the next one's
     if skipped and not results:
         raise skipped[0]
     return results
@@ -504,7 +491,7 @@ class _Config:
     allocated_before: int  # the backend's bytes before the session existed
     resident: float  # weight bytes on the device
     held: float  # MiB of weights the device holds: resident layers, the ring, the cache
-    streamed: int = 0  # bytes copied to the device per forward pass
+    streamed: int  # bytes copied to the device per forward pass
     link: float = 0.0  # the calibrated host-to-device bytes/s (streamed configurations)
     predicted: float = 0.0  # tokens/s engine.offload.predict expects of decode (streamed ones)
 
@@ -559,107 +546,6 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return float(np.percentile(sorted_values, q))
 
 
-def format_results(results: list[BenchResult], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps([asdict(r) for r in results], indent=2)
-    if fmt == "jsonl":
-        return "\n".join(json.dumps(asdict(r)) for r in results)
-    cols = [
-        "model",
-        "size",
-        "params",
-        "backend",
-        "dtype",
-        "streams",
-        "strategy",
-        "graphs",
-        "test",
-        "t/s",
-        "launches",
-    ]
-    streaming = any(r.streamed_mb for r in results)
-    device = any(r.vram_mib for r in results)
-    cols += ["TTFT ms", "p50 ms", "p90 ms"] + (["VRAM"] if device else [])
-    if streaming:
-        cols += ["vram", "weights", "streamed", "GB/s", "link", "predicted"]
-    rows = [
-        [
-            r.model,
-            f"{r.size_mib:.2f} MiB",
-            f"{r.params_m:.2f} M",
-            r.backend,
-            r.dtype,
-            r.streams,
-            r.strategy,
-            r.graphs,
-            r.test,
-            f"{r.ts_mean:.2f} ± {r.ts_sd:.2f}",
-            str(r.launches),
-            f"{r.ttft_ms:.2f}",
-            f"{r.p50_ms:.2f}" if r.p50_ms else "-",
-            f"{r.p90_ms:.2f}" if r.p90_ms else "-",
-        ]
-        + ([f"{r.vram_mib:.0f} MiB"] if device else [])
-        + (
-            [
-                r.vram or "-",
-                f"{r.weights_mib:.1f} MiB",
-                f"{r.streamed_mb:.1f} MB",
-                f"{r.stream_gbs:.1f}",
-                f"{r.link_pct:.0f}%",
-                f"{r.predicted_ts:.2f}" if r.predicted_ts else "-",
-            ]
-            if streaming
-            else []
-        )
-        for r in results
-    ]
-    if fmt == "csv":
-        head = ",".join(f.name for f in fields(BenchResult))
-        lines = [head] + [
-            ",".join(str(getattr(r, f.name)) for f in fields(BenchResult)) for r in results
-        ]
-        return "\n".join(lines)
-    widths = [
-        max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)
-    ]
-    right = {
-        "size",
-        "params",
-        "t/s",
-        "launches",
-        "weights",
-        "streamed",
-        "GB/s",
-        "link",
-        "predicted",
-        "TTFT ms",
-        "p50 ms",
-        "p90 ms",
-        "VRAM",
-    }
-
-    def line(cells: list[str]) -> str:
-        return (
-            "| "
-            + " | ".join(
-                c.rjust(w) if cols[i] in right else c.ljust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
-            + " |"
-        )
-
-    sep = (
-        "| "
-        + " | ".join(
-            ("-" * (w - 1) + ":") if c in right else "-" * w
-            for c, w in zip(cols, widths, strict=True)
-        )
-        + " |"
-    )
-    return "\n".join([line(cols), sep, *(line(r) for r in rows)])
-
-
 def main(args: argparse.Namespace) -> int:
     if args.preset:
         for key, value in SEED_PRESETS[args.preset][1].items():
@@ -696,53 +582,3 @@ def main(args: argparse.Namespace) -> int:
     if trace is not None:
         timeline.save(trace, args.trace)
     return 0
-
-
-def plot(results: list[BenchResult], path: str) -> None:
-    """The sweep as bars: tokens/s (mean, with the standard deviation, the value written on
-    each bar) per configuration, one panel per test. Bars are labelled by what varies across
-    the sweep; a panel whose rows differ more than 20-fold (all resident against streamed) is
-    drawn on a log scale, so the slow rows stay readable."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError("--plot needs matplotlib: pip install 'streamgraph[viz]'") from None
-    tests = list(dict.fromkeys(r.test for r in results))
-    varies = [
-        k
-        for k in ("streams", "graphs", "strategy", "vram")
-        if len({getattr(r, k) for r in results}) > 1
-    ]
-    fig = Figure(figsize=(max(6.0, 1.0 + 0.6 * len(results) / len(tests)), 3.2 * len(tests)))
-    for k, test in enumerate(tests):
-        ax = fig.add_subplot(len(tests), 1, k + 1)
-        rows = [r for r in results if r.test == test]
-        means = [r.ts_mean for r in rows]
-        bars = ax.bar(range(len(rows)), means, yerr=[r.ts_sd for r in rows])
-        ax.bar_label(bars, [f"{m:,.3g}" if m < 1000 else f"{m:,.0f}" for m in means], fontsize=7)
-        if min(means) > 0 and max(means) / min(means) > 20:
-            ax.set_yscale("log")
-        ax.set_xticks(
-            range(len(rows)),
-            [_config(r, varies) for r in rows],
-            rotation=30,
-            ha="right",
-            fontsize=8,
-        )
-        ax.set_ylabel("tokens/s")
-        ax.set_title(f"{rows[0].model} {rows[0].dtype} {test} ({rows[0].backend})", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def _config(r: BenchResult, varies: Sequence[str]) -> str:
-    """What distinguishes a row from the others of the sweep."""
-    parts = []
-    if "streams" in varies:
-        parts.append(f"streams {r.streams}")
-    if "graphs" in varies:
-        parts.append(f"graphs {r.graphs}")
-    if "strategy" in varies or "vram" in varies:
-        parts.append(r.strategy + (f" @{r.vram} GiB" if r.vram else ""))
-    return " ".join(parts) or r.test
