@@ -1,7 +1,7 @@
 """The backend interface: a device that owns memory, kernels for every compute op, streams, events.
 
 ggml's backend is four small tables (device, stream, buffer type, buffer); ours is one class
-per backend with the same parts. The executor (``engine.executor``) only ever talks to this
+per backend with the same parts. The executor (``engine.runtime.executor``) only ever talks to this
 interface, found by name through ``backends.get_backend``.
 
 Kernels share one calling convention: ``kernel(node, out, *srcs)``. ``out`` is the node's
@@ -45,7 +45,7 @@ class Event(Protocol):
 
 
 class FusedGroup(Protocol):
-    """What a backend sees of a fused group (``engine.fusion.Fusion``)."""
+    """What a backend sees of a fused group (``engine.passes.fusion.Fusion``)."""
 
     pattern: str
     nodes: tuple[int, ...]  # members in graph order; the last is the anchor
@@ -131,7 +131,7 @@ class Backend(ABC):
     def describe(self) -> str:
         return self.name
 
-    # -- timing (engine.trace) -----------------------------------------------------------------
+    # -- timing (engine.views.trace) ----------------------------------------------------------
     def mark(self, stream: Stream | None = None) -> Any:
         """A timestamp queued on ``stream`` (the main stream by default): taken when the stream
         reaches it, after everything queued there before it, so two marks around a launch time
@@ -190,8 +190,8 @@ class Backend(ABC):
         scratch: Mapping[int, Array] | None = None,
         stream: Stream | None = None,
     ) -> Callable[[], None] | None:
-        """The launches of a whole fused group (``engine.fusion.Fusion``; ``arrays`` indexed by
-        node id, ``scratch`` by member id), or None to have its members run one by one (the
+        """The launches of a whole fused group (``engine.passes.fusion.Fusion``; ``arrays`` indexed
+        by node id, ``scratch`` by member id), or None to have its members run one by one (the
         default)."""
         return None
 

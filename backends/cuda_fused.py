@@ -1,4 +1,4 @@
-"""Fused groups (``engine.fusion``) as single CUDA launches on the CuPy backend.
+"""Fused groups (``engine.passes.fusion``) as single CUDA launches on the CuPy backend.
 
 ``FUSED_COMPILERS[pattern](backend, graph, fusion, arrays)`` returns one prepared launch for the
 whole group, or None when this group's layout or types are outside what the kernel handles; the

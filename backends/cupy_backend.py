@@ -19,7 +19,7 @@ Built around plans that are captured once and replayed, not around calling CuPy 
 * Launches go through the driver's ``cuLaunchKernelEx`` with arguments packed once and, on
   Hopper, programmatic dependent launch: a kernel starts (and loads its weights) while the one
   before it finishes (``backends.cuda_driver``).
-* Groups found by the fusion pass (``engine.fusion``) run as one kernel each
+* Groups found by the fusion pass (``engine.passes.fusion``) run as one kernel each
   (``backends.cuda_fused``): decode is launch-bound, so fewer launches is the main lever.
 
 How each op becomes a launch is ``backends.cuda_launch``, ``cuda_matmul`` and

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from backends import get_backend
-from engine.executor import Executor
-from engine.session import Session
-from engine.weights import device_weights
+from engine.model.session import Session
+from engine.model.weights import device_weights
+from engine.runtime.executor import Executor
 from graph.dtypes import dtype_of
 from graph.models import preset
 

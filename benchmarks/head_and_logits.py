@@ -23,8 +23,8 @@ from collections.abc import Callable
 import numpy as np
 
 from backends import best_backend, get_backend
-from engine.session import Session
-from engine.weights import device_weights
+from engine.model.session import Session
+from engine.model.weights import device_weights
 from graph.dtypes import dtype_of
 from graph.models import preset
 

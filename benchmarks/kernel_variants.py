@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from backends import cuda_attention, cuda_matmul, get_backend
-from engine.executor import Executor
+from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
 from graph.dtypes import bf16
 

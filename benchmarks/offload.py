@@ -5,8 +5,8 @@
 Measures the pinned host-to-device bandwidth (64 MiB copies), then decodes with the layers a
 placement streams fetched from pinned host memory into a ring of slots: per policy, the device
 bytes, ms per token (median), streamed GB per token, achieved GB/s and its share of the measured
-link, and what ``engine.offload.predict`` said with the device's calibrated costs. ``auto`` gets
-the budget ``*9+2`` takes, to show where it puts the same residency.
+link, and what ``engine.passes.offload.predict`` said with the device's calibrated costs. ``auto``
+gets the budget ``*9+2`` takes, to show where it puts the same residency.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 import numpy as np
 
 from backends import get_backend
-from engine.session import Session
-from engine.weights import device_weights
+from engine.model.session import Session
+from engine.model.weights import device_weights
 from graph.dtypes import bf16
 from graph.models import preset
 

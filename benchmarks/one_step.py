@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 from backends import get_backend
-from engine.session import Session
-from engine.weights import device_weights
+from engine.model.session import Session
+from engine.model.weights import device_weights
 from graph.dtypes import bf16
 from graph.models import preset
 

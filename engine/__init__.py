@@ -1,11 +1,17 @@
-"""The passes that decide and the executor that runs: memory planning, execution, model sessions.
+"""The engine: passes that decide, a runtime that runs, and model sessions.
 
-import engine
-out = engine.run(graph, inputs={...}, weights={...}, backend="numpy")
-plan = engine.memory.plan(graph); print(plan)
+    import engine
+    out = engine.run(graph, inputs={...}, weights={...}, backend="numpy")
+    plan = engine.passes.memory.plan(graph); print(plan)
+
+engine.passes   pure planning (fusion, streams, memory, placement)
+engine.runtime  the executor, the weight ring, calibration
+engine.model    model files, tokenizer, sampling, sessions
+engine.views    decisions as documents, runs as timelines
 """
 
-from engine import memory
-from engine.executor import Executor, run
+from engine import passes
+from engine.passes import memory
+from engine.runtime.executor import Executor, run
 
-__all__ = ["Executor", "run", "memory"]
+__all__ = ["Executor", "run", "memory", "passes"]

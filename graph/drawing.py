@@ -5,7 +5,7 @@
     svg = graph.drawing.render(text, "svg")   # Graphviz's ``dot``, if installed
 
 The document is what every picture is drawn from. ``document`` fills it from the graph alone;
-``engine.annotate`` adds the passes' decisions (device, stream, fused group, memory offset,
+``engine.views.annotate`` adds the passes' decisions (device, stream, fused group, memory offset,
 placement and its cause, event waits) to the same fields, and ``tools.graph_dump`` writes it
 as .dot/.svg/.png/.html/.json. Fields of a node record:
 

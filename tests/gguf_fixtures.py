@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
-from engine.weights import random_weights
+from engine.model.weights import random_weights
 from graph.models import ModelConfig, weight_shapes
 
 LLAMA = ModelConfig(

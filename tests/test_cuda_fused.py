@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.executor import Executor
-from engine.session import Session
-from engine.weights import device_weights, random_weights
+from engine.model.session import Session
+from engine.model.weights import device_weights, random_weights
+from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
 from graph.dtypes import bf16
 from graph.models import preset

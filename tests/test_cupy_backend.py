@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from backends import COMPUTE_OPS, BackendError, get_backend
-from engine.executor import Executor
-from engine.session import Session
-from engine.weights import device_weights, random_weights
+from engine.model.session import Session
+from engine.model.weights import device_weights, random_weights
+from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
 from graph.dtypes import bf16, f16
 from graph.models import preset

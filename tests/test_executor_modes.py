@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import memory
-from engine.executor import Executor
-from engine.sampling import Sampler, SamplerConfig
-from engine.session import Session
-from engine.weights import random_weights
+from engine.model.sampling import Sampler, SamplerConfig
+from engine.model.session import Session
+from engine.model.weights import random_weights
+from engine.passes import memory
+from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
 from graph.models import build, kv_slots, preset
 
@@ -105,7 +105,7 @@ def test_attending_only_the_filled_rows_changes_nothing(monkeypatch: pytest.Monk
     """Layers attend to the filled prefix of their cache, padded to KV_PAD; with a pad of 4 on a
     tiny model the prefix grows every 4 tokens, through the ring's wrap, and must equal
     attending to every row."""
-    import engine.session as session_module
+    import engine.model.session as session_module
 
     cfg = preset("gemma3-tiny")
     w = random_weights(cfg, seed=7)

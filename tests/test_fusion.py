@@ -1,4 +1,5 @@
-"""The fusion pass (``engine.fusion``), the memory plan it drives and the executor that runs it.
+"""The fusion pass (``engine.passes.fusion``), the memory plan it drives and the executor that runs
+it.
 
 Covered: the groups found in model graphs (decode vs prefill, Gemma 3 vs Llama), the structural
 invariants of every group (disjoint, compute-only members, outside readers after the anchor,
@@ -18,9 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends import COMPUTE_OPS
-from engine import Executor, fusion, memory
-from engine.session import Session
-from engine.weights import random_weights
+from engine import Executor
+from engine.model.session import Session
+from engine.model.weights import random_weights
+from engine.passes import fusion, memory
 from graph import Graph, GraphBuilder, f32, i32
 from graph.dtypes import FLOAT_DTYPES
 from graph.models import build, kv_slots, preset

@@ -1,4 +1,4 @@
-"""The GGUF loader (``engine.gguf``) on tiny synthetic files written with ``gguf.GGUFWriter``
+"""The GGUF loader (``engine.model.gguf``) on tiny synthetic files written with ``gguf.GGUFWriter``
 (``tests/gguf_fixtures.py``): no model download needed.
 
 Good files: hyper-parameters into ``ModelConfig``, every supported GGML type dequantized exactly
@@ -20,8 +20,8 @@ from gguf import GGUFReader
 from gguf import GGUFValueType as V
 from gguf.quants import dequantize
 
-from engine.gguf import SUPPORTED_TYPES, GGUFError, GGUFModel, open_gguf
-from engine.session import Session
+from engine.model.gguf import SUPPORTED_TYPES, GGUFError, GGUFModel, open_gguf
+from engine.model.session import Session
 from graph.dtypes import DTYPES
 from graph.models import FULL, SWA, weight_shapes
 from tests.gguf_fixtures import GEMMA3, GEMMA3_TYPES, LLAMA, LLAMA_TYPES, write_model

@@ -1,4 +1,4 @@
-"""``streamgraph dump`` and the pictures behind it (``graph.drawing``, ``engine.annotate``,
+"""``streamgraph dump`` and the pictures behind it (``graph.drawing``, ``engine.views.annotate``,
 ``tools.graph_dump``): the DOT parses and holds every node and edge, the document round-trips
 through JSON and carries the passes' decisions, filters keep what they say, errors name the
 problem. Rendering to .svg/.png needs Graphviz: those tests skip without it, except in CI."""
@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from engine.passes import decide
+from engine.passes.plans import decide
 from graph import drawing
 from graph.models import build, kv_slots, preset
 from graph.ops import GraphError
@@ -178,7 +178,7 @@ def test_svg_and_png_render_with_graphviz(tmp_path) -> None:  # noqa: ANN001
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     graph = build_graph("gemma3-tiny")
     assert graph._repr_svg_().lstrip().startswith(("<?xml", "<svg"))
-    from engine import scheduler
+    from engine.passes import scheduler
 
     sched = scheduler.schedule(graph, 3)
     assert "<svg" in sched._repr_svg_()

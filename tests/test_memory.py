@@ -12,7 +12,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import Executor, fusion, memory
+from engine import Executor
+from engine.passes import fusion, memory
 from graph import Graph, GraphBuilder, Op, f16, f32, i32
 from tests.strategies import Case, graph_cases
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.session import Session
-from engine.weights import random_weights
+from engine.model.session import Session
+from engine.model.weights import random_weights
 from graph.dtypes import bf16
 from graph.models import build, kv_slots, preset, weight_layers, weight_shapes
 from graph.ops import GraphError, Op

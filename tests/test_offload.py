@@ -1,4 +1,5 @@
-"""The offload pass (``engine.offload``): policies, the budget, the timing model, the solver."""
+"""The offload pass (``engine.passes.offload``): policies, the budget, the timing model, the
+solver."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import offload
-from engine.offload import GPU, HOST, STREAMED, Costs
+from engine.passes import offload
+from engine.passes.offload import GPU, HOST, STREAMED, Costs
 from graph.dtypes import bf16
 from graph.models import build, kv_slots, preset
 from graph.ops import GraphError

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from engine.perplexity import perplexity
-from engine.session import Session
-from engine.weights import random_weights
+from engine.model.perplexity import perplexity
+from engine.model.session import Session
+from engine.model.weights import random_weights
 from graph.models import preset
 
 

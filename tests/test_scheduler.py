@@ -1,5 +1,5 @@
-"""The stream pass (``engine.scheduler``), the stream-aware memory plan, and multi-stream runs on
-the NumPy backend, whose streams are worker threads and whose events really synchronise.
+"""The stream pass (``engine.passes.scheduler``), the stream-aware memory plan, and multi-stream
+runs on the NumPy backend, whose streams are worker threads and whose events really synchronise.
 
 Multi-stream results must equal the single-stream run bitwise (the kernels are the same; only
 the order changes), and a stress mode (random delays before every task on a worker stream) must
@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import fusion, memory, scheduler
-from engine.executor import Executor
-from engine.session import Session
-from engine.weights import random_weights
+from engine.model.session import Session
+from engine.model.weights import random_weights
+from engine.passes import fusion, memory, scheduler
+from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
 from graph.models import build, kv_slots, preset
 from tests.strategies import Case, graph_cases

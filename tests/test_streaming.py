@@ -1,4 +1,4 @@
-"""Weight streaming (``engine.streaming``) on the NumPy backend: the ring's copy stream is a
+"""Weight streaming (``engine.runtime.streaming``) on the NumPy backend: the ring's copy stream is a
 worker thread and its events really synchronise, so a streamed run must equal the all-resident
 one bitwise, and the stress mode must turn a missing "slot ready" wait into a wrong result.
 """
@@ -11,10 +11,10 @@ import weakref
 import numpy as np
 import pytest
 
-from engine import offload
-from engine.executor import Executor
-from engine.session import Session
-from engine.weights import random_weights, tie_output
+from engine.model.session import Session
+from engine.model.weights import random_weights, tie_output
+from engine.passes import offload
+from engine.runtime.executor import Executor
 from graph.dtypes import dtype_of
 from graph.models import build, kv_slots, preset
 from graph.ops import GraphError
@@ -171,7 +171,7 @@ def test_layers_that_fit_their_own_slots_are_fetched_once() -> None:
 
 
 def test_calibration_is_measured_once_then_read_back(tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    from engine.calibration import calibrate
+    from engine.runtime.calibration import calibrate
 
     monkeypatch.setenv("STREAMGRAPH_CACHE", str(tmp_path))
     costs = calibrate("numpy")

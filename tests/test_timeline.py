@@ -1,4 +1,4 @@
-"""Execution traces (``engine.trace``) and their timelines (``tools.timeline``).
+"""Execution traces (``engine.views.trace``) and their timelines (``tools.timeline``).
 
 On the NumPy backend streams are worker threads and marks are host-clock stamps taken when a
 stream reaches them, so a trace of a real multi-stream, streaming or split run must show: one
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from backends import BackendError, get_backend
-from engine.session import Session
-from engine.trace import COPY, CPU, HOST, PASSES, Trace
-from engine.weights import random_weights
+from engine.model.session import Session
+from engine.model.weights import random_weights
+from engine.views.trace import COPY, CPU, HOST, PASSES, Trace
 from graph.models import preset
 from tools import timeline
 from tools.cli import main
@@ -157,7 +157,7 @@ def test_traced_run_is_a_valid_timeline_and_changes_no_output(
 def test_fused_groups_are_named_by_their_pattern() -> None:
     """A backend without a group's kernel runs its members one by one, each its own span;
     a group the backend runs as one launch is one span named by the pattern (as on the GPU)."""
-    from engine.trace import step_info
+    from engine.views.trace import step_info
     from graph.models import build, kv_slots
 
     cfg = preset("gemma3-tiny")

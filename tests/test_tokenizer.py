@@ -1,5 +1,6 @@
-"""engine.tokenizer: a synthetic GGUF vocabulary for the builder, the stream and the errors, and the
-real Gemma 3 270M file against Hugging Face transformers' tokenizer built from the same GGUF."""
+"""engine.model.tokenizer: a synthetic GGUF vocabulary for the builder, the stream and the errors,
+and the real Gemma 3 270M file against Hugging Face transformers' tokenizer built from the same
+GGUF."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.tokenizer import Tokenizer, TokenizerError
+from engine.model.tokenizer import Tokenizer, TokenizerError
 
 T = gguf.GGUFValueType
 K = "tokenizer.ggml."

@@ -35,10 +35,10 @@ import numpy as np
 from tqdm import tqdm
 
 from backends import best_backend, get_backend
-from engine.calibration import calibrate
-from engine.session import Session
-from engine.trace import Trace
-from engine.weights import device_weights
+from engine.model.session import Session
+from engine.model.weights import device_weights
+from engine.runtime.calibration import calibrate
+from engine.views.trace import Trace
 from graph.dtypes import dtype_of
 from graph.models import PRESETS, preset
 from graph.ops import GraphError
@@ -267,8 +267,8 @@ def run_bench(
         log(f"generating {cfg.n_params() / 1e6:.2f}M {dtype} weights for {model} on {be.name}")
         weights = device_weights(cfg, be, seed)
     else:  # a GGUF file (or a packaged model's name): its weights, dequantized to ``dtype``
-        from engine.gguf import open_gguf
-        from engine.packaged import ModelNotFound, resolve_model
+        from engine.model.gguf import open_gguf
+        from engine.model.packaged import ModelNotFound, resolve_model
 
         try:
             path = resolve_model(model)
@@ -493,7 +493,9 @@ class _Config:
     held: float  # MiB of weights the device holds: resident layers, the ring, the cache
     streamed: int  # bytes copied to the device per forward pass
     link: float = 0.0  # the calibrated host-to-device bytes/s (streamed configurations)
-    predicted: float = 0.0  # tokens/s engine.offload.predict expects of decode (streamed ones)
+    predicted: float = (
+        0.0  # tokens/s engine.passes.offload.predict expects of decode (streamed ones)
+    )
 
     @property
     def label(self) -> str:

@@ -18,7 +18,7 @@ class BenchResult:
     backend: str
     dtype: str
     streams: str  # --streams as asked: a count or "auto"
-    strategy: str  # weight placement (engine.offload): all, auto, *N+K
+    strategy: str  # weight placement (engine.passes.offload): all, auto, *N+K
     graphs: str  # "on": CUDA-graph replay of each forward pass; "off": eager launches
     test: str
     n_tokens: int
@@ -32,7 +32,7 @@ class BenchResult:
     streamed_mb: float = 0.0  # weight megabytes copied to the device per forward pass
     stream_gbs: float = 0.0  # achieved host-to-device rate while streaming
     link_pct: float = 0.0  # ... as a share of the measured pinned link
-    predicted_ts: float = 0.0  # what engine.offload.predict said of a streamed tg test (t/s)
+    predicted_ts: float = 0.0  # what engine.passes.offload.predict said of a streamed tg test (t/s)
     vram_mib: float = 0.0  # device bytes at the peak: resident weights + the session's allocations
     ttft_ms: float = 0.0  # time to first token (median): the prompt pass that gives its logits
     p50_ms: float = 0.0  # per-token latency of generation, median over every token timed

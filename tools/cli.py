@@ -21,7 +21,7 @@ __all__ = ["main", "parser"]
 
 
 def _graph_main(args: argparse.Namespace) -> int:
-    from engine import memory, offload, scheduler
+    from engine.passes import memory, offload, scheduler
     from graph.dtypes import dtype_of
     from graph.models import build, kv_slots, preset
     from graph.serialize import to_json

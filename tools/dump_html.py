@@ -4,7 +4,7 @@ and collapsible layers, drawn by the browser, so no Graphviz is needed.
     page = tools.dump_html.to_html(doc)        # str: write it anywhere, open it from file://
     tools.dump_html.HtmlDump(doc)              # in Jupyter: the same page in an iframe
 
-``doc`` is a dump document (``graph.drawing``, ``engine.annotate``). The page embeds it as
+``doc`` is a dump document (``graph.drawing``, ``engine.views.annotate``). The page embeds it as
 JSON and lays it out in JavaScript: ranks by longest path over the data edges, each layer a
 band of ranks under a labelled header (collapsing a layer re-lays-out the rest), a leaf read
 by other layers drawn again in each (as ``graph.drawing.to_dot`` does), barycenter sweeps

@@ -8,7 +8,8 @@
 The model is a built-in architecture (``-m NAME``), a GGUF file (``-m PATH``; only its header
 is read), or a graph saved as JSON (``--graph``: ``streamgraph graph --json``, or a dump's own
 .json). The passes run as a session would run them (``engine.passes.decide`` and
-``engine.offload.place``); ``engine.annotate`` writes their decisions into a dump document,
+``engine.passes.offload.place``); ``engine.views.annotate`` writes their decisions into a dump
+document,
 and the output's extension picks the writer: .json (the document), .dot (Graphviz text),
 .svg/.png (rendered by Graphviz's ``dot``, a system package), .html (self-contained: pan,
 zoom, search, hover details, collapsible layers; no Graphviz needed).
@@ -37,8 +38,8 @@ WRITERS = (".json", ".dot", ".svg", ".png", ".html")
 
 def from_graph(graph: Any, backend: str = "numpy", streams: int | str = 1, title: str = "") -> dict:
     """The dump document of a bare graph with the passes a default executor runs."""
-    from engine.annotate import annotate
-    from engine.passes import decide
+    from engine.passes.plans import decide
+    from engine.views.annotate import annotate
 
     d = decide(graph, backend, streams=streams)
     return annotate(graph, d, device="gpu" if backend == "cupy" else "cpu", title=title)
@@ -63,16 +64,16 @@ def from_model(
     kernels use some, NumPy's none; default: CuPy where it loads); the session's device is
     drawn as the GPU unless ``backend="numpy"`` is asked for."""
     from backends import best_backend
-    from engine.annotate import annotate
-    from engine.offload import HOST, place
-    from engine.passes import decide
+    from engine.passes.offload import HOST, place
+    from engine.passes.plans import decide
+    from engine.views.annotate import annotate
     from graph.dtypes import dtype_of
     from graph.models import PRESETS, build, kv_slots, preset
 
     if model in PRESETS:
         cfg = preset(model)
     elif Path(model).is_file():
-        from engine.gguf import open_gguf
+        from engine.model.gguf import open_gguf
 
         cfg = open_gguf(model).config
     else:

@@ -46,10 +46,10 @@ def _run_args(p: argparse.ArgumentParser, ctx: int) -> None:
 
 
 def _load(args: argparse.Namespace, n_batch: int) -> tuple[Any, Any, Any]:
-    from engine.gguf import open_gguf
-    from engine.packaged import resolve_model
-    from engine.session import Session
-    from engine.tokenizer import Tokenizer
+    from engine.model.gguf import open_gguf
+    from engine.model.packaged import resolve_model
+    from engine.model.session import Session
+    from engine.model.tokenizer import Tokenizer
 
     path = resolve_model(args.model)
     t0 = time.perf_counter()
@@ -96,7 +96,7 @@ def add_generate(sub: Any) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from engine.sampling import Sampler, SamplerConfig
+    from engine.model.sampling import Sampler, SamplerConfig
 
     if args.n_predict < 0:
         raise ValueError(f"-n must be >= 0, got {args.n_predict}")
@@ -119,7 +119,7 @@ def _generate(args: argparse.Namespace) -> int:
             f"{sess.n_ctx}; raise -c"
         )
     if args.trace:
-        from engine.trace import Trace
+        from engine.views.trace import Trace
 
         sess.trace = Trace("generate")  # the whole run: prefill, then every decode step
     out = sys.stdout
@@ -155,8 +155,8 @@ def add_info(sub: Any) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from engine.gguf import open_gguf
-    from engine.packaged import resolve_model
+    from engine.model.gguf import open_gguf
+    from engine.model.packaged import resolve_model
 
     model = open_gguf(resolve_model(args.model))
     print(model.describe())
@@ -177,7 +177,7 @@ def add_perplexity(sub: Any) -> None:
 
 
 def _perplexity(args: argparse.Namespace) -> int:
-    from engine.perplexity import perplexity
+    from engine.model.perplexity import perplexity
 
     try:
         with open(args.file, encoding="utf-8") as f:

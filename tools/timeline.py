@@ -1,4 +1,4 @@
-"""Execution timelines: a run's ``engine.trace.Trace`` as a Chrome trace (JSON) and a PNG.
+"""Execution timelines: a run's ``engine.views.trace.Trace`` as a Chrome trace (JSON) and a PNG.
 
     streamgraph bench -m llama-tiny -p 32 -n 8 --streams 3 --trace out.json   # + out.png
     streamgraph bench -m gemma3-270m -p 0 -n 8 --strategy '*6+2' --trace ring.json
@@ -18,7 +18,7 @@ replay), so its spans show where time goes, not the replayed speed.
 
 From Python::
 
-    from engine.trace import Trace
+    from engine.views.trace import Trace
     from tools import timeline
     sess.trace = Trace(); sess.generate(...); timeline.save(sess.trace, "out.json")
     doc = timeline.load("out.json"); timeline.render_png(doc, "out.png")
@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.trace import COPY, CPU, HOST, PASSES, Trace
+from engine.views.trace import COPY, CPU, HOST, PASSES, Trace
 
 __all__ = [
     "to_chrome",

@@ -11,7 +11,7 @@ Inputs (all i32):
                            (-1: empty), which the attention turns into its causal/window mask
 where ``kind`` is ``full`` (rows = positions, ``n_ctx`` of them) or ``swa`` (a ring of rows,
 enough for the window plus a chunk). Who fills these is the session's business
-(``engine.session``); the graph only reads them.
+(``engine.model.session``); the graph only reads them.
 
 Logits: ``"last"`` (the default) computes the head for the last token only; ``"all"`` for every
 token; a tuple of row indices for those rows; ``"none"`` skips the head entirely (the layers'

@@ -1,7 +1,7 @@
 """The offload pass: which weights live on the GPU, which stream through a ring of slots, and
 which stay on the host, each with its cause.
 
-    placement = engine.offload.place(graph, policy="*15+5", budget=8 * 2**30)
+    placement = engine.passes.offload.place(graph, policy="*15+5", budget=8 * 2**30)
     print(placement)          # one line per layer: where, slot, cause; totals; predicted time
 
 Layers are the builders' layer tags (``graph.ops.WeightParams.layer``): blocks 0..n_layer-1, the
@@ -151,7 +151,8 @@ class Placement:
 
 def layer_bytes(graph: Graph) -> dict[int, int]:
     """Bytes of weight matrices per layer tag (-1 embedding, 0..n-1 blocks, n the head). Norm
-    vectors (a few KiB a layer) are left out: they always stay resident (``engine.streaming``)."""
+    vectors (a few KiB a layer) are left out: they always stay resident
+    (``engine.runtime.streaming``)."""
     out: dict[int, int] = {}
     for n in graph.weights:
         if len(n.shape) < 2:
@@ -204,7 +205,7 @@ def predict(
     """Seconds per decode token in steady state (the last of ``tokens`` simulated ones);
     ``copies``: weight matrices per layer (one copy each), 1 where not given.
 
-    The simulation follows ``engine.streaming`` step for step: one copy stream runs the
+    The simulation follows ``engine.runtime.streaming`` step for step: one copy stream runs the
     fetches in the order they are queued (fetch j into slot j mod slots once the fetch
     ``slots`` earlier has been computed; after a slot's last user in a token, the next
     token's fetch into that slot); the compute stream runs the layers in order, a streamed

@@ -1,9 +1,10 @@
 """Measured costs for the offload pass: link bandwidth, device and host speed, launch cost.
 
-    costs = engine.calibration.calibrate(backend)     # measured once per device, then cached
+    costs = engine.runtime.calibration.calibrate(backend)     # measured once per device, then
+    cached
 
-``engine.offload.place(..., costs=)`` times placements with these numbers. The first call on a
-device measures (well under a second on a GPU: a few 64 MiB copies and matrix-vector products)
+``engine.passes.offload.place(..., costs=)`` times placements with these numbers. The first call on
+a device measures (well under a second on a GPU: a few 64 MiB copies and matrix-vector products)
 and writes ``calibration.json`` in the cache directory (``$STREAMGRAPH_CACHE``, else
 ``~/.cache/streamgraph``), keyed by the backend's description; later calls read it back.
 """
@@ -19,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from backends import Backend, get_backend
-from engine.executor import Executor
-from engine.offload import Costs
-from engine.packaged import cache_dir
+from engine.model.packaged import cache_dir
+from engine.passes.offload import Costs
+from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
 
 __all__ = ["calibrate", "measure"]

@@ -1,11 +1,11 @@
 """The stream pass: which stream every step runs on, and the events that order the streams.
 
-    sched = engine.scheduler.schedule(graph, max_streams=4)
+    sched = engine.passes.scheduler.schedule(graph, max_streams=4)
     print(sched)              # per step: its stream, the events it waits on, whether it records
     sched.validate(graph)     # every dependency between streams is covered by a wait
 
-A *step* is what launches: a computing node, or a fused group (``engine.fusion``) at its anchor.
-The assignment is llama.cpp's (PR #4719): walk the steps in order; a step runs on the stream
+A *step* is what launches: a computing node, or a fused group (``engine.passes.fusion``) at its
+anchor. The assignment is llama.cpp's (PR #4719): walk the steps in order; a step runs on the stream
 handed out by its first input that is not a weight or constant; every use of a value advances
 that value's branch counter, so the second, third... reader of a value starts a new stream (Q, K,
 V after one norm run side by side). Streams past ``max_streams`` wrap around. A reader on
@@ -22,8 +22,8 @@ floating-point work at device speeds, and asks for ``MIN_FORK_US`` of it (more e
 every event costs host time, than in a captured graph). ``max_streams=1`` is the reference: one
 stream, no events.
 
-The clocks are also what the memory plan needs (``engine.memory.plan(..., schedule=...)``): bytes
-freed by one value are reused by a later writer only when every reader of that value, on every
+The clocks are also what the memory plan needs (``engine.passes.memory.plan(..., schedule=...)``):
+bytes freed by one value are reused by a later writer only when every reader of that value, on every
 stream, is known complete when the writer starts.
 """
 
@@ -115,7 +115,7 @@ class Schedule:
         as dashed edges (Graphviz; None, and so the text, without it)."""
         if self.graph is None:
             return None
-        from engine.annotate import annotate
+        from engine.views.annotate import annotate
         from graph.drawing import svg_or_none
 
         return svg_or_none(annotate(self.graph, schedule=self, device="gpu"))
@@ -188,7 +188,8 @@ def schedule(
 
     ``max_streams``: an int >= 1, or ``"auto"`` (up to 8 streams, forking only for steps of at
     least ``MIN_FORK_US[mode]``; ``mode`` is the executor's, "eager" or "graph"). ``steps``: the
-    step each node runs at (``engine.fusion.step_of``); by default every node is its own step.
+    step each node runs at (``engine.passes.fusion.step_of``); by default every node is its own
+    step.
     """
     auto = max_streams == AUTO
     limit = 8 if auto else int(max_streams)

@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 
 from backends import Backend, get_backend
-from engine.calibration import calibrate
-from engine.executor import Executor
-from engine.offload import HOST, STREAMED, Placement, place
-from engine.sampling import Sampler, SamplerConfig
-from engine.streaming import WeightRing
-from engine.trace import CPU, Trace
-from engine.weights import tie_output
+from engine.model.sampling import Sampler, SamplerConfig
+from engine.model.weights import tie_output
+from engine.passes.offload import HOST, STREAMED, Placement, place
+from engine.runtime.calibration import calibrate
+from engine.runtime.executor import Executor
+from engine.runtime.streaming import WeightRing
+from engine.views.trace import CPU, Trace
 from graph.dtypes import DType, dtype_of, f32
 from graph.models import FULL, FUSED, ModelConfig, build, kv_slots, weight_shapes
 from graph.ops import GraphError
@@ -54,13 +54,14 @@ class Session:
     as a captured CUDA graph after its first runs (the same as eager on the CPU), ``"eager"``
     launches every kernel each time; ``fuse``: stack the Q/K/V and gate/up projections into one
     matrix product each (``graph.models.FUSED``), fewer and larger launches; ``fusion``: run
-    the groups the fusion pass finds (``engine.fusion``) as one kernel each where the backend
+    the groups the fusion pass finds (``engine.passes.fusion``) as one kernel each where the backend
     has one; ``streams``: at most this many streams per forward pass, or ``"auto"``
-    (``engine.scheduler``); ``offload``: a weight placement policy (``engine.offload``: all,
+    (``engine.passes.scheduler``); ``offload``: a weight placement policy
+    (``engine.passes.offload``: all,
     auto, *N+K) under ``vram`` GiB; streamed layers stay in host memory and reach the device
-    through a ring of slots (``engine.streaming``); ``cache``: GiB of device memory, on top of
-    ``vram``, that keeps the first streamed layers that fit (``streaming.ParamCache``);
-    ``trace``: an ``engine.trace.Trace`` every executor of the session and its weight ring
+    through a ring of slots (``engine.runtime.streaming``); ``cache``: GiB of device memory, on top
+    of ``vram``, that keeps the first streamed layers that fit (``streaming.ParamCache``);
+    ``trace``: an ``engine.views.trace.Trace`` every executor of the session and its weight ring
     record into (settable later as ``session.trace``; runs are eager while one is set).
     """
 
@@ -306,7 +307,7 @@ class Session:
 
     @property
     def trace(self) -> Trace | None:
-        """The trace the session's runs record into (``engine.trace``), or None."""
+        """The trace the session's runs record into (``engine.views.trace``), or None."""
         return self._trace
 
     @trace.setter

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.session import Session
+from engine.model.session import Session
 
 __all__ = ["perplexity", "PerplexityStep"]
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.weights import tie_output
+from engine.model.weights import tie_output
 from graph.dtypes import DTYPES, DType, dtype_of, f32
 from graph.models import ModelConfig, weight_shapes
 

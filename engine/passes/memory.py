@@ -1,6 +1,6 @@
 """The memory pass: one arena, every intermediate at a planned offset, bytes reused after last use.
 
-    plan = engine.memory.plan(graph)
+    plan = engine.passes.memory.plan(graph)
     print(plan)            # one line per allocation: node, offset, size, live steps
     plan.validate(graph)   # no two allocations that are live at once share a byte
 
@@ -23,7 +23,7 @@ from graph.ir import Graph
 from graph.ops import ALIAS_OPS, VIEW_OPS, Op
 
 if TYPE_CHECKING:
-    from engine.scheduler import Schedule
+    from engine.passes.scheduler import Schedule
 
 __all__ = ["Allocation", "MemoryPlan", "plan", "ALIGN", "arena_nodes"]
 
@@ -151,12 +151,12 @@ def plan(
     ``reuse=False`` gives every value bytes of its own: every intermediate survives the run,
     for debugging and profiling.
     ``steps`` gives the step each node runs at when that is not its own id: the members of a
-    fused group (``engine.fusion.step_of``) all run at their anchor, so their inputs live to it
-    and their results are all placed at it.
+    fused group (``engine.passes.fusion.step_of``) all run at their anchor, so their inputs live to
+    it and their results are all placed at it.
     ``early``: computed nodes whose values are written before the run like inputs (rows the
     host gathers from a table kept in host memory).
-    ``schedule`` (``engine.scheduler``, built with the same steps): bytes freed by a value go to
-    a later writer only if every step that used that value is known complete when the writer
+    ``schedule`` (``engine.passes.scheduler``, built with the same steps): bytes freed by a value
+    go to a later writer only if every step that used that value is known complete when the writer
     starts, on whichever stream it ran.
     """
     n_steps = len(graph.nodes)

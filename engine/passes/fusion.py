@@ -1,6 +1,6 @@
 """The fusion pass: groups of nodes that a backend may run as one kernel.
 
-    groups = engine.fusion.find(graph)
+    groups = engine.passes.fusion.find(graph)
     for f in groups:
         print(f)        # fusion norm_matvec at %41: %38 %40 %41 (writes %38 %41)
 
@@ -22,7 +22,7 @@ Patterns (members in brackets):
 ``rope_store``  [q_norm?, k_norm?, q_rope, k_rope, k_write, v_write]: the attention front end:
     per-head norms, rope and both cache writes, one block per head.
 
-The memory plan (``engine.memory.plan``) takes ``step_of(graph, groups)`` so that every
+The memory plan (``engine.passes.memory.plan``) takes ``step_of(graph, groups)`` so that every
 member's inputs stay live, and every member's result gets bytes of its own, for the whole
 group: a fused kernel reads all of its inputs while writing any of its results.
 """

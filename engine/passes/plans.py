@@ -4,8 +4,8 @@ schedule and the memory plan for one graph on one backend.
     d = engine.passes.decide(graph, "cupy", streams=3)
     d.fusions, d.schedule, d.plan          # what an Executor built from the same arguments runs
 
-``engine.executor.Executor`` calls ``decide``; ``engine.annotate`` and ``tools.graph_dump`` call
-it to draw the same decisions without allocating or running anything.
+``engine.runtime.executor.Executor`` calls ``decide``; ``engine.views.annotate`` and
+``tools.graph_dump`` call it to draw the same decisions without allocating or running anything.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from backends import Backend, get_backend
-from engine import fusion as fusion_pass
-from engine import memory, scheduler
+from engine.passes import fusion as fusion_pass
+from engine.passes import memory, scheduler
 from graph.ir import Graph
 from graph.ops import GraphError, Op
 
@@ -26,7 +26,8 @@ __all__ = ["Decisions", "decide", "host_gathers"]
 class Decisions:
     """What the passes decided for one graph on one backend, before anything is allocated:
     the fused groups, each node's launching step, the streams and events, the memory plan.
-    ``Executor`` runs exactly these; ``engine.annotate`` and ``tools.graph_dump`` draw them."""
+    ``Executor`` runs exactly these; ``engine.views.annotate`` and ``tools.graph_dump`` draw
+    them."""
 
     fusions: list[fusion_pass.Fusion]
     steps: list[int]  # node id -> the step (anchor node) that computes it

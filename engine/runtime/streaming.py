@@ -12,11 +12,11 @@ fetch ("slot ready" event, recorded on the copy stream). The compute stream fork
 stream at the start and joins it at the end, so the same sequence captures into a CUDA graph.
 
 Only matrices stream: a layer's norm vectors (kilobytes) stay resident, so a fused step that
-reads the previous layer's norm together with its own matrices (``engine.fusion``) still uses
+reads the previous layer's norm together with its own matrices (``engine.passes.fusion``) still uses
 one slot. Host copies are pinned (``Backend.pinned``): a pageable copy runs ~8x slower, so a
 backend that cannot pin refuses instead of streaming slowly.
 
-With a trace set (``WeightRing.trace``, ``engine.trace``), each fetch is a span on the ``copy
+With a trace set (``WeightRing.trace``, ``engine.views.trace``), each fetch is a span on the ``copy
 stream`` track ("fetch blk.12 (slot 1)"), the copy stream's wait for a free slot and the
 compute stream's wait for a ready one are instants on their tracks.
 """
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from backends import Backend
-from engine.offload import STREAMED, Placement
-from engine.trace import COPY, HOST, Recorder, Trace
+from engine.passes.offload import STREAMED, Placement
+from engine.views.trace import COPY, HOST, Recorder, Trace
 from graph.ir import Graph
 from graph.ops import VIEW_OPS, GraphError
 
@@ -62,7 +62,7 @@ class ParamCache:
     than the cache LRU evicts each layer just before its next use, so every access misses. The
     cache instead keeps a fixed set, the first streamed layers that fit, and never evicts: each
     pass then hits on exactly those layers, the best any cache can do for a cycle. That is
-    static residency by another name, so ``engine.offload``'s ``auto`` gives spare memory to
+    static residency by another name, so ``engine.passes.offload``'s ``auto`` gives spare memory to
     residency (which the timing model sees) and a cache is for when a placement is fixed.
     """
 

@@ -1,7 +1,7 @@
 """Every decision the passes made for one graph, as the plain data ``graph.drawing`` draws.
 
     d = engine.passes.decide(graph, "cupy", streams=3)       # what an Executor would run
-    doc = engine.annotate.annotate(graph, d, placement=p, device="gpu")
+    doc = engine.views.annotate.annotate(graph, d, placement=p, device="gpu")
 
 Nothing here decides anything: it reads ``Decisions`` (fusion, streams and events, memory plan)
 and a ``Placement`` (where each weight lives and why) and writes them into the dump document's
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.offload import GPU, HOST, STREAMED, Placement
-from engine.passes import Decisions
-from engine.scheduler import Schedule
+from engine.passes.offload import GPU, HOST, STREAMED, Placement
+from engine.passes.plans import Decisions
+from engine.passes.scheduler import Schedule
 from graph.drawing import document
 from graph.ir import Graph
 

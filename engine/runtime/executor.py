@@ -3,18 +3,18 @@
     ex = Executor(graph, weights, backend="numpy")
     logits, = ex.run({"tokens": ids, "pos": pos})
 
-Construction validates the graph, plans memory (``engine.memory``), allocates one arena, binds
-weights, constants and states, makes every node's array (views into the arena or into their
+Construction validates the graph, plans memory (``engine.passes.memory``), allocates one arena,
+binds weights, constants and states, makes every node's array (views into the arena or into their
 base) and turns the graph into a list of ``(kernel, node, out, srcs)`` steps. ``run`` copies the
 inputs into their arena slots, walks the steps and copies the outputs out. Nothing is looked up,
 allocated or decided per node per call.
 
-The fusion pass (``engine.fusion``) marks chains that one kernel can run; a backend with a kernel
-for a group's pattern runs it as one launch at the group's last node, any other runs its members
-one by one there. ``fusion=False`` turns the pass off (one launch per node, for comparison).
+The fusion pass (``engine.passes.fusion``) marks chains that one kernel can run; a backend with a
+kernel for a group's pattern runs it as one launch at the group's last node, any other runs its
+members one by one there. ``fusion=False`` turns the pass off (one launch per node, for comparison).
 
 ``STREAMGRAPH_DEBUG=2`` prints one line per node with its time, the way tinygrad's DEBUG does.
-``trace=Trace()`` (``engine.trace``) records every run's launches, copies and event waits on a
+``trace=Trace()`` (``engine.views.trace``) records every run's launches, copies and event waits on a
 timeline of its streams, timed on the device (``tools.timeline`` draws it).
 """
 
@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 
 from backends import COMPUTE_OPS, Backend, get_backend
-from engine import fusion as fusion_pass
-from engine import memory, offload, streaming
-from engine.passes import decide, host_gathers
-from engine.trace import COPY, HOST, PASSES, Recorder, Trace, step_info
+from engine.passes import fusion as fusion_pass
+from engine.passes import memory, offload
+from engine.passes.plans import decide, host_gathers
+from engine.runtime import streaming
+from engine.views.trace import COPY, HOST, PASSES, Recorder, Trace, step_info
 from graph.ir import Graph, Node
 from graph.ops import ALIAS_OPS, GraphError, Op
 
@@ -441,7 +442,7 @@ class Executor:
         for copy in self._copies_out:
             copy()
 
-    # -- tracing (engine.trace) ------------------------------------------------------------------
+    # -- tracing (engine.views.trace) ---------------------------------------------------------
     @property
     def trace(self) -> Trace | None:
         """The trace this executor's runs record into, or None (the default, which costs
