@@ -1,8 +1,9 @@
 """Backends by name: ``get_backend("numpy")``. Concrete modules load lazily, so importing this
 package never imports a GPU library.
 
-    from backends import get_backend
+    from backends import get_backend, device_spec
     be = get_backend("numpy")
+    spec = device_spec("cupy")     # the CUDA backend's facts, with no GPU or CuPy needed
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ from __future__ import annotations
 import importlib
 
 from backends.base import COMPUTE_OPS, Backend, BackendError
+from backends.spec import Costs, DeviceSpec
 
 __all__ = [
     "get_backend",
+    "device_spec",
+    "DeviceSpec",
+    "Costs",
     "available_backends",
     "best_backend",
     "Backend",
@@ -68,3 +73,20 @@ def available_backends() -> list[str]:
 def best_backend() -> str:
     """The GPU backend where one works, else ``numpy``."""
     return available_backends()[0]
+
+
+def device_spec(backend: str | Backend) -> DeviceSpec:
+    """What a planner knows of ``backend``'s device: the backend's own ``spec`` where it loads
+    here (so a tool plans with the facts a session will run with), else the nominal spec (no
+    hardware, no CUDA library needed: a machine without a GPU plans for one). ``auto`` is the
+    best backend here."""
+    if isinstance(backend, Backend):
+        return backend.spec
+    try:
+        return get_backend(backend).spec
+    except BackendError:
+        if backend != "cupy":
+            raise
+    from backends.cuda_spec import nominal
+
+    return nominal()

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from backends.spec import DeviceSpec
 from graph.dtypes import DType
 from graph.ir import Node
 from graph.ops import LEAF_OPS, VIEW_OPS, Op
@@ -70,10 +71,14 @@ class _HostMark:
 
 
 class Backend(ABC):
-    """One device kind. Holds no per-graph state: executors own their arenas and arrays."""
+    """One device kind. Holds no per-graph state: executors own their arenas and arrays.
+
+    ``spec`` is what the planner knows of the device (``backends.spec.DeviceSpec``): the same
+    facts ``backends.device_spec(name)`` gives without the hardware, with the hardware's own."""
 
     name: str
     kernels: Mapping[Op, Kernel]
+    spec: DeviceSpec
 
     # -- memory --------------------------------------------------------------------------------
     @abstractmethod
@@ -131,6 +136,10 @@ class Backend(ABC):
     def describe(self) -> str:
         return self.name
 
+    def memory_in_use(self) -> int | None:
+        """Bytes of device memory in use now, measured (None where there is no device)."""
+        return None
+
     # -- timing (engine.views.trace) ----------------------------------------------------------
     def mark(self, stream: Stream | None = None) -> Any:
         """A timestamp queued on ``stream`` (the main stream by default): taken when the stream
@@ -154,11 +163,7 @@ class Backend(ABC):
             )
         return float(mark.t - origin.t)
 
-    # -- planning hooks (all called once, when an executor is built) -------------------------------
-    def scratch_bytes(self, node: Node, srcs: Sequence[Node]) -> int:
-        """Bytes of temporary memory ``node``'s kernel needs (planned in the arena), default 0."""
-        return 0
-
+    # -- binding (all called once, when an executor is built) ------------------------------------
     def compile(
         self,
         node: Node,

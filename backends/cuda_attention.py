@@ -6,13 +6,14 @@ grouped-query online softmax over key batches for prompts, key splits merged by 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from backends.base import BackendError
 from backends.cuda_launch import (
     CTYPE,
+    CudaDevice,
     Job,
     dtype_of_array,
     need_contiguous,
@@ -21,9 +22,6 @@ from backends.cuda_launch import (
 )
 from graph.ir import Node
 from graph.ops import AttentionParams, Op
-
-if TYPE_CHECKING:  # annotations only: importing the backend would import cupy
-    from backends.cupy_backend import CupyBackend
 
 ATTN_WARPS = 4
 ATTN_DMAX = 256
@@ -36,9 +34,9 @@ def _attn_rows(n: int, h: int, hk: int) -> int:
     return n * hk * -(-(h // hk) // ATTN_GB)
 
 
-def _attn_splits(rows: int, m: int) -> int:
+def _attn_splits(rows: int, m: int, sm_count: int) -> int:
     """Key splits so that few query rows (decode) still fill the GPU: about 8 blocks per SM."""
-    want = max(1, -(-1056 // max(rows, 1)))
+    want = max(1, -(-8 * sm_count // max(rows, 1)))
     return max(1, min(want, -(-m // ATTN_KEYS), 1024))  # kernels.cu MAX_SPLITS
 
 
@@ -46,11 +44,11 @@ DECODE_MAX_TOKENS = 8  # query tokens up to which attention uses the one-launch 
 DECODE_TILE = 64  # kernels.cu DT_KEYS
 
 
-def _decode_splits(rows: int, m: int) -> tuple[int, int]:
+def _decode_splits(rows: int, m: int, sm_count: int) -> tuple[int, int]:
     """(splits, keys per split) for the decode kernel: about two blocks per SM in all, at most
     32 splits (the merge walks them), each a whole number of 64-key tiles."""
     tiles = -(-m // DECODE_TILE)
-    splits = max(1, min(-(-264 // max(rows, 1)), tiles, 32))
+    splits = max(1, min(-(-2 * sm_count // max(rows, 1)), tiles, 32))
     chunk = -(-tiles // splits) * DECODE_TILE
     return -(-m // chunk) if m else 1, chunk
 
@@ -63,7 +61,7 @@ def _decode_ok(q: Any, k: Any, v: Any) -> bool:
 
 
 def decode_attention(
-    be: CupyBackend, node: Node, out: Any, srcs: Sequence[Any], scratch: Any, merge: str
+    be: CudaDevice, node: Node, out: Any, srcs: Sequence[Any], scratch: Any, merge: str
 ) -> tuple[Callable[[], None], int] | None:
     """``k_attn_decode`` for few query tokens, and its number of key splits; None if the
     shapes do not suit it. ``merge``: the splits' partials (in ``scratch``, one record of
@@ -77,7 +75,7 @@ def decode_attention(
     m, hk, _ = k.shape
     dv = v.shape[2]
     rows = _attn_rows(n, h, hk)
-    splits, chunk = _decode_splits(rows, m)
+    splits, chunk = _decode_splits(rows, m, be.sm_count)
     types = ", ".join(CTYPE[dtype_of_array(a).name] for a in (q, k, v))
     f = be.fn(f"k_attn_decode<{types}>")
     tickets = be.counters(rows)
@@ -117,7 +115,7 @@ def _c_attention(job: Job) -> Callable[[], None]:
     decode = decode_attention(be, node, out, srcs, scratch, be.attn_merge)
     if decode is not None:
         return decode[0]
-    splits = _attn_splits(rows, m)
+    splits = _attn_splits(rows, m, be.sm_count)
     chunk = -(-m // splits) if m else 1
     f = be.fn(f"k_attention<{types}>")
     part = ptr(scratch) if splits > 1 else np.uint64(0)
@@ -144,7 +142,7 @@ def _c_attention(job: Job) -> Callable[[], None]:
     return _then(main, _combine(be, n * h, splits, dv, part, out))
 
 
-def _combine(be: CupyBackend, heads: int, splits: int, dv: int, part: Any, out: Any) -> Any:
+def _combine(be: CudaDevice, heads: int, splits: int, dv: int, part: Any, out: Any) -> Any:
     """The launch that merges the key splits' partials of every query head."""
     args = (part, ptr(out), np.int32(splits), np.int32(dv))
     return prepare_launch(be, be.fn("k_attn_combine"), (heads,), (128,), args)
@@ -158,13 +156,13 @@ def _then(first: Callable[[], None], second: Callable[[], None]) -> Callable[[],
     return both
 
 
-def scratch_bytes(node: Node, srcs: Sequence[Node]) -> int:
-    """The key splits' partials, when an attention splits its keys."""
+def scratch_bytes(node: Node, srcs: Sequence[Node], sm_count: int) -> int:
+    """The key splits' partials, when an attention splits its keys (on ``sm_count`` SMs)."""
     if node.op is not Op.ATTENTION:
         return 0
     n, h, dv = node.shape
     rows, m = _attn_rows(n, h, srcs[1].shape[1]), srcs[1].shape[0]
-    splits = max(_attn_splits(rows, m), _decode_splits(rows, m)[0])
+    splits = max(_attn_splits(rows, m, sm_count), _decode_splits(rows, m, sm_count)[0])
     return n * h * splits * (dv + 2) * 4 if splits > 1 else 0
 
 

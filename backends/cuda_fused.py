@@ -16,25 +16,22 @@ module reaches CuPy only through the backend.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from backends.base import FusedGroup
-from backends.cuda_launch import CTYPE, dtype_of_array, ptr
+from backends.cuda_launch import CTYPE, CudaDevice, dtype_of_array, ptr
 from backends.cuda_matmul import PRE_ADD, PRE_GEGLU, PRE_NORM, PRE_NORM_RES, PRE_SWIGLU, matvec
 from graph.dtypes import f32
 from graph.ir import Graph
 from graph.ops import Op, RmsNormParams, RopeMode, RopeParams
 
-if TYPE_CHECKING:
-    from backends.cupy_backend import CupyBackend
-
 Launch = Callable[[], None]
 
 
 def _norm_matvec(
-    be: CupyBackend, graph: Graph, fu: FusedGroup, arrays: Sequence[Any], scratch: Mapping[int, Any]
+    be: CudaDevice, graph: Graph, fu: FusedGroup, arrays: Sequence[Any], scratch: Mapping[int, Any]
 ) -> Launch | None:
     nodes = graph.nodes
     mm, norm = nodes[fu.roles["matmul"]], nodes[fu.roles["norm"]]
@@ -60,7 +57,7 @@ def _norm_matvec(
 
 
 def _glu_matvec(
-    be: CupyBackend, graph: Graph, fu: FusedGroup, arrays: Sequence[Any], scratch: Mapping[int, Any]
+    be: CudaDevice, graph: Graph, fu: FusedGroup, arrays: Sequence[Any], scratch: Mapping[int, Any]
 ) -> Launch | None:
     nodes = graph.nodes
     mm, glu = nodes[fu.roles["matmul"]], nodes[fu.roles["glu"]]
@@ -90,7 +87,7 @@ def _heads(arr: Any) -> tuple[int, int] | None:
 
 
 def _rope_store(
-    be: CupyBackend, graph: Graph, fu: FusedGroup, arrays: Sequence[Any], scratch: Mapping[int, Any]
+    be: CudaDevice, graph: Graph, fu: FusedGroup, arrays: Sequence[Any], scratch: Mapping[int, Any]
 ) -> Launch | None:
     nodes, r = graph.nodes, fu.roles
     qr, kr = nodes[r["q_rope"]], nodes[r["k_rope"]]

@@ -18,21 +18,41 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from backends.base import BackendError
+from backends.spec import ALIGN
 from graph.dtypes import DType, dtype_of
 from graph.ir import Node
 from graph.ops import Op, RmsNormParams, RopeMode, RopeParams, ScaleParams
 
-if TYPE_CHECKING:  # annotations only: importing the backend would import cupy
-    from backends.cupy_backend import CupyBackend
-
 CTYPE = {"f32": "float", "f16": "half_t", "bf16": "bf16_t"}
 MAXD = 6
 THREADS = 256
+
+
+class CudaDevice(Protocol):
+    """What the compilers use of the device (``backends.cupy_backend.CupyBackend`` is one):
+    kernels by template name, prepared launches on the stream being compiled for, views into
+    its memory, cuBLAS, small device arrays that live as long as it, and its facts. Written as
+    a protocol so that these modules never import the backend (nor, through it, CuPy)."""
+
+    sm_count: int
+    attn_merge: str
+
+    def fn(self, expr: str) -> Any: ...
+    def prepare(
+        self, f: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, smem: int = 0
+    ) -> Callable[[], None]: ...
+    def view(
+        self, buf: Any, byte_offset: int, shape: tuple[int, ...], dtype: DType, strides: Any
+    ) -> Any: ...
+    def counters(self, n: int) -> Any: ...
+    def meta(self, values: Sequence[int]) -> Any: ...
+    @property
+    def blas(self) -> Any: ...
 
 
 def ptr(a: Any) -> np.uint64:
@@ -78,7 +98,7 @@ STRIDED_OPS = frozenset({Op.CONT, Op.CAST, Op.SCALE, Op.ADD, Op.MUL, Op.GEGLU, O
 
 
 def aligned(n: int) -> int:
-    return (n + 255) // 256 * 256
+    return -(-n // ALIGN) * ALIGN
 
 
 def dense_copy_bytes(node: Node, srcs: Sequence[Node]) -> list[int]:
@@ -104,7 +124,7 @@ class Job(NamedTuple):
     """What a compiler binds for one node: the backend, the node, its output and source arrays,
     its planned scratch (or None), and which sources no kernel writes (weights, constants)."""
 
-    be: CupyBackend
+    be: CudaDevice
     node: Node
     out: Any
     srcs: list[Any]
@@ -113,7 +133,7 @@ class Job(NamedTuple):
 
 
 def prepare_launch(
-    be: CupyBackend,
+    be: CudaDevice,
     f: Any,
     grid: tuple[int, ...],
     block: tuple[int, ...],
@@ -126,7 +146,7 @@ def prepare_launch(
 
 
 def elementwise(
-    be: CupyBackend,
+    be: CudaDevice,
     shape: tuple[int, ...],
     out_dtype: DType,
     out: Any,

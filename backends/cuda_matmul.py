@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from backends.base import BackendError
 from backends.cuda_launch import (
     CTYPE,
+    CudaDevice,
     Job,
     dtype_of_array,
     elementwise,
@@ -25,9 +26,6 @@ from backends.cuda_launch import (
 from graph.dtypes import DType, f32
 from graph.ir import Node
 from graph.ops import Op
-
-if TYPE_CHECKING:  # annotations only: importing the backend would import cupy
-    from backends.cupy_backend import CupyBackend
 
 CUDA_DTYPE = {"f32": 0, "f16": 2, "bf16": 14}  # cudaDataType: R_32F, R_16F, R_16BF
 CUBLAS_COMPUTE_32F = 68
@@ -54,7 +52,7 @@ def _row_stride(arr: Any) -> int:
     return lead[-1][1]
 
 
-def _resident_blocks(be: CupyBackend, f: Any, smem: int) -> int:
+def _resident_blocks(be: CudaDevice, f: Any, smem: int) -> int:
     """Blocks of ``MATVEC_WARPS`` warps that fit on the GPU at once (registers, shared memory)."""
     threads = 32 * MATVEC_WARPS
     by_regs = 65536 // max(1, f.num_regs * threads)
@@ -63,7 +61,7 @@ def _resident_blocks(be: CupyBackend, f: Any, smem: int) -> int:
 
 
 def matvec(
-    be: CupyBackend,
+    be: CudaDevice,
     w: Any,
     out: Any,
     pre: int,
@@ -154,7 +152,7 @@ def _c_mul_mat(job: Job) -> Callable[[], None]:
         vec = 4 if wt == f32 else 8
         vec_ok = int(k % vec == 0 and a.data.ptr % 16 == 0 and b.data.ptr % 16 == 0)
         wpr = 1  # warps per output row: split K when rows alone cannot fill the GPU
-        while wpr < 8 and n_out * wpr < 64 * 132 and wpr * 32 * vec <= k:
+        while wpr < 8 and n_out * wpr < 64 * be.sm_count and wpr * 32 * vec <= k:
             wpr *= 2
         f = be.fn(f"k_gemv<{CTYPE[wt.name]}, {wpr}>")
         args = (
@@ -184,14 +182,14 @@ def _c_mul_mat(job: Job) -> Callable[[], None]:
         n_out,
         m,
         k,
-        be._one.ctypes.data,
+        blas.one.ctypes.data,
         a.data.ptr,
         dt,
         k,
         bb.data.ptr,
         dt,
         k,
-        be._zero.ctypes.data,
+        blas.zero.ctypes.data,
         out.data.ptr,
         CUDA_DTYPE["f32"],
         n_out,

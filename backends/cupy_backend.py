@@ -1,4 +1,5 @@
-"""The CUDA backend, through CuPy: the only module of streamgraph that imports cupy.
+"""The CUDA backend, through CuPy: with its cuBLAS handle (``cuda_blas``), the only module of
+streamgraph that imports cupy.
 
 Built around plans that are captured once and replayed, not around calling CuPy per node:
 
@@ -31,7 +32,6 @@ planned scratch first (the elementwise kernels take any strides).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,9 @@ from typing import Any
 import cupy as cp  # ImportError here: the registry turns it into a one-line BackendError
 import numpy as np
 
-from backends import cuda_attention, cuda_launch, cuda_matmul
+from backends import cuda_attention, cuda_launch, cuda_matmul, cuda_spec
 from backends.base import Backend, BackendError, FusedGroup
+from backends.cuda_blas import Cublas
 from backends.cuda_driver import DriverLauncher, load_driver
 from backends.cuda_fused import FUSED_COMPILERS
 from backends.cuda_launch import (
@@ -50,11 +51,11 @@ from backends.cuda_launch import (
     Job,
     aligned,
     blocks,
-    dense_copy_bytes,
     dtype_of_array,
     elementwise,
     ptr,
 )
+from backends.cuda_spec import CudaSpec
 from graph.dtypes import DType
 from graph.ir import Node
 from graph.ir import contiguous_strides as _contiguous
@@ -65,50 +66,6 @@ COMPILERS = {**cuda_launch.COMPILERS, **cuda_matmul.COMPILERS, **cuda_attention.
 """How each compute op becomes prepared launches (see the three modules)."""
 
 H2D, D2H = 1, 2  # cudaMemcpyKind
-
-
-class _Cublas:
-    """cuBLAS through ctypes, on a handle bound to our stream with a workspace of our own.
-
-    CuPy's cuBLAS wrappers rebind the handle to the current stream and refuse to run while a
-    stream is capturing; calling the library directly is what lets matrix products be part of
-    a captured decode step (cuBLAS supports capture once stream and workspace are fixed).
-    """
-
-    OP_N, OP_T = 0, 1
-
-    def __init__(self, stream_ptr: int, workspace_bytes: int = 32 << 20) -> None:
-        self.lib = None
-        for name in ("libcublas.so.13", "libcublas.so.12", "libcublas.so"):
-            try:
-                self.lib = ctypes.CDLL(name)
-                break
-            except OSError:
-                continue
-        if self.lib is None:
-            raise BackendError("cannot load libcublas (looked for libcublas.so.13/.12)")
-        self.handle = ctypes.c_void_p()
-        self._check(self.lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate")
-        self._check(
-            self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream_ptr)), "cublasSetStream"
-        )
-        self.workspace = cp.cuda.Memory(workspace_bytes)
-        self._check(
-            self.lib.cublasSetWorkspace_v2(
-                self.handle, ctypes.c_void_p(self.workspace.ptr), ctypes.c_size_t(workspace_bytes)
-            ),
-            "cublasSetWorkspace",
-        )
-        gemm = self.lib.cublasGemmEx
-        gemm.restype = ctypes.c_int
-        i, p = ctypes.c_int, ctypes.c_void_p
-        gemm.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
-        self.gemm_ex = gemm
-
-    @staticmethod
-    def _check(status: int, what: str) -> None:
-        if status != 0:
-            raise BackendError(f"{what} failed with cuBLAS status {status}")
 
 
 class _CudaEvent:
@@ -143,17 +100,16 @@ class CupyBackend(Backend):
         self.compute_stream = cp.cuda.Stream(non_blocking=True)
         self.compute_stream.use()  # kernels launch on the current stream: make it ours
         self._bound = self.compute_stream  # the stream launches are being prepared for
-        self._blas = {self.compute_stream.ptr: _Cublas(self.compute_stream.ptr)}
+        self._blas = {self.compute_stream.ptr: Cublas(self.compute_stream.ptr)}
         # every byte this backend took from the device: arenas, caches, weights, workspaces
         self.bytes_allocated = 32 << 20
-        self._one = np.ones(1, np.float32)
-        self._zero = np.zeros(1, np.float32)
         self._source = (Path(__file__).with_name("kernels.cu")).read_text()
         self._functions: dict[str, Any] = {}
         self._keep: list[Any] = []  # device metadata arrays bound into launches
         self.kernels = {op: self._unsupported for op in COMPILERS}
         props = cp.cuda.runtime.getDeviceProperties(0)
         self.sm_count = int(props["multiProcessorCount"])
+        self._spec: CudaSpec | None = None
         lib = load_driver()
         self._driver = DriverLauncher(lib, self.compute_stream.ptr) if lib is not None else None
         # programmatic dependent launch: Hopper (compute capability 9.0) and later
@@ -171,6 +127,20 @@ class CupyBackend(Backend):
 
     def _unsupported(self, *args: Any) -> None:  # pragma: no cover - compile() is the entry
         raise BackendError("the CuPy backend runs nodes through compile(), not kernels[op]")
+
+    @property
+    def spec(self) -> CudaSpec:
+        """The device's facts for planning: the nominal CUDA spec with this GPU's SM count."""
+        if self._spec is None:
+            self._spec = cuda_spec.nominal(self.sm_count, self.describe())
+        return self._spec
+
+    def memory_in_use(self) -> int:
+        """The device's used memory as the driver reports it (every process and context on
+        it), after CuPy's pools hand back their cached blocks."""
+        cp.get_default_memory_pool().free_all_blocks()
+        free, total = cp.cuda.runtime.memGetInfo()
+        return int(total - free)
 
     def describe(self) -> str:
         props = cp.cuda.runtime.getDeviceProperties(0)
@@ -389,10 +359,6 @@ class CupyBackend(Backend):
         )
 
     # -- planning ------------------------------------------------------------------------------
-    def scratch_bytes(self, node: Node, srcs: Sequence[Node]) -> int:
-        own = cuda_matmul.scratch_bytes(node, srcs) + cuda_attention.scratch_bytes(node, srcs)
-        return sum(dense_copy_bytes(node, srcs)) + own
-
     def compile(
         self,
         node: Node,
@@ -490,13 +456,13 @@ class CupyBackend(Backend):
             self._bound = saved
 
     @property
-    def blas(self) -> _Cublas:
+    def blas(self) -> Cublas:
         """The cuBLAS handle of the stream being compiled for: one per stream, each with its
         own workspace (two streams must not share one)."""
         key = self._bound.ptr
         handle = self._blas.get(key)
         if handle is None:  # a side stream: a smaller workspace keeps streams' VRAM cost low
-            handle = self._blas[key] = _Cublas(key, workspace_bytes=8 << 20)
+            handle = self._blas[key] = Cublas(key, workspace_bytes=8 << 20)
             self.bytes_allocated += 8 << 20
         return handle
 

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import numpy as np
 
 from backends.base import Array, Backend, Kernel
+from backends.cuda_matmul import GEMV_MAX_M
+from backends.spec import DeviceSpec
 from graph.dtypes import DType
 from graph.ir import Node
 from graph.ops import AttentionParams, Op, RmsNormParams, RopeMode, RopeParams, ScaleParams
@@ -309,13 +311,33 @@ def _nothing() -> None:
     pass
 
 
+SPEC = DeviceSpec(
+    backend="numpy",
+    device="cpu",
+    ops=frozenset(KERNELS),
+    fused_patterns=frozenset(),
+    # the reference plans as the GPU does: the same fusion groups (run member by member) and
+    # the same arena alignment, so the CPU tests exercise the GPU's plans
+    matvec_max_rows=GEMV_MAX_M,
+    sm_count=0,
+    name="CPU (NumPy)",
+)
+
+
 class NumpyBackend(Backend):
+    """The CPU reference. ``stress``: every worker-thread stream (``stream()``) sleeps a random
+    0..stress seconds before each task, so a missing wait between streams shows up as a wrong
+    result instead of a lucky one (``seed`` makes the delays repeatable). The registry's
+    instance (``get_backend("numpy")``) has none; tests make their own."""
+
     name = "numpy"
     kernels = KERNELS
+    spec = SPEC
 
-    def __init__(self) -> None:
+    def __init__(self, stress: float = 0.0, seed: int = 0) -> None:
         self._main = _Stream(inline=True)
         self._graphs = _Graphs()
+        self.stress, self._seed = stress, seed
 
     def alloc(self, nbytes: int) -> np.ndarray:
         return np.zeros(max(int(nbytes), 1), dtype=np.uint8)
@@ -354,9 +376,10 @@ class NumpyBackend(Backend):
     def copy_from_host(self, dst: Array, host: np.ndarray) -> None:
         dst[...] = host
 
-    def stream(self, stress: float = 0.0, seed: int | None = None) -> _Stream:
-        """A worker-thread stream (``stress``: see ``_Stream``)."""
-        return _Stream(inline=False, stress=stress, seed=seed)
+    def stream(self) -> _Stream:
+        """A worker-thread stream (with this backend's ``stress``, see ``_Stream``)."""
+        self._seed += 1
+        return _Stream(inline=False, stress=self.stress, seed=self._seed)
 
     def main_stream(self) -> _Stream:
         return self._main

@@ -57,7 +57,7 @@ def main() -> None:
         tok = 3
         for _ in range(5):
             sess.decode(tok)
-        ex = sess.executor(1, sess.n_kv_for(sess.n_past + 1))
+        ex = sess.executor(sess.step_key(1, sess.n_past + 1))
         fed: dict = {}
         real = ex.set_inputs
 

@@ -21,6 +21,8 @@ import numpy as np
 from backends import get_backend
 from engine.model.session import Session
 from engine.model.weights import device_weights
+from engine.options import Options
+from engine.passes.plans import plan_graph
 from engine.runtime.executor import Executor
 from graph.dtypes import dtype_of
 from graph.models import preset
@@ -46,14 +48,16 @@ def per_op(
     memory reuse so every value stays valid, run once eagerly, then the launches of each op
     kind captured on their own and replayed."""
     be = sess.backend
-    full = Executor(ex.graph, sess.weights, be, sess.states, reuse=False, fusion=sess.fusion)
+    plan = plan_graph(ex.graph, be.spec, Options(fusion=sess.fusion), reuse=False)
+    full = Executor(plan, sess.weights, be, sess.states)
     Executor.set_inputs(full, fed)
     full.launch()
     be.synchronize()
     fused = {f.anchor: f.pattern for f in full.fused}
     kinds: dict[str, list[Any]] = collections.defaultdict(list)
-    for step, node in full._steps:
-        kinds[fused.get(node.id, node.op.name)].append(step)
+    for op in full.ops:
+        if op.kind == "launch":
+            kinds[fused.get(op.node.id, op.node.op.name)].append(op.fn)
     rows = []
     for op, steps in kinds.items():
 
@@ -106,14 +110,14 @@ def main() -> None:
             t0 = time.perf_counter()
             logits = sess.prefill(prompt)
             pp.append(time.perf_counter() - t0)
-        pex = sess.executor(args.prompt, sess.n_kv_for(args.prompt))
+        pex = sess.executor(sess.step_key(args.prompt, args.prompt))
         pfed = spy(pex)
         sess.reset()
         sess.prefill(prompt)
         tok = int(np.argmax(logits))
         for _ in range(3):
             tok = int(np.argmax(sess.decode(tok)))
-        ex = sess.executor(1, sess.n_kv_for(sess.n_past + 1))
+        ex = sess.executor(sess.step_key(1, sess.n_past + 1))
         fed = spy(ex)
         step = []
         for _ in range(args.steps):

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from backends import cuda_attention, cuda_matmul, get_backend
+from engine.options import Options
 from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
 from graph.dtypes import bf16
@@ -24,7 +25,7 @@ REPEAT = 20
 
 
 def per_launch_us(ex: Executor, be: Any, cp: Any) -> float:
-    steps = [s for s, _ in ex._steps]
+    steps = [op.fn for op in ex.ops if op.kind == "launch"]
 
     def launch() -> None:
         for _ in range(REPEAT):
@@ -98,7 +99,7 @@ def main() -> None:
     rows: list[tuple[str, float]] = []
 
     def case(label: str, graph: Any, weights: dict, inputs: dict, fusion: bool = True) -> None:
-        ex = Executor(graph, weights, be, fusion=fusion)
+        ex = Executor(graph, weights, be, options=Options(fusion=fusion))
         ex.run(inputs)
         rows.append((label, per_launch_us(ex, be, cp)))
         print(f"{label:60s} {rows[-1][1]:8.2f} us  ({ex.n_launches} launches per case)", flush=True)

@@ -29,12 +29,12 @@ def main() -> None:
         n_ctx=64,
         n_batch=8,
         mode="eager",
-        fuse=False,
+        stack=False,
         streams=streams,
     )
     s.prefill(list(range(2, 10)))
     token = s.decode_greedy(5)
-    ex = s.executor(1, s.n_kv_for(s.n_past), "argmax")
+    ex = s.executor(s.step_key(1, s.n_past, "argmax"))
     n = ex.schedule.n_streams if ex.schedule is not None else 1
     print(f"decode step on {n} streams: next token {token}")
 

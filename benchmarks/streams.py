@@ -25,6 +25,7 @@ import numpy as np
 from backends import get_backend
 from engine.model.session import Session
 from engine.model.weights import device_weights
+from engine.options import Options
 from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
 from graph.dtypes import bf16
@@ -65,7 +66,7 @@ def fan_out(be: Any, cp: Any, d: int, reps: int) -> list[tuple]:
     for mode in ("eager", "graph"):
         for streams in STREAMS:
             before = used_bytes(be)
-            ex = Executor(graph, weights, be, mode=mode, streams=streams)
+            ex = Executor(graph, weights, be, options=Options(mode=mode, streams=streams))
             for _ in range(3):
                 ex.run(inputs)
             run = ex._replay if ex._replay is not None else ex.launch
@@ -93,14 +94,14 @@ def model(be: Any, cp: Any, reps: int) -> list[tuple]:
     wbytes = sum(a.nbytes for a in {id(a): a for a in w.values()}.values())
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, cfg.n_vocab, 512)]
     rows = []
-    for fuse in (True, False):
-        label = "stacked" if fuse else "separate Q/K/V, gate/up"
+    for stack in (True, False):
+        label = "stacked" if stack else "separate Q/K/V, gate/up"
         for mode in ("graph", "eager"):
             base: dict[str, float] = {}
             for streams in (1, 4, "auto"):
                 before = used_bytes(be)
                 s = Session(
-                    cfg, w, be, n_ctx=1024, n_batch=512, mode=mode, fuse=fuse, streams=streams
+                    cfg, w, be, n_ctx=1024, n_batch=512, mode=mode, stack=stack, streams=streams
                 )
                 pp = []
                 for _ in range(9):
@@ -117,7 +118,7 @@ def model(be: Any, cp: Any, reps: int) -> list[tuple]:
                     tok = s.decode_greedy(tok)
                     times.append(time.perf_counter() - t0)
                 mem = wbytes + used_bytes(be) - before
-                ex = s.executor(1, s.n_kv_for(s.n_past + 1), "argmax")
+                ex = s.executor(s.step_key(1, s.n_past + 1, "argmax"))
                 n = ex.schedule.n_streams if ex.schedule is not None else 1
                 for test, us in (
                     ("decode", statistics.median(times) * 1e6),

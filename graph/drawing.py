@@ -28,7 +28,6 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from graph.ir import Graph
 from graph.ops import VIEW_OPS, Op
 
 __all__ = ["FORMAT", "document", "to_dot", "render", "GraphvizMissing", "DEVICE_COLOURS"]
@@ -54,7 +53,7 @@ class GraphvizMissing(RuntimeError):
     """Rendering .svg/.png needs Graphviz's ``dot`` program."""
 
 
-def _layers(graph: Graph) -> list[int | None]:
+def _layers(graph: Any) -> list[int | None]:
     """Each node's layer: a weight's tag, a cache's index (``cache_k.3``), else the largest
     layer among its inputs (a residual add belongs to the layer whose output it takes)."""
     out: list[int | None] = []
@@ -69,8 +68,9 @@ def _layers(graph: Graph) -> list[int | None]:
     return out
 
 
-def document(graph: Graph, title: str = "") -> dict[str, Any]:
-    """The dump document of ``graph`` alone: no device, stream or memory decisions."""
+def document(graph: Any, title: str = "") -> dict[str, Any]:
+    """The dump document of ``graph`` (a ``graph.ir.Graph``, not imported here: ``ir`` imports
+    this module to draw itself) alone: no device, stream or memory decisions."""
     layers = _layers(graph)
     nodes = []
     for n in graph.nodes:

@@ -12,24 +12,27 @@ from dataclasses import fields
 
 import pytest
 
-from tools import bench
+from engine.options import Options
+from tools import bench, bench_args
 from tools.cli import main
+
+NUMPY = Options(backend="numpy")
 
 
 def test_ranges_expand_as_llama_bench_writes_them() -> None:
-    assert bench._ints("128-1024*2") == [128, 256, 512, 1024]
-    assert bench._ints("0-16+8,3") == [0, 8, 16, 3]
-    assert bench._ints("1-3") == [1, 2, 3]
-    assert bench._pairs("512,128;64,16") == [(512, 128), (64, 16)]
+    assert bench_args._ints("128-1024*2") == [128, 256, 512, 1024]
+    assert bench_args._ints("0-16+8,3") == [0, 8, 16, 3]
+    assert bench_args._ints("1-3") == [1, 2, 3]
+    assert bench_args._pairs("512,128;64,16") == [(512, 128), (64, 16)]
     for bad in ("4-2", "1-8*1", "x", "0-8*2"):
         with pytest.raises(argparse.ArgumentTypeError):
-            bench._ints(bad)
+            bench_args._ints(bad)
     with pytest.raises(argparse.ArgumentTypeError, match="PROMPT,GEN"):
-        bench._pairs("512")
+        bench_args._pairs("512")
 
 
 def test_pp_tg_and_latency_columns() -> None:
-    res = bench.run_bench("llama-tiny", [4], [3], 2, "numpy", pg=[(4, 3)], log=lambda s: None)
+    res = bench.run_bench("llama-tiny", [4], [3], 2, [NUMPY], pg=[(4, 3)], log=lambda s: None)
     by = {r.test: r for r in res}
     assert set(by) == {"pp4", "tg3", "pp4+tg3"}
     assert by["pp4+tg3"].n_tokens == 7
@@ -65,19 +68,23 @@ def test_every_output_format_has_its_shape(capsys: pytest.CaptureFixture[str]) -
 def test_presets_set_the_seed_sweeps(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
 
-    def fake(model, n_prompt, n_gen, reps, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
-        seen.update(model=model, n_prompt=n_prompt, n_gen=n_gen, **kw)
+    def fake(model, n_prompt, n_gen, reps, sweep, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.update(model=model, n_prompt=n_prompt, n_gen=n_gen, sweep=sweep, **kw)
         return []
 
     monkeypatch.setattr(bench, "run_bench", fake)
     assert main(["bench", "--preset", "seed-prefetch"]) == 0
-    assert seen["model"] == "llama-7b" and seen["vram"] == [6.0, 8.0, 10.0]
-    assert "*15+5" in seen["strategies"] and seen["n_prompt"] == [2048]
+    sweep = seen["sweep"]
+    assert seen["model"] == "random:llama-7b" and seen["n_prompt"] == [2048]
+    assert {o.vram for o in sweep if o.offload is not None} == {6.0, 8.0, 10.0}
+    assert "*15+5" in {o.offload for o in sweep} and {o.dtype for o in sweep} == {"bf16"}
     assert main(["bench", "--preset", "seed-streams"]) == 0
-    assert seen["streams"] == ["1", "2", "4", "auto"] and seen["stack"] is False
+    sweep = seen["sweep"]
+    assert [o.streams for o in sweep][:4] == [1, 2, 4, "auto"]
+    assert {o.stack for o in sweep} == {False} and {o.mode for o in sweep} == {"graph", "eager"}
     assert seen["interleave"] is True  # its rows differ by less than the machine drifts
     assert main(["bench", "--preset", "seed-head"]) == 0
-    assert seen["strategies"] == ["ngl=19", "ngl=18"]
+    assert [o.offload for o in seen["sweep"]] == ["ngl=19", "ngl=18"]
 
 
 def test_the_seed_head_preset_runs_on_a_tiny_model(capsys: pytest.CaptureFixture[str]) -> None:
@@ -112,7 +119,7 @@ def test_the_default_run_finishes(capsys: pytest.CaptureFixture[str]) -> None:
     """The README's main job: the 270M shape on the best backend (here the CPU)."""
     assert main(["bench", "-r", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| gemma3-270m |" in out and "pp64" in out and "tg16" in out
+    assert "| random:gemma3-270m |" in out and "pp64" in out and "tg16" in out
 
 
 def test_interleave_times_every_configuration_round_by_round(
@@ -134,8 +141,9 @@ def test_interleave_times_every_configuration_round_by_round(
             return super().prefill(*a, **kw)
 
     monkeypatch.setattr(bench, "Session", Spy)
-    kw = dict(streams=["1", "2"], log=lambda s: None)
-    res = bench.run_bench("llama-tiny", [4], [2], 3, "numpy", interleave=True, **kw)
+    kw = dict(log=lambda s: None)
+    two = [NUMPY, NUMPY.replace(streams=2)]
+    res = bench.run_bench("llama-tiny", [4], [2], 3, two, interleave=True, **kw)
     assert [(r.streams, r.test) for r in res] == [
         ("1", "pp4"),
         ("1", "tg2"),
@@ -147,7 +155,7 @@ def test_interleave_times_every_configuration_round_by_round(
     assert order == [0, 0, 0, 1, 1, 1] + [0, 0, 1, 1] + [1, 1, 0, 0] + [0, 0, 1, 1]
     built.clear()
     order.clear()
-    bench.run_bench("llama-tiny", [4], [2], 3, "numpy", **kw)
+    bench.run_bench("llama-tiny", [4], [2], 3, two, **kw)
     assert order == [0] * 9 + [1] * 9  # (2 + 3 pp, 1 + 3 tg) each
 
 
@@ -168,5 +176,6 @@ def test_a_sweep_drops_each_session_before_building_the_next(
             built.append(weakref.ref(self))
 
     monkeypatch.setattr(bench, "Session", Spy)
-    bench.run_bench("llama-tiny", [4], [2], 1, "numpy", streams=["1", "2", "3"], log=print)
+    three = [NUMPY.replace(streams=k) for k in (1, 2, 3)]
+    bench.run_bench("llama-tiny", [4], [2], 1, three, log=print)
     assert alive_at_build == [0, 0, 0]

@@ -13,6 +13,7 @@ import pytest
 
 from engine.model.session import Session
 from engine.model.weights import device_weights, random_weights
+from engine.options import Options
 from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
 from graph.dtypes import bf16
@@ -27,7 +28,7 @@ def _both(graph, weights, inputs, gpu, states=None, runs=2):  # noqa: ANN001, AN
     cpu_states = {k: v.copy() for k, v in (states or {}).items()}
     dev_states = {k: gpu.from_host(v) for k, v in (states or {}).items()}
     cpu = Executor(graph, weights, "numpy", states=cpu_states)
-    dev = Executor(graph, weights, gpu, states=dev_states, mode="graph")
+    dev = Executor(graph, weights, gpu, states=dev_states, options=Options(mode="graph"))
     inputs = {k: v for k, v in inputs.items() if k in cpu.input_names}
     for _ in range(runs):  # graph mode: warm run, capture, replays
         want, got = cpu.run(inputs), dev.run(inputs)
@@ -233,9 +234,9 @@ def test_models_fused_and_unfused_agree_with_numpy(gpu, name: str) -> None:  # n
         close(fused.decode(tok), want, 1e-4, f"fused, step {step}")
         close(plain.decode(tok), want, 1e-4, f"unfused, step {step}")
         tok = (tok * 7 + 3) % cfg.n_vocab
-    ex = fused.executor(1, fused.n_kv_for(fused.n_past + 1))
+    ex = fused.executor(fused.step_key(1, fused.n_past + 1))
     assert {"norm_matvec", "glu_matvec", "rope_store"} <= set(_patterns(ex))
-    unfused = plain.executor(1, plain.n_kv_for(plain.n_past + 1))
+    unfused = plain.executor(plain.step_key(1, plain.n_past + 1))
     assert not unfused.fused and ex.n_launches < unfused.n_launches
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from engine.model.session import Session
 from engine.model.weights import device_weights, random_weights
+from engine.options import Options
 from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
 from graph.dtypes import bf16
@@ -30,8 +31,8 @@ def test_fan_out_equals_one_stream(gpu, streams, mode: str, rows: int) -> None: 
     graph = g.build(outs)
     rng = np.random.default_rng(rows)
     weights = {f"w{i}": rng.standard_normal((d, d), np.float32) / 32 for i in range(8)}
-    one = Executor(graph, weights, gpu, mode=mode)
-    many = Executor(graph, weights, gpu, mode=mode, streams=streams)
+    one = Executor(graph, weights, gpu, options=Options(mode=mode))
+    many = Executor(graph, weights, gpu, options=Options(mode=mode, streams=streams))
     if streams != "auto":
         assert many.schedule is not None and many.schedule.n_streams == min(8, streams)
     for _ in range(3):
@@ -42,18 +43,18 @@ def test_fan_out_equals_one_stream(gpu, streams, mode: str, rows: int) -> None: 
 
 @pytest.mark.parametrize("mode", ["eager", "graph"])
 def test_gemma3_270m_shape_on_four_streams_equals_one(gpu, mode: str) -> None:  # noqa: ANN001
-    """Separate Q/K/V and gate/up products (fuse=False) give each layer branches."""
+    """Separate Q/K/V and gate/up products (stack=False) give each layer branches."""
     cfg = preset("gemma3-270m").replace(dtype=bf16)
     w = device_weights(cfg, gpu, seed=5)
-    one = Session(cfg, w, gpu, n_ctx=128, n_batch=32, mode=mode, fuse=False)
-    many = Session(cfg, w, gpu, n_ctx=128, n_batch=32, mode=mode, fuse=False, streams=4)
+    one = Session(cfg, w, gpu, n_ctx=128, n_batch=32, mode=mode, stack=False)
+    many = Session(cfg, w, gpu, n_ctx=128, n_batch=32, mode=mode, stack=False, streams=4)
     ids = [int(t) for t in np.random.default_rng(0).integers(0, cfg.n_vocab, 32)]
     np.testing.assert_array_equal(many.prefill(ids), one.prefill(ids))
     tok = 7
     for _ in range(4):
         np.testing.assert_array_equal(many.decode(tok), one.decode(tok))
         tok = (tok * 31 + 1) % cfg.n_vocab
-    ex = many.executor(1, many.n_kv_for(many.n_past + 1))
+    ex = many.executor(many.step_key(1, many.n_past + 1))
     assert ex.schedule is not None and ex.schedule.n_streams >= 3
 
 
@@ -61,8 +62,8 @@ def test_gemma3_270m_shape_on_four_streams_equals_one(gpu, mode: str) -> None:  
 def test_tiny_models_on_streams_equal_numpy(gpu, name: str) -> None:  # noqa: ANN001
     cfg = preset(name)
     w = random_weights(cfg, seed=8)
-    cpu = Session(cfg, w, "numpy", n_ctx=64, n_batch=8, fuse=False)
-    dev = Session(cfg, w, gpu, n_ctx=64, n_batch=8, fuse=False, streams=8)
+    cpu = Session(cfg, w, "numpy", n_ctx=64, n_batch=8, stack=False)
+    dev = Session(cfg, w, gpu, n_ctx=64, n_batch=8, stack=False, streams=8)
     ids = list(range(2, 12))
     np.testing.assert_allclose(dev.prefill(ids), cpu.prefill(ids), rtol=1e-4, atol=1e-4)
     tok = 3
@@ -92,7 +93,7 @@ def test_streamed_270m_shape_equals_resident(gpu, mode: str, policy: str) -> Non
     s.prepare()
     np.testing.assert_array_equal(s.prefill([4, 2, 7]), ref.prefill([4, 2, 7]))
     np.testing.assert_array_equal(s.decode(tok), ref.decode(tok))
-    ex = s.executor(1, s.n_kv_for(s.n_past + 1))
+    ex = s.executor(s.step_key(1, s.n_past + 1))
     assert ex.ring is not None and ex.ring.streamed_bytes == s.placement.streamed_bytes
 
 

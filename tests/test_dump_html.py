@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from engine.options import Options
 from tools import graph_dump
 from tools.dump_html import HtmlDump, to_html
 
@@ -29,16 +30,16 @@ CPU_FILL = (0xFF, 0xE2, 0xB8)  # graph.drawing.DEVICE_COLOURS["cpu"]
 
 @pytest.fixture(scope="module")
 def tiny() -> dict[str, Any]:
-    """Three streams (event waits), a streamed layer and fused groups: every kind of mark."""
-    return graph_dump.from_model(
-        "gemma3-tiny", prompt_len=4, streams=3, strategy="*1+0", stack=False, backend="numpy"
-    )
+    """Three streams (event waits) and fused groups: every mark a session's plan can make
+    together (streamed layers run on one stream; ``test_graph_dump`` draws them)."""
+    options = Options(backend="numpy", n_ctx=512, streams=3, stack=False)
+    return graph_dump.from_model("gemma3-tiny", options, prompt_len=4)
 
 
 @pytest.fixture(scope="module")
 def decode_270m() -> dict[str, Any]:
     """The Gemma 3 270M decode step: 626 nodes, the size the page must stay usable at."""
-    return graph_dump.from_model("gemma3-270m", backend="numpy")
+    return graph_dump.from_model("random:gemma3-270m", Options(backend="numpy", n_ctx=512))
 
 
 def embedded(page: str) -> Any:

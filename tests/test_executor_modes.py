@@ -8,6 +8,7 @@ import pytest
 from engine.model.sampling import Sampler, SamplerConfig
 from engine.model.session import Session
 from engine.model.weights import random_weights
+from engine.options import Options
 from engine.passes import memory
 from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
@@ -37,8 +38,8 @@ def test_graph_mode_on_numpy_equals_eager_on_every_run() -> None:
     eager = Session(cfg, w, n_ctx=32, n_batch=8)
     outs = {}
     for mode in ("eager", "graph"):
-        g = build(cfg, 1, kv_slots(cfg, 32, 8), fuse=eager.fuse)
-        ex = Executor(g, eager.weights, "numpy", mode=mode)
+        g = build(cfg, 1, kv_slots(cfg, 32, 8), stack=eager.stack)
+        ex = Executor(g, eager.weights, "numpy", options=Options(mode=mode))
         outs[mode] = []
         for t in range(4):  # warm-up, capture, then replays
             inputs = {
@@ -57,20 +58,20 @@ def test_graph_mode_on_numpy_equals_eager_on_every_run() -> None:
 def test_unknown_mode_is_refused() -> None:
     g = GraphBuilder()
     x = g.input("x", (2,), f32)
-    with pytest.raises(ValueError, match="mode must be one of eager, graph"):
-        Executor(g.build([g.scale(x, 2.0)]), {}, mode="replay")
+    with pytest.raises(ValueError, match=r"mode \(--graphs\) takes one of graph, eager"):
+        Executor(g.build([g.scale(x, 2.0)]), {}, options=Options(mode="replay"))
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gemma3-tiny"])
 def test_stacked_projections_equal_separate_ones(name: str) -> None:
-    """fuse=True: one product with stacked Q/K/V (and gate/up) rows, then strided views."""
+    """stack=True: one product with stacked Q/K/V (and gate/up) rows, then strided views."""
     cfg = preset(name)
     w = random_weights(cfg, seed=6)
     fused, plain = (
         Session(cfg, w, n_ctx=32, n_batch=8),
-        Session(cfg, w, n_ctx=32, n_batch=8, fuse=False),
+        Session(cfg, w, n_ctx=32, n_batch=8, stack=False),
     )
-    graph = fused.executor(8, fused.n_kv_for(8)).graph
+    graph = fused.executor(fused.step_key(8, 8)).graph
     names = {n.name for n in graph.weights}
     assert "blk.0.attn_qkv.weight" in names and "blk.0.attn_q.weight" not in names
     assert "blk.0.ffn_gate_up.weight" in names
@@ -105,14 +106,14 @@ def test_attending_only_the_filled_rows_changes_nothing(monkeypatch: pytest.Monk
     """Layers attend to the filled prefix of their cache, padded to KV_PAD; with a pad of 4 on a
     tiny model the prefix grows every 4 tokens, through the ring's wrap, and must equal
     attending to every row."""
-    import engine.model.session as session_module
+    import engine.passes.plans as plans_module
 
     cfg = preset("gemma3-tiny")
     w = random_weights(cfg, seed=7)
     ids = [int(t) for t in np.random.default_rng(2).integers(0, cfg.n_vocab, 30)]
     outs = []
     for pad in (4, 10_000):
-        monkeypatch.setattr(session_module, "KV_PAD", pad)
+        monkeypatch.setattr(plans_module, "KV_PAD", pad)
         sess = Session(cfg, w, n_ctx=40, n_batch=4)
         rows = [sess.prefill(ids[:6])]
         rows += [sess.decode(t) for t in ids[6:]]

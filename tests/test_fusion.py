@@ -3,10 +3,10 @@ it.
 
 Covered: the groups found in model graphs (decode vs prefill, Gemma 3 vs Llama), the structural
 invariants of every group (disjoint, compute-only members, outside readers after the anchor,
-``step_of``), hand-built cases that must not fuse, ``memory.plan(steps=...)`` keeping members'
+``step_of``), hand-built cases that must not stack, ``memory.plan(steps=...)`` keeping members'
 results apart from each other and from members' inputs, and bitwise equality of fusion on/off on
 the NumPy backend: model sessions (logits and KV caches), random graphs of ``graph_cases`` and
-random chains of fusable motifs (``motif_graphs``, since random DAGs almost never fuse).
+random chains of fusable motifs (``motif_graphs``, since random DAGs almost never stack).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends import COMPUTE_OPS
+from backends import COMPUTE_OPS, device_spec
 from engine import Executor
 from engine.model.session import Session
 from engine.model.weights import random_weights
+from engine.options import Options
 from engine.passes import fusion, memory
 from graph import Graph, GraphBuilder, f32, i32
 from graph.dtypes import FLOAT_DTYPES
@@ -35,7 +36,7 @@ PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[Heal
 
 def model_graph(name: str, n_tokens: int, **kw) -> tuple[object, Graph]:
     cfg = preset(name)
-    return cfg, build(cfg, n_tokens, kv_slots(cfg, 64, 16), logits="last", fuse=True, **kw)
+    return cfg, build(cfg, n_tokens, kv_slots(cfg, 64, 16), logits="last", stack=True, **kw)
 
 
 def _feeds_only(g: Graph, u: int, inside: set[int]) -> bool:
@@ -89,7 +90,7 @@ def run_both(g: Graph, weights: dict, inputs: list[dict], states: dict) -> dict[
     ex, outs, st_ = {}, {}, {}
     for on in (True, False):
         st_[on] = {k: v.copy() for k, v in states.items()}
-        ex[on] = Executor(g, weights, "numpy", st_[on], fusion=on)
+        ex[on] = Executor(g, weights, "numpy", st_[on], options=Options(fusion=on))
         names = ex[on].input_names
         outs[on] = [o for i in inputs for o in ex[on].run({k: i[k] for k in names})]
     for a, b in zip(outs[True], outs[False], strict=True):
@@ -141,7 +142,7 @@ def test_prefill_fuses_no_matrix_product_of_many_rows(name: str) -> None:
     groups = fusion.find(g)
     check_groups(g, groups)
     mats = [f for f in groups if f.pattern != "rope_store"]
-    assert all(_mm(g, f)[1] <= fusion.MATVEC_MAX_ROWS for f in mats)
+    assert all(_mm(g, f)[1] <= device_spec("cupy").matvec_max_rows for f in mats)
     # only the head (logits="last": one row) is left; it reads a partial view, so no pre
     assert [_mm(g, f) for f in mats] == [("output.weight", 1)] and "pre" not in mats[0].roles
     assert sum(f.pattern == "rope_store" for f in groups) == cfg.n_layer
@@ -307,14 +308,14 @@ def test_sessions_fusion_on_off_agree_bitwise(name: str, n_batch: int, prompt: i
         assert on.fused == [] and off.fused == []  # NumPy has no fused kernels
         assert on.n_launches == off.n_launches  # so the members still run one by one
         check_groups(on.graph, on.fusions)
-        check_group_bytes(on.graph, on.plan, on.fusions)
+        check_group_bytes(on.graph, on.plan.decisions.plan, on.fusions)
 
 
 def test_executor_decode_over_prefix_views_agrees_bitwise() -> None:
     cfg = preset("gemma3-tiny")
     slots, n_kv, p = kv_slots(cfg, 64, 8), {"full": 16, "swa": 8}, 6
     weights = Session(cfg, random_weights(cfg, seed=2), n_ctx=64, n_batch=8).weights  # stacked
-    g = build(cfg, 1, slots, n_kv, fuse=True)
+    g = build(cfg, 1, slots, n_kv, stack=True)
     inputs = {"tokens": np.array([42], np.int32), "pos": np.array([p], np.int32)}
     for kind, m in n_kv.items():
         inputs[f"kv_idx.{kind}"] = np.array([p % slots[kind]], np.int32)
@@ -323,7 +324,8 @@ def test_executor_decode_over_prefix_views_agrees_bitwise() -> None:
     ex = run_both(g, weights, [inputs], states)
     assert Counter(f.pattern for f in ex[True].fusions)["rope_store"] == cfg.n_layer
     assert ex[True].n_launches == ex[False].n_launches
-    assert not Executor(g, weights, plan=memory.plan(g), states=states).fusions  # own plan: none
+    off = Executor(g, weights, states=states, options=Options(fusion=False))
+    assert not off.fusions and not off.plan.decisions.fusions  # the plan says so too
 
 
 # -- 6. random graphs ---------------------------------------------------------------------------

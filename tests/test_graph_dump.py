@@ -12,10 +12,13 @@ import shutil
 
 import pytest
 
-from engine.passes.plans import decide
+from engine.model.session import Session
+from engine.model.weights import random_weights
+from engine.options import Options
 from graph import drawing
 from graph.models import build, kv_slots, preset
 from graph.ops import GraphError
+from graph.serialize import to_json
 from tools import graph_dump
 from tools.cli import main
 
@@ -52,7 +55,7 @@ def _parsed_ids(dot_text: str) -> tuple[set[str], list[tuple[str, str]], list]:
 
 @pytest.mark.parametrize("name", ["gemma3-tiny", "llama-tiny"])
 def test_dot_parses_and_holds_every_node_and_edge(name: str) -> None:
-    doc = graph_dump.from_model(name, prompt_len=3, backend="numpy")
+    doc = graph_dump.from_model(name, NUMPY, prompt_len=3)
     text = drawing.to_dot(doc)
     names, edges, _ = _parsed_ids(text)
     # a leaf read in several layers is drawn once per layer (n<id>_in<k>); all else once
@@ -61,7 +64,11 @@ def test_dot_parses_and_holds_every_node_and_edge(name: str) -> None:
     shown = {(int(a[1:].split("_")[0]), int(b[1:])) for a, b in edges if a != "legend"}
     for src, dst in doc["edges"]:
         assert (src, dst) in shown, f"edge {src} -> {dst} missing"
-    assert doc["summary"]["nodes"] == len(doc["nodes"]) == len(build_graph(name).nodes)
+    (step,) = graph_dump.plans(name, NUMPY, prompt_len=3)[1]  # what a session runs
+    assert doc["summary"]["nodes"] == len(doc["nodes"]) == len(step.graph.nodes)
+
+
+NUMPY = Options(backend="numpy", n_ctx=512)
 
 
 def build_graph(name: str):  # noqa: ANN201
@@ -72,12 +79,10 @@ def build_graph(name: str):  # noqa: ANN201
 def test_the_document_carries_every_decision() -> None:
     """Streams and waits from the schedule, fused groups, arena offsets, placements with their
     causes: the same numbers the passes produced, and the document round-trips through JSON."""
-    doc = graph_dump.from_model(
-        "gemma3-tiny", prompt_len=4, streams=3, stack=False, backend="numpy"
-    )
-    cfg = preset("gemma3-tiny")
-    graph = build(cfg, 4, kv_slots(cfg, 512, 4), None, "last", None, False)
-    d = decide(graph, "numpy", streams=3, mode="graph")
+    options = NUMPY.replace(streams=3, stack=False)
+    doc = graph_dump.from_model("gemma3-tiny", options, prompt_len=4)
+    _, (sp,) = graph_dump.plans("gemma3-tiny", options, prompt_len=4)
+    d = sp.decisions
     assert d.schedule is not None
     s = doc["summary"]
     assert s["streams"] == d.schedule.n_streams > 1
@@ -97,7 +102,8 @@ def test_the_document_carries_every_decision() -> None:
 
 
 def test_placements_colour_weights_and_split_layers() -> None:
-    doc = graph_dump.from_model("gemma3-tiny", strategy="*1+1")
+    gpu = Options(backend="cupy", n_ctx=512)  # planned for the GPU, with or without one here
+    doc = graph_dump.from_model("gemma3-tiny", gpu.replace(offload="*1+1"))
     weights = [n for n in doc["nodes"] if n["kind"] == "weight"]
     streamed = [n for n in weights if n["device"] == "streamed"]
     assert streamed and all(n["layer"] >= 1 and len(n["shape"]) == 2 for n in streamed)
@@ -108,7 +114,7 @@ def test_placements_colour_weights_and_split_layers() -> None:
     assert doc["layers"]["1"]["where"] == "streamed"
     embedding = next(n for n in weights if n["layer"] == -1)
     assert embedding["device"] == "host"
-    split = graph_dump.from_model("gemma3-tiny", strategy="ngl=1")
+    split = graph_dump.from_model("gemma3-tiny", gpu.replace(offload="ngl=1"))
     for n in split["nodes"]:
         if n["kind"] == "compute" and n["layer"] is not None and n["layer"] >= 1:
             assert n["device"] == "cpu"
@@ -116,7 +122,7 @@ def test_placements_colour_weights_and_split_layers() -> None:
 
 
 def test_filters_keep_layers_and_op_kinds() -> None:
-    doc = graph_dump.from_model("gemma3-tiny", backend="numpy")
+    doc = graph_dump.from_model("gemma3-tiny", NUMPY)
     part = graph_dump.select(doc, (1, 1))
     assert part["nodes"] and all(n["layer"] == 1 for n in part["nodes"])
     assert part["summary"]["shown"] == len(part["nodes"]) < doc["summary"]["nodes"]
@@ -152,14 +158,14 @@ def test_a_saved_graph_json_is_drawn_too(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_errors_name_the_problem(tmp_path) -> None:  # noqa: ANN001
-    with pytest.raises(GraphError, match="no built-in model or file 'nope'"):
-        graph_dump.from_model("nope")
+    with pytest.raises(GraphError, match="-m nope: no such file, packaged model"):
+        graph_dump.from_model("nope", NUMPY)
     with pytest.raises(GraphError, match="use one of .json, .dot, .svg, .png, .html"):
-        graph_dump.write(graph_dump.from_model("llama-tiny"), tmp_path / "x.bmp")
+        graph_dump.write(graph_dump.from_model("llama-tiny", NUMPY), tmp_path / "x.bmp")
     with pytest.raises(GraphError, match="cannot read"):
         graph_dump.load(tmp_path / "missing.json")
-    with pytest.raises(GraphError, match="exceeds the context"):
-        graph_dump.from_model("llama-tiny", prompt_len=600, n_ctx=512)
+    with pytest.raises(GraphError, match="--prompt-len 600 exceeds what one pass takes"):
+        graph_dump.from_model("llama-tiny", NUMPY, prompt_len=600)
 
 
 def test_without_graphviz_svg_says_how_to_install(monkeypatch) -> None:  # noqa: ANN001
@@ -171,7 +177,7 @@ def test_without_graphviz_svg_says_how_to_install(monkeypatch) -> None:  # noqa:
 
 def test_svg_and_png_render_with_graphviz(tmp_path) -> None:  # noqa: ANN001
     _graphviz()
-    doc = graph_dump.from_model("gemma3-270m", backend="numpy")  # the real model's decode step
+    doc = graph_dump.from_model("random:gemma3-270m", NUMPY)  # the 270M shape's decode step
     svg = graph_dump.write(doc, tmp_path / "step.svg").read_text()
     assert svg.count('class="node"') >= len(doc["nodes"])
     png = graph_dump.write(doc, tmp_path / "step.png").read_bytes()
@@ -190,7 +196,39 @@ def test_a_gguf_file_is_drawn_from_its_header(tmp_path) -> None:  # noqa: ANN001
 
     path = tmp_path / "tiny.gguf"
     write_model(path, GEMMA3, GEMMA3_TYPES)
-    doc = graph_dump.from_model(str(path), prompt_len=2, backend="numpy")
+    doc = graph_dump.from_model(str(path), NUMPY, prompt_len=2)
     assert doc["title"].startswith("tiny.gguf f32: 2-token prompt")
     layers = {n["layer"] for n in doc["nodes"] if n["kind"] == "weight"}
     assert max(layers) == doc["n_layer"] == GEMMA3.n_layer
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {},
+        {"streams": 3, "stack": False},
+        {"offload": "*1+1"},
+        {"offload": "ngl=1", "dtype": "bf16"},
+        {"offload": "auto", "vram": 0.001, "fusion": False, "mode": "eager"},
+    ],
+)
+@pytest.mark.parametrize("prompt_len", [1, 4])
+def test_dump_draws_the_plans_a_session_runs(opts: dict, prompt_len: int) -> None:
+    """``dump`` (and ``graph``) plan through the functions a session calls, with the same
+    options and costs: the model plan and every step plan equal the session's, field by field."""
+    options = NUMPY.replace(**opts)
+    mp, steps = graph_dump.plans("gemma3-tiny", options, prompt_len)
+    cfg = preset("gemma3-tiny")
+    sess = Session(cfg, random_weights(cfg, seed=1), options=options)
+    assert mp.to_dict() == sess.plan.to_dict()
+    n_end = options.n_ctx if prompt_len == 1 else prompt_len
+    ex = sess.executor(sess.step_key(prompt_len, n_end))
+    parts = getattr(ex, "parts", [ex])
+    assert len(parts) == len(steps) == (2 if "ngl" in str(opts) else 1)
+    for sp, part in zip(steps, parts, strict=True):
+        assert sp.to_dict() == part.plan.to_dict()
+        assert to_json(sp.graph) == to_json(part.plan.graph)
+        assert str(sp) == str(part.plan)
+    doc = graph_dump.from_model("gemma3-tiny", options, prompt_len)
+    assert doc["summary"]["launches"] == ex.n_launches
+    assert doc["summary"]["costs"] == sess.plan.costs_source

@@ -117,3 +117,93 @@ def test_importing_pulls_in_no_heavy_optional_library(module: str) -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert json.loads(out.stdout) == [], f"import {module} loaded {out.stdout}"
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Modules of ours ``path`` imports when it runs, at any depth (a function's lazy import
+    counts: it runs when the function does); imports under ``if TYPE_CHECKING:`` are
+    annotations only and never run."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for b in node.body for n in ast.walk(b)}
+    here = _module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names}
+    return {m for m in out if m.split(".")[0] in OURS}
+
+
+def test_no_import_cycles() -> None:
+    """No module of ours imports, through any chain of runtime imports, itself: the layers
+    and the modules within each layer form a DAG (graph.ir and graph.drawing, the scheduler
+    and annotate, cupy_backend and the cuda_* compilers once formed cycles)."""
+    files = [p for pkg in ALLOWED for p in _files(pkg)]
+    modules = {_module_name(p): p for p in files}
+    edges = {
+        m: {d for d in _runtime_imports(p) if d in modules and d != m} for m, p in modules.items()
+    }
+    # a package's __init__ importing its own submodules is how a package exposes them
+    for m in edges:
+        edges[m] = {
+            d for d in edges[m] if not (d.startswith(m + ".") and modules[m].name == "__init__.py")
+        }
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(edges[m]):
+            if state.get(d) == 1:
+                cycles.append(stack[stack.index(d) :] + [d])
+            elif d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(modules):
+        if m not in state:
+            visit(m)
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+ENGINE_LAYERS = {  # what each part of engine/ may import of engine/
+    "engine.passes": {"engine.options", "engine.passes"},
+    "engine.views": {"engine.options", "engine.passes", "engine.views"},
+    "engine.runtime": {
+        "engine.options",
+        "engine.cache",
+        "engine.passes",
+        "engine.views",
+        "engine.runtime",
+    },
+}
+
+
+@pytest.mark.parametrize("part", list(ENGINE_LAYERS))
+def test_engine_layers_import_downward(part: str) -> None:
+    """The planning passes never reach the runtime or the model layer, the runtime never the
+    model layer: plans are made without anything that runs them."""
+    bad = []
+    for path in _files(part.replace(".", "/")):
+        for mod in sorted(_runtime_imports(path)):
+            if mod.startswith("engine.") and not any(
+                mod == a or mod.startswith(a + ".") for a in ENGINE_LAYERS[part]
+            ):
+                bad.append(f"{path.relative_to(ROOT)} imports {mod}")
+    assert not bad, "\n".join(bad)

@@ -64,8 +64,8 @@ def test_perplexity_prints_running_estimates(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["generate", "-m", "no/such.gguf", "hi"], "no model file 'no/such.gguf'"),
-        (["info", "-m", "llama-7b"], "packaged: gemma3-270m"),
+        (["generate", "-m", "no/such.gguf", "hi"], "-m no/such.gguf: no such file"),
+        (["info", "-m", "llama-7b"], "info needs a model file with its tokenizer"),
         (["perplexity", "-m", "gemma3-270m", "-f", "no/such.txt"], "cannot read no/such.txt"),
     ],
 )

@@ -273,7 +273,7 @@ CACHE_TOL = {"f16": 2e-3, "bf16": 2e-2}
 def test_half_precision_cache_stays_close(cfg_w, cache_dtype: str) -> None:
     cfg, w = cfg_w
     exact = generate(Session(cfg, w, n_ctx=24, n_batch=4), IDS[:20], 9)
-    sess = Session(cfg, w, n_ctx=24, n_batch=4, cache_dtype=cache_dtype)
+    sess = Session(cfg, w, n_ctx=24, n_batch=4, kv_type=cache_dtype)
     assert all(
         str(s.dtype) == {"f16": "float16", "bf16": "bfloat16"}[cache_dtype]
         for s in sess.states.values()

@@ -15,9 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from backends.numpy_backend import NumpyBackend
 from engine.model.session import Session
 from engine.model.weights import random_weights
+from engine.options import Options
 from engine.passes import fusion, memory, scheduler
+from engine.passes.plans import plan_graph
 from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
 from graph.models import build, kv_slots, preset
@@ -136,12 +139,12 @@ def test_schedule_prints_and_serialises() -> None:
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gemma3-tiny", "gemma3-270m"])
-@pytest.mark.parametrize("fuse", [False, True])
-def test_model_schedules_validate_and_plans_respect_streams(name: str, fuse: bool) -> None:
+@pytest.mark.parametrize("stack", [False, True])
+def test_model_schedules_validate_and_plans_respect_streams(name: str, stack: bool) -> None:
     """Separate Q/K/V products branch; the single-stream plan would hand bytes to a writer
     that another stream may still be reading, the stream-aware plan does not, at equal size."""
     cfg = preset(name)
-    graph = build(cfg, 4, kv_slots(cfg, 64, 4), logits="last", fuse=fuse)
+    graph = build(cfg, 4, kv_slots(cfg, 64, 4), logits="last", stack=stack)
     steps = fusion.step_of(graph, fusion.find(graph))
     for n in (2, 4, 8):
         sched = scheduler.schedule(graph, n, steps)
@@ -150,7 +153,7 @@ def test_model_schedules_validate_and_plans_respect_streams(name: str, fuse: boo
         plan.validate(graph, sched)
         single = memory.plan(graph, steps=steps)
         assert plan.arena_bytes <= 1.10 * single.arena_bytes
-    if not fuse:
+    if not stack:
         assert sched.n_streams >= 3  # q, k and v
         unsafe = memory.plan(graph, schedule=None)
         sched_plain = scheduler.schedule(graph, 4)
@@ -163,8 +166,10 @@ def test_model_schedules_validate_and_plans_respect_streams(name: str, fuse: boo
 def test_fan_out_on_worker_streams_equals_one_stream(streams, mode: str) -> None:  # noqa: ANN001
     graph, weights = fan_out(8)
     rng = np.random.default_rng(0)
-    ref = Executor(graph, weights, mode=mode)
-    ex = Executor(graph, weights, mode=mode, streams=streams, stress=0.002)
+    ref = Executor(graph, weights, options=Options(mode=mode))
+    ex = Executor(
+        graph, weights, NumpyBackend(stress=0.002), options=Options(mode=mode, streams=streams)
+    )
     for _ in range(3):
         x = {"x": rng.standard_normal((1, 32), np.float32)}
         for a, b in zip(ex.run(x), ref.run(x), strict=True):
@@ -183,7 +188,9 @@ def test_stress_mode_turns_a_removed_wait_into_a_wrong_result() -> None:
     e = g.scale(c, 11.0, name="e")
     graph = g.build([b, d, e])
     ref = Executor(graph, {})
-    ex = Executor(graph, {}, streams=4, stress=0.01)
+    stressed = NumpyBackend(stress=0.01)
+    plan = plan_graph(graph, stressed.spec, Options(streams=4))
+    ex = Executor(plan, {}, stressed)
     assert ex.schedule is not None and ex.schedule.waits
     rng = np.random.default_rng(1)
 
@@ -196,8 +203,10 @@ def test_stress_mode_turns_a_removed_wait_into_a_wrong_result() -> None:
         return bad
 
     assert differs(6) == 0  # with every wait in place, stress changes nothing
-    for i, (stream, _, rec) in list(ex._sync.items()):
-        ex._sync[i] = (stream, [], rec)  # drop every wait between streams
+    unsafe = dataclasses.replace(
+        plan, steps=tuple(dataclasses.replace(s, waits=()) for s in plan.steps)
+    )
+    ex = Executor(unsafe, {}, stressed)  # the same plan with every wait between streams dropped
     assert differs(12) > 0
 
 
@@ -205,15 +214,15 @@ def test_stress_mode_turns_a_removed_wait_into_a_wrong_result() -> None:
 def test_sessions_on_many_streams_equal_one_stream(name: str) -> None:
     cfg = preset(name)
     w = random_weights(cfg, seed=4)
-    one = Session(cfg, w, n_ctx=48, n_batch=8, fuse=False)
-    many = Session(cfg, w, n_ctx=48, n_batch=8, fuse=False, streams=4)
+    one = Session(cfg, w, n_ctx=48, n_batch=8, stack=False)
+    many = Session(cfg, w, n_ctx=48, n_batch=8, stack=False, streams=4)
     ids = list(range(3, 14))
     np.testing.assert_array_equal(many.prefill(ids, "all"), one.prefill(ids, "all"))
     tok = 5
     for _ in range(6):
         np.testing.assert_array_equal(many.decode(tok), one.decode(tok))
         tok = (tok * 7 + 3) % cfg.n_vocab
-    ex = many.executor(1, many.n_kv_for(many.n_past + 1))
+    ex = many.executor(many.step_key(1, many.n_past + 1))
     assert ex.schedule is not None and ex.schedule.n_streams >= 3
 
 
@@ -227,8 +236,9 @@ def test_random_graphs_on_many_streams_equal_one_stream(
     sched.validate(case.graph, dict(enumerate(steps)))
     memory.plan(case.graph, steps=steps, schedule=sched).validate(case.graph, sched)
     s1, sn = case.fresh_states(), case.fresh_states()
-    one = Executor(case.graph, case.weights, states=s1, mode=mode)
-    many = Executor(case.graph, case.weights, states=sn, mode=mode, streams=streams, stress=1e-4)
+    one = Executor(case.graph, case.weights, states=s1, options=Options(mode=mode))
+    opts = Options(mode=mode, streams=streams)
+    many = Executor(case.graph, case.weights, NumpyBackend(stress=1e-4), sn, options=opts)
     for inputs in case.inputs:
         feed = {k: v for k, v in inputs.items() if k in one.input_names}
         for a, b in zip(many.run(feed), one.run(feed), strict=True):

@@ -5,16 +5,25 @@ one bitwise, and the stress mode must turn a missing "slot ready" wait into a wr
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 
 import numpy as np
 import pytest
 
+from backends import get_backend
+from backends.numpy_backend import NumpyBackend
+from backends.spec import Costs
 from engine.model.session import Session
 from engine.model.weights import random_weights, tie_output
+from engine.options import Options
 from engine.passes import offload
+from engine.passes.plans import plan_graph
+from engine.passes.ring import ring_plan
+from engine.runtime.calibration import remember
 from engine.runtime.executor import Executor
+from engine.runtime.streaming import WeightRing
 from graph.dtypes import dtype_of
 from graph.models import build, kv_slots, preset
 from graph.ops import GraphError
@@ -41,7 +50,7 @@ def test_streamed_sessions_equal_resident_ones(name: str, policy: str, mode: str
         want = ref.decode(tok)
         np.testing.assert_array_equal(s.decode(tok), want)
         tok = int(np.argmax(want))
-    ex = s.executor(1, s.n_kv_for(s.n_past + 1))
+    ex = s.executor(s.step_key(1, s.n_past + 1))
     assert ex.ring is not None and ex.ring.slots == s.placement.slots
     assert ex.ring.streamed_bytes == s.placement.streamed_bytes
 
@@ -65,11 +74,21 @@ def _feeds(cfg, graph, rng):  # noqa: ANN001, ANN202
     return feed
 
 
+def _streamed(graph, weights, policy, be=None, plan_edit=None):  # noqa: ANN001, ANN202
+    """An executor of ``graph`` streaming its layers as ``policy`` places them, with a ring of
+    its own (``plan_edit``: a change to the step plan first)."""
+    be = be or get_backend("numpy")
+    rp = ring_plan(graph, offload.place(graph, policy))
+    plan = plan_graph(graph, be.spec, ring=rp)
+    plan = plan_edit(plan) if plan_edit else plan
+    return Executor(plan, weights, be, ring=WeightRing(be, rp, weights))
+
+
 def test_stress_mode_turns_a_missing_ready_wait_into_a_wrong_result() -> None:
     cfg, graph, weights = _decode_graph()
-    placement = offload.place(graph, "*0+0")  # one slot: every layer overwrites the last
+    stressed = NumpyBackend(stress=0.01)
     ref = Executor(graph, weights)
-    ex = Executor(graph, weights, placement=placement, stress=0.01)
+    ex = _streamed(graph, weights, "*0+0", stressed)  # one slot: every layer overwrites the last
     rng = np.random.default_rng(0)
 
     def differs(runs: int) -> int:
@@ -81,14 +100,20 @@ def test_stress_mode_turns_a_missing_ready_wait_into_a_wrong_result() -> None:
         return bad
 
     assert differs(4) == 0  # every wait in place: stress changes nothing
-    ex._ring_steps.ready_at = {}  # compute no longer waits for its layer's fetch
+
+    def no_ready(plan):  # noqa: ANN001, ANN202 - compute no longer waits for its layer's fetch
+        return dataclasses.replace(
+            plan, steps=tuple(dataclasses.replace(s, ready=()) for s in plan.steps)
+        )
+
+    ex = _streamed(graph, weights, "*0+0", stressed, no_ready)
     assert differs(8) > 0
 
 
 def test_ring_holds_k_plus_one_slots_of_the_largest_streamed_layer() -> None:
     _, graph, weights = _decode_graph()
     placement = offload.place(graph, "*0+1")
-    ex = Executor(graph, weights, placement=placement)
+    ex = _streamed(graph, weights, "*0+1")
     assert ex.ring is not None and ex.ring.slots == 2 == len(ex.ring.buffers)
     sizes = offload.layer_bytes(graph)
     largest = max(sizes[p.layer] for p in placement.layers if p.where == offload.STREAMED)
@@ -118,14 +143,15 @@ def test_n_gpu_layers_splits_the_model_between_backends(name: str, dtype: str) -
             assert isinstance(head, np.ndarray) and head.dtype == np.float32
             host_caches = [k for k, v in s.states.items() if int(k.split(".")[1]) >= ngl]
             assert all(isinstance(s.states[k], np.ndarray) for k in host_caches)
-            ex = s.executor(1, s.n_kv_for(s.n_past + 1))
+            ex = s.executor(s.step_key(1, s.n_past + 1))
             assert len(ex.parts) == (2 if ngl else 1)
 
 
 def test_streaming_needs_one_compute_stream() -> None:
     _, graph, weights = _decode_graph()
-    with pytest.raises(GraphError, match="streams=1"):
-        Executor(graph, weights, placement=offload.place(graph, "*0+0"), streams=2)
+    rp = ring_plan(graph, offload.place(graph, "*0+0"))
+    with pytest.raises(GraphError, match="one stream: use --streams 1"):
+        plan_graph(graph, get_backend("numpy").spec, Options(streams=2), ring=rp)
 
 
 def test_one_ring_serves_every_executor_and_the_next_pass_is_fetched_ahead() -> None:
@@ -135,9 +161,9 @@ def test_one_ring_serves_every_executor_and_the_next_pass_is_fetched_ahead() -> 
     ring = s.ring
     assert ring is not None and len(ring.fetches) > ring.slots
     s.prefill([1, 2, 3, 4, 5])
-    decode = s.executor(1, s.n_kv_for(s.n_past + 1))
+    decode = s.executor(s.step_key(1, s.n_past + 1))
     s.decode(3)
-    assert decode.ring is ring and s.executor(4, s.n_kv_for(4)).ring is ring
+    assert decode.ring is ring and s.executor(s.step_key(4, 4)).ring is ring
     before = ring.fetched
     s.decode(4)
     assert ring.fetched - before == len(ring.fetches)  # a pass fetches each layer once
@@ -180,8 +206,15 @@ def test_calibration_is_measured_once_then_read_back(tmp_path, monkeypatch) -> N
     assert calibrate("numpy") == costs  # from the cache, not measured again
 
 
+def pin_slow_host_costs() -> None:
+    """Calibrate the NumPy backend as a device whose host computes slowly (a GPU's case), so
+    that ``auto`` streams rather than splits."""
+    remember("numpy", Costs(link_bytes_per_s=10e9, device_bytes_per_s=10e9, host_bytes_per_s=1e6))
+
+
 def test_auto_sessions_fit_their_budget_and_equal_resident(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setenv("STREAMGRAPH_CACHE", str(tmp_path))
+    pin_slow_host_costs()  # else auto computes the later layers on the host: on NumPy, faster
     cfg = preset("llama-tiny")
     w = random_weights(cfg, seed=7)
     total = sum(offload.layer_bytes(build(cfg, 1, kv_slots(cfg, 16, 1))).values())
@@ -204,7 +237,7 @@ def test_the_parameter_cache_keeps_the_first_layers_and_counts_hits() -> None:
     s = Session(cfg, w, n_ctx=32, n_batch=4, offload="*0+0", cache=1.5 * one_layer / 2**30)
     ref = Session(cfg, w, n_ctx=32, n_batch=4)
     ring = s.ring
-    assert ring is not None and ring.cache.layers == [0]  # room for one layer, the first
+    assert ring is not None and [f.layer for f in ring.plan.cached] == [0]  # room for one
     np.testing.assert_array_equal(s.prefill([1, 2, 3]), ref.prefill([1, 2, 3]))
     for tok in (4, 5, 6):
         np.testing.assert_array_equal(s.decode(tok), ref.decode(tok))
@@ -217,7 +250,8 @@ def test_the_parameter_cache_keeps_the_first_layers_and_counts_hits() -> None:
 def test_host_tables_send_only_the_gathered_rows() -> None:
     cfg, graph, weights = _decode_graph()
     ref = Executor(graph, weights)
-    ex = Executor(graph, weights, host_tables={"token_embd.weight"})
+    plan = plan_graph(graph, get_backend("numpy").spec, host_tables={"token_embd.weight"})
+    ex = Executor(plan, weights)
     assert "token_embd.weight" not in ex.weights  # never bound to the device
     rng = np.random.default_rng(3)
     for _ in range(3):
@@ -232,7 +266,7 @@ def test_offloading_sessions_keep_the_embedding_in_host_memory() -> None:
     cfg = preset("gemma3-tiny")
     s = Session(cfg, random_weights(cfg, seed=1), n_ctx=16, n_batch=4, offload="*2+0")
     assert isinstance(s.weights["token_embd.weight"], np.ndarray)
-    ex = s.executor(1, s.n_kv_for(1))
+    ex = s.executor(s.step_key(1, 1))
     assert "token_embd.weight" not in ex.weights and "output.weight" in ex.weights
 
 
@@ -278,7 +312,7 @@ def test_numpy_events_keep_cudas_capture_rules() -> None:
 
 def test_the_timing_model_counts_each_copy() -> None:
     """Each weight matrix is one copy with a fixed cost: more, smaller copies predict slower."""
-    costs = offload.Costs(link_bytes_per_s=1e9, copy_overhead_s=1e-3, launch_s=0.0)
+    costs = Costs(link_bytes_per_s=1e9, copy_overhead_s=1e-3, launch_s=0.0)
     sizes = {0: 10**6, 1: 10**6}
     where = {0: offload.STREAMED, 1: offload.STREAMED}
     one = offload.predict(sizes, where, 0, costs, copies={0: 1, 1: 1})

@@ -111,8 +111,8 @@ def check_trace(trace: Trace, doc: dict[str, Any]) -> None:
 
 
 CASES = [
-    ("llama-tiny", {"streams": 3, "fuse": False}, {"stream 0", "stream 1", "stream 2"}),
-    ("gemma3-tiny", {"streams": 3, "fuse": False}, {"stream 0", "stream 1", "stream 2"}),
+    ("llama-tiny", {"streams": 3, "stack": False}, {"stream 0", "stream 1", "stream 2"}),
+    ("gemma3-tiny", {"streams": 3, "stack": False}, {"stream 0", "stream 1", "stream 2"}),
     ("llama-tiny", {"offload": "*0+1"}, {"stream 0", COPY}),
     ("gemma3-tiny", {"offload": "*0+1"}, {"stream 0", COPY}),
     ("llama-tiny", {"offload": "*0+0"}, {"stream 0", COPY}),
@@ -223,7 +223,7 @@ def test_validation_refuses_bad_events(tmp_path: Path) -> None:
         timeline.check_path(tmp_path / "out.png")
 
 
-@pytest.mark.parametrize("opts", [{}, {"streams": 3, "fuse": False}, {"offload": "*0+1"}])
+@pytest.mark.parametrize("opts", [{}, {"streams": 3, "stack": False}, {"offload": "*0+1"}])
 def test_tracing_can_be_switched_on_and_off_and_a_failed_run_leaves_nothing_pending(
     opts: dict[str, Any],
 ) -> None:
@@ -235,17 +235,17 @@ def test_tracing_can_be_switched_on_and_off_and_a_failed_run_leaves_nothing_pend
     ref = Session(cfg, w, n_ctx=32, n_batch=4, mode="eager")
     for tok in (3, 4, 5):
         np.testing.assert_array_equal(sess.decode(tok), ref.decode(tok))
-    ex = sess.executor(1, sess.n_kv_for(sess.n_past + 1))
-    assert ex._replay is not None and ex._traced is None
+    ex = sess.executor(sess.step_key(1, sess.n_past + 1))
+    assert ex._replay is not None and ex._observed is None
     trace = sess.trace = Trace()
     np.testing.assert_array_equal(sess.decode(6), ref.decode(6))  # eager while traced
-    assert ex.trace is trace and ex._traced is not None and len(trace) > 0
+    assert ex.trace is trace and ex._observed is not None and len(trace) > 0
     with pytest.raises(Exception, match="input"):
         ex.run({"tokens": np.zeros(3, np.int32)})  # wrong shape: refused inside the traced run
     assert trace.pending == 0
     n = len(trace.spans)
     sess.trace = None
-    assert ex.trace is None and ex._traced is None
+    assert ex.trace is None and ex._observed is None
     np.testing.assert_array_equal(sess.decode(7), ref.decode(7))  # the capture replays again
     assert len(trace.spans) == n
     sess.trace = trace
@@ -337,7 +337,7 @@ def test_generate_trace_on_the_real_model(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("opts", [{"streams": 2, "fuse": False}, {"offload": "*0+1"}])
+@pytest.mark.parametrize("opts", [{"streams": 2, "stack": False}, {"offload": "*0+1"}])
 def test_cupy_traces_streams_and_fetches_with_cuda_events(gpu, opts, tmp_path: Path) -> None:  # noqa: ANN001
     """CUDA events as marks: spans on a stream never overlap, waits follow their records and
     fetches, a traced run (eager) equals the captured untraced one bitwise."""

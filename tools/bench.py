@@ -1,8 +1,15 @@
 """``streamgraph bench``: prompt-processing and generation speed, in llama-bench's conventions.
 
-    streamgraph bench                          # gemma3-270m shape, generated weights, best backend
+    streamgraph bench                          # random:gemma3-270m on the best backend
     streamgraph bench -m llama-tiny -p 32,128 -n 16 -r 5 -o json
     streamgraph bench -m llama-tiny -p 32 -n 8 --streams 3 --trace out.json   # + out.png
+    streamgraph bench -m llama-7b --dtype bf16 -p 0 -n 16 --offload '*15+5,auto' --vram 6,8
+
+The run flags are every command's (``tools.args``); ``--graphs``, ``--streams``, ``--offload``
+(``-ngl``) and ``--vram`` take comma-separated lists, and every combination runs. Each
+configuration is planned as a session plans it (``plan_for``), its weights are made where the
+plan keeps them (generated on the device only for what stays there), and the session runs
+that plan: the VRAM column is what the device holds, measured, and ``--vram`` bounds it.
 
 Tests are named as llama-bench names them: ``pp<N>`` processes an N-token prompt in one pass
 from an empty cache; ``tg<N>`` generates N tokens one at a time (greedy, after a one-token
@@ -24,211 +31,30 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from backends import best_backend, get_backend
-from engine.model.session import Session
+from backends import get_backend
+from engine.model.session import Session, plan_for
 from engine.model.weights import device_weights
-from engine.runtime.calibration import calibrate
+from engine.options import Options
+from engine.passes.plans import StepKey
 from engine.views.trace import Trace
-from graph.dtypes import dtype_of
-from graph.models import PRESETS, preset
+from graph.dtypes import f32
 from graph.ops import GraphError
 from tools import timeline
+from tools.args import ModelArg, sweep_from
+from tools.bench_args import SEED_PRESETS, add_arguments
 from tools.bench_report import BenchResult, format_results, plot
 
 __all__ = ["BenchResult", "run_bench", "add_arguments", "main"]
-
-
-SEED_PRESETS: dict[str, tuple[str, dict[str, object]]] = {
-    "seed-prefetch": (
-        "ChatRWKV #152's *N+K table on a 7B Llama shape",
-        {
-            "model": "llama-7b",
-            "dtype": "bf16",
-            "n_prompt": [2048],
-            "n_gen": [16],
-            "strategy": ["all", "*10+0", "*15+0", "*10+10", "*15+5", "*20+0", "auto"],
-            "vram": [6.0, 8.0, 10.0],
-        },
-    ),
-    "seed-streams": (
-        "llama.cpp #4719's 1 vs N streams, eager and in graphs, separate projections",
-        {
-            "model": "gemma3-270m",
-            "dtype": "bf16",
-            "n_prompt": [512],
-            "n_gen": [128],
-            "streams": ["1", "2", "4", "auto"],
-            "graphs": ["on", "off"],
-            "no_stack": True,
-            "interleave": True,
-        },
-    ),
-    "seed-head": (
-        "rwkv.cpp #106's head on the GPU (ngl=19) or the CPU (ngl=18), Gemma 3 270M",
-        {
-            "model": "gemma3-270m",
-            "dtype": "bf16",
-            "n_prompt": [128],
-            "n_gen": [32],
-            "strategy": ["ngl=19", "ngl=18"],
-        },
-    ),
-}
-"""What ``--preset`` sets: the model and the sweep (``-r``, ``-o``, ``--backend``, ``--plot``
-and ``--trace`` still apply)."""
-
-
-def _ints(text: str) -> list[int]:
-    """Comma-separated counts, each a value or a range as llama-bench writes them: ``a-b``
-    (step 1), ``a-b+s`` (step s), ``a-b*m`` (times m): ``-p 128-1024*2`` is 128,256,512,1024."""
-    vals: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        m = re.fullmatch(r"(\d+)(?:-(\d+)(?:([+*])(\d+))?)?", part)
-        if m is None:
-            raise argparse.ArgumentTypeError(
-                f"expected counts or ranges (64, 64-256+64, 128-1024*2), got {part!r}"
-            )
-        first = int(m[1])
-        if m[2] is None:
-            vals.append(first)
-            continue
-        last, op, step = int(m[2]), m[3] or "+", int(m[4] or 1)
-        if last < first or (op == "+" and step < 1) or (op == "*" and (step < 2 or first < 1)):
-            raise argparse.ArgumentTypeError(f"range {part!r} never reaches its end")
-        v = first
-        while v <= last:
-            vals.append(v)
-            v = v + step if op == "+" else v * step
-    return vals
-
-
-def _pairs(text: str) -> list[tuple[int, int]]:
-    """``-pg 512,128``: a prompt and a generation run as one test (several: 512,128;64,16)."""
-    out = []
-    for part in text.split(";"):
-        nums = _ints(part)
-        if len(nums) != 2 or nums[0] < 1 or nums[1] < 1:
-            raise argparse.ArgumentTypeError(f"-pg takes PROMPT,GEN pairs (512,128), got {part!r}")
-        out.append((nums[0], nums[1]))
-    return out
-
-
-def _streams(text: str) -> list[str]:
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if part != "auto" and not (part.isdigit() and int(part) >= 1):
-            raise argparse.ArgumentTypeError(f"streams must be counts >= 1 or auto, not {part!r}")
-        out.append(part)
-    return out
-
-
-def _on_off(text: str) -> list[str]:
-    vals = [v.strip() for v in text.split(",") if v.strip()]
-    if not vals or any(v not in ("on", "off") for v in vals):
-        raise argparse.ArgumentTypeError(f"expected on, off or on,off; got {text!r}")
-    return vals
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "-m",
-        "--model",
-        default="gemma3-270m",
-        help=f"a built-in architecture run with generated weights ({', '.join(sorted(PRESETS))}; "
-        "default gemma3-270m), or a GGUF file",
-    )
-    p.add_argument(
-        "--preset",
-        default=None,
-        choices=sorted(SEED_PRESETS),
-        help="redo a seed thread's table: "
-        + "; ".join(f"{k}: {v[0]}" for k, v in sorted(SEED_PRESETS.items())),
-    )
-    p.add_argument(
-        "-p", "--n-prompt", type=_ints, default=[64], help="prompt lengths, e.g. 64,512 (0: none)"
-    )
-    p.add_argument(
-        "-n", "--n-gen", type=_ints, default=[16], help="tokens to generate, e.g. 16,128 (0: none)"
-    )
-    p.add_argument(
-        "-pg",
-        "--prompt-gen",
-        type=_pairs,
-        default=[],
-        metavar="PP,TG",
-        help="a prompt then a generation as one test, llama-bench's pp+tg (e.g. 512,128)",
-    )
-    p.add_argument(
-        "-r", "--repetitions", type=int, default=3, help="timed repetitions per test (default 3)"
-    )
-    p.add_argument("--backend", default=None, help="numpy or cupy (default: the best one present)")
-    p.add_argument(
-        "--dtype",
-        default="f32",
-        choices=["f32", "f16", "bf16"],
-        help="weight storage type (default f32)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated weights")
-    p.add_argument(
-        "--streams",
-        type=_streams,
-        default=["1"],
-        help="streams per forward pass: counts or auto, e.g. 1,4,auto (default 1)",
-    )
-    p.add_argument(
-        "--strategy",
-        type=lambda t: [x.strip() for x in t.split(",")],
-        default=["all"],
-        help="weight placements: all, auto, *N+K, comma-separated (default all)",
-    )
-    p.add_argument(
-        "--vram",
-        type=lambda t: [float(x) for x in t.split(",")],
-        default=[None],
-        help="GPU budgets in GiB for the weights, e.g. 6,8,10 (with auto or *N+K)",
-    )
-    p.add_argument(
-        "--graphs",
-        type=_on_off,
-        default=["on"],
-        help="replay each forward pass as a captured graph: on, off or on,off (default on)",
-    )
-    p.add_argument(
-        "-o", "--output", default="md", choices=["md", "json", "jsonl", "csv"], help="output format"
-    )
-    p.add_argument(
-        "--no-stack",
-        action="store_true",
-        help="separate Q/K/V and gate/up projections (what several streams can overlap)",
-    )
-    p.add_argument(
-        "--interleave",
-        action="store_true",
-        help="build every configuration's session first, then time the repetitions round by "
-        "round across all of them, so the machine's drift falls on every row alike (holds "
-        "every session's memory at once)",
-    )
-    p.add_argument("--plot", default=None, metavar="OUT.png", help="draw the sweep's t/s")
-    p.add_argument(
-        "--trace",
-        default=None,
-        metavar="OUT.json",
-        help="write an execution timeline of one extra, untimed run of each test (Chrome trace "
-        "JSON for Perfetto; a PNG beside it with matplotlib)",
-    )
 
 
 def run_bench(
@@ -236,21 +62,16 @@ def run_bench(
     n_prompt: Sequence[int],
     n_gen: Sequence[int],
     reps: int,
-    backend: str | None = None,
-    dtype: str = "f32",
+    sweep: Sequence[Options] | None = None,
+    *,
     seed: int = 0,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
-    graphs: Sequence[str] = ("on",),
-    streams: Sequence[str] = ("1",),
-    strategies: Sequence[str] = ("all",),
-    vram: Sequence[float | None] = (None,),
     trace: Trace | None = None,
     pg: Sequence[tuple[int, int]] = (),
-    stack: bool = True,
     interleave: bool = False,
 ) -> list[BenchResult]:
-    """Every test of every configuration; ``trace``: record one extra, untimed run of each test
-    into it (a section per test).
+    """Every test of every configuration in ``sweep`` (``Options``; default: one, on the
+    best backend); ``trace``: record one extra, untimed run of each test into it.
 
     By default each configuration's session is built, warmed up, timed and dropped before the
     next one's, so only one session holds memory at a time. ``interleave``: every session is
@@ -259,248 +80,180 @@ def run_bench(
     same captured 270M step at 816 and 904 µs a few minutes apart), which is more than one
     stream count gains over another; interleaved, the drift falls on every row alike."""
     if reps < 1:
-        raise ValueError(f"repetitions must be at least 1, got {reps}")
-    be = get_backend(backend or best_backend())
-    pg = list(pg)
-    if model in PRESETS:
-        cfg = preset(model).replace(dtype=dtype_of(dtype))
-        log(f"generating {cfg.n_params() / 1e6:.2f}M {dtype} weights for {model} on {be.name}")
-        weights = device_weights(cfg, be, seed)
-    else:  # a GGUF file (or a packaged model's name): its weights, dequantized to ``dtype``
-        from engine.model.gguf import open_gguf
-        from engine.model.packaged import ModelNotFound, resolve_model
+        raise ValueError(f"-r/--repetitions must be at least 1, got {reps}")
+    tests = _Tests(tuple(n_prompt), tuple(n_gen), tuple(pg))
+    sweep = [_sized(o, tests.n_ctx, tests.n_batch) for o in sweep or [Options(backend="auto")]]
+    run = _Sweep(_Source(ModelArg.parse(model), seed, log), tests, reps, len(sweep), log, trace)
+    if interleave:  # every session at once, the repetitions round by round across all of them
+        jobs = [job for options in sweep for job in run.open(options)]
+        run.time(jobs, "  rounds")
+        for job in jobs:
+            run.finish(job)
+    else:
+        for options in sweep:
+            run.one(options)
+            gc.collect()  # the session's pinned host copies go before the next one's
+    if run.skipped and not run.results:
+        raise run.skipped[0]
+    return run.results
 
-        try:
-            path = resolve_model(model)
-        except ModelNotFound as e:
-            raise ValueError(f"{e}; built-in architectures: {', '.join(sorted(PRESETS))}") from e
-        log(f"loading {path.name} as {dtype} ...")
-        gguf = open_gguf(path)
-        cfg = gguf.config.replace(dtype=dtype_of(dtype))
-        weights = gguf.weights(cfg.dtype)
-        model = path.name
-    unique = {id(w): w for w in weights.values()}
-    size_mib = sum(w.nbytes for w in unique.values()) / 2**20
-    n_ctx = max([*n_prompt, 0, *(a + b for a, b in pg)]) + max([*n_gen, 0]) + 1
-    rng = np.random.default_rng(seed)
-    results: list[BenchResult] = []
-    skipped: list[GraphError] = []
-    sweep = [
-        (graph_mode, n_streams, strategy, budget)
-        for graph_mode in graphs
-        for n_streams in streams
-        for strategy in strategies
-        for budget in (vram if strategy != "all" else [None])
-    ]
 
-    def open_config(
-        graph_mode: str, n_streams: str, strategy: str, budget: float | None
-    ) -> _Config | None:
-        """The configuration's session and what it places where; None if its budget cannot
-        hold the placement (the other rows still run)."""
-        before = getattr(be, "bytes_allocated", 0)
+@dataclass(frozen=True)
+class _Tests:
+    """What each configuration runs: pp<N>, tg<N> and pp<N>+tg<M> tests."""
+
+    n_prompt: tuple[int, ...]
+    n_gen: tuple[int, ...]
+    pg: tuple[tuple[int, int], ...]
+
+    @property
+    def n_ctx(self) -> int:
+        """The context every test fits in."""
+        return max([*self.n_prompt, 0, *(a + b for a, b in self.pg)]) + max([*self.n_gen, 0]) + 1
+
+    @property
+    def n_batch(self) -> int:
+        """The longest prompt, which runs in one pass."""
+        return max([*self.n_prompt, *(a for a, _ in self.pg), 1])
+
+
+class _Sweep:
+    """One ``run_bench``: opens configurations, warms, times and records their tests."""
+
+    def __init__(
+        self,
+        source: _Source,
+        tests: _Tests,
+        reps: int,
+        n_configs: int,
+        log: Callable[[str], None],
+        trace: Trace | None,
+    ) -> None:
+        self.source, self.tests, self.reps, self.n_configs = source, tests, reps, n_configs
+        self.log, self.trace = log, trace
+        self.results: list[BenchResult] = []
+        self.skipped: list[GraphError] = []
+        self.prompts = np.random.default_rng(source.seed)
+
+    def open(self, options: Options) -> list[_Job]:
+        """The configuration's tests, warmed up (executors built, then captured), with what
+        the device holds once they are; none if its budget cannot hold the placement (the
+        other rows still run)."""
         try:
-            sess = Session(
-                cfg,
-                weights,
-                be,
-                n_ctx=n_ctx,
-                n_batch=max([*n_prompt, *(a for a, _ in pg), 1]),
-                mode={"on": "graph", "off": "eager"}[graph_mode],
-                streams=n_streams if n_streams == "auto" else int(n_streams),
-                offload=None if strategy == "all" else strategy,
-                vram=budget,
-                fuse=stack,
-            )
+            c = self.source.open(options)
         except GraphError as e:
-            if len(strategies) * len(vram) == 1:
+            if self.n_configs == 1:
                 raise
-            log(f"{strategy} at --vram {budget}: skipped, {e}")
-            skipped.append(e)
-            return None
-        placement = sess.placement
-        # weights the session uses where they are (no copy): the generated device arrays
-        resident = size_mib * 2**20 if placement is None else placement.resident_bytes
-        held = size_mib if placement is None else placement.device_bytes / 2**20
-        if sess.ring is not None:
-            held += sess.ring.cache.used / 2**20
-        streamed = placement.streamed_bytes if placement is not None else 0
-        return _Config(
-            graph_mode,
-            n_streams,
-            strategy,
-            budget,
-            sess,
-            before,
-            resident,
-            held,
-            streamed,
-            link=calibrate(be).link_bytes_per_s if streamed else 0.0,
-            predicted=1 / placement.predicted_s if streamed else 0.0,
-        )
-
-    def jobs_of(c: _Config) -> list[_Job]:
-        """The configuration's tests: pp, tg, then pp+tg."""
-        sess, jobs = c.session, []
-        for n in n_prompt:
-            if n == 0:
-                continue
-            prompt = [int(t) for t in rng.integers(0, cfg.n_vocab, n)]
-
-            def pp(prompt: list[int] = prompt) -> Sample:
-                sess.reset()
-                t0 = time.perf_counter()
-                sess.prefill(prompt)  # the first token's logits come with the prompt pass
-                took = time.perf_counter() - t0
-                return Sample(took, took, [])
-
-            ex = (n, sess.n_kv_for(n), "last")
-            jobs.append(_Job(c, f"pp{n}", n, pp, 2, ex, -(-n // sess.n_batch)))
-        for n in n_gen:
-            if n == 0:
-                continue
-
-            def tg(n: int = n) -> Sample:
-                sess.reset()
-                return _generate(sess, [1], n)
-
-            ex = (1, sess.n_kv_for(n + 1), "argmax")
-            jobs.append(_Job(c, f"tg{n}", n, tg, 1, ex, n))  # graph mode captures on run 2
-        for n_pp, n_tg in pg:
-            prompt = [int(t) for t in rng.integers(0, cfg.n_vocab, n_pp)]
-
-            def both(prompt: list[int] = prompt, n: int = n_tg) -> Sample:
-                sess.reset()
-                x = _generate(sess, prompt, n)
-                return Sample(x.ttft + x.total, x.ttft, x.steps)  # prompt and generation
-
-            ex = (1, sess.n_kv_for(n_pp + n_tg), "argmax")
-            passes = -(-n_pp // sess.n_batch) + n_tg
-            jobs.append(_Job(c, f"pp{n_pp}+tg{n_tg}", n_pp + n_tg, both, 2, ex, passes))
+            self.log(f"{options.offload} at --vram {options.vram}: skipped, {e}")
+            self.skipped.append(e)
+            return []
+        t = self.tests
+        jobs = _jobs(c, t.n_prompt, t.n_gen, t.pg, self.prompts)
+        for job in jobs:
+            self.log(f"{job.test} {c.label}: warm-up + {self.reps} repetitions")
+            for _ in range(job.warm):
+                job.once()
+            job.launches = c.session.executor(job.key).n_launches
+            used = c.backend.memory_in_use()
+            if used is not None:
+                job.vram_mib = (used - c.used_before) / 2**20
         return jobs
 
-    def warm(job: _Job) -> None:
-        """Warm-up runs (executors are built, then captured); then what the device holds."""
-        log(f"{job.test} {job.config.label}: warm-up + {reps} repetitions")
-        for _ in range(job.warm):
-            job.once()
-        job.launches = job.config.session.executor(*job.executor).n_launches
-        allocated = getattr(be, "bytes_allocated", None)
-        if allocated is not None:  # what the device holds for this configuration
-            c = job.config
-            job.vram_mib = (c.resident + allocated - c.allocated_before) / 2**20
+    def time(self, jobs: list[_Job], desc: str) -> None:
+        """``reps`` rounds, each running every job once, in turn (reversed every other round,
+        so a drift within a round falls on every job alike too)."""
+        for r in tqdm(range(self.reps), desc=desc, file=sys.stderr, leave=False, disable=None):
+            for job in jobs if r % 2 == 0 else jobs[::-1]:
+                job.samples.append(job.once())
 
-    def record(job: _Job) -> None:
-        c, n = job.config, job.n
-        secs = [x.total for x in job.samples]
-        rates = [n / s for s in secs]
-        steps = sorted(t for x in job.samples for t in x.steps)
-        # streamed bytes per forward pass x passes per second
-        rate = c.streamed / 1e9 * job.passes / statistics.median(secs)
-        sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
-        results.append(
-            BenchResult(
-                model,
-                round(size_mib, 2),
-                round(cfg.n_params() / 1e6, 2),
-                be.name,
-                dtype,
-                c.n_streams,
-                c.strategy,
-                c.graph_mode,
-                job.test,
-                n,
-                reps,
-                statistics.fmean(rates),
-                sd,
-                statistics.median(rates),
-                job.launches,
-                "" if c.budget is None else f"{c.budget:g}",
-                round(c.held, 1),
-                round(c.streamed / 1e6, 3),
-                round(rate, 2),
-                round(100 * rate * 1e9 / c.link, 1) if c.link else 0.0,
-                round(c.predicted, 2) if job.test.startswith("tg") else 0.0,
-                round(job.vram_mib, 1),
-                round(statistics.median(x.ttft for x in job.samples) * 1e3, 3),
-                round(_percentile(steps, 50) * 1e3, 3) if steps else 0.0,
-                round(_percentile(steps, 90) * 1e3, 3) if steps else 0.0,
-            )
-        )
-        log(f"  {job.test} {c.label}: {results[-1].ts_mean:.2f} ± {sd:.2f} t/s")
-
-    def traced(job: _Job) -> None:
-        """One more run of the test, recorded into ``trace`` (after the timed ones)."""
-        if trace is None:
+    def finish(self, job: _Job) -> None:
+        """The job's row; with a trace, one more run of it, recorded (after the timed ones)."""
+        self.results.append(_result(job, self.source, self.reps))
+        self.log(f"  {job.test} {job.config.label}: {self.results[-1].ts_mean:.2f} t/s")
+        if self.trace is None:
             return
         sess = job.config.session
-        trace.section = f"{job.test} {be.name} {job.config.label}"
-        sess.trace = trace
+        self.trace.section = f"{job.test} {job.config.backend.name} {job.config.label}"
+        sess.trace = self.trace
         try:
             job.once()
         finally:
             sess.trace = None
-        log(f"  {job.test}: traced one more run")
+        self.log(f"  {job.test}: traced one more run")
 
-    def timed(jobs: list[_Job], desc: str) -> None:
-        """``reps`` rounds, each running every job once, in turn (reversed every other round,
-        so a drift within a round falls on every job alike too)."""
-        for r in tqdm(range(reps), desc=desc, file=sys.stderr, leave=False, disable=None):
-            for job in jobs if r % 2 == 0 else jobs[::-1]:
-                job.samples.append(job.once())
+    def one(self, options: Options) -> None:
+        """One configuration from its session's start to its end; the session goes with this
+        call's locals."""
+        for job in self.open(options):
+            self.time([job], f"  {job.test}")
+            self.finish(job)
 
-    def one_config(key: tuple[str, str, str, float | None]) -> None:
-        """One configuration from its session's start to its end: each test warmed up, timed
-        and recorded in turn. The session goes with this call's locals."""
-        config = open_config(*key)
-        for job in jobs_of(config) if config is not None else []:
-            warm(job)
-            timed([job], f"  {job.test}")
-            record(job)
-            traced(job)
 
-    if interleave:  # every session at once, the repetitions round by round across all of them
-        jobs = []
-        for key in sweep:
-            config = open_config(*key)
-            for job in jobs_of(config) if config is not None else []:
-                warm(job)
-                jobs.append(job)
-        timed(jobs, "  rounds")
-        for job in jobs:
-            record(job)
-            traced(job)
-    else:
-        for key in sweep:
-            one_config(key)
-            gc.collect()  # the session's pinned host copies go before the next one's
-    if skipped and not results:
-        raise skipped[0]
-    return results
+def _sized(options: Options, need: int, batch: int) -> Options:
+    """``options`` with a context the tests fit in (``-c``, if given, must hold them)."""
+    if options.n_ctx != Options().n_ctx and options.n_ctx < need:
+        raise ValueError(f"-c {options.n_ctx} cannot hold the tests, which need {need} tokens")
+    n_ctx = options.n_ctx if options.n_ctx != Options().n_ctx else need
+    return options.replace(n_ctx=n_ctx, n_batch=max(1, min(batch, options.n_batch)))
+
+
+class _Source:
+    """Where a configuration's weights come from: a file's, dequantized to its ``--dtype``
+    (read once per type), or generated - on the device where its plan keeps them and on the
+    host where it does not, so ``--vram`` bounds what the device really holds."""
+
+    def __init__(self, model: ModelArg, seed: int, log: Callable[[str], None]) -> None:
+        self.model, self.seed, self.log = model, seed, log
+        self.name = model.name
+        self._file: Any = None
+        self._loaded: dict[str, dict[str, Any]] = {}
+        self.cfg = model.config()
+
+    def open(self, options: Options) -> _Config:
+        be = get_backend(options.backend)
+        options = options.replace(backend=be.name)
+        mp = plan_for(self.cfg, options, be)  # refused here if the budget cannot hold it
+        gc.collect()
+        used_before = be.memory_in_use()
+        weights = self._weights(mp, be)
+        sess = Session(mp.config, weights, be, plan=mp)
+        del weights
+        return _Config(options, be, sess, used_before or 0)
+
+    def _weights(self, mp: Any, be: Any) -> dict[str, Any]:
+        cfg = mp.config
+        if self.model.arch is None:  # a GGUF file's own weights, dequantized once per type
+            dtype = cfg.dtype.name
+            if dtype not in self._loaded:
+                from engine.model.gguf import open_gguf
+
+                self.log(f"loading {self.name} as {dtype} ...")
+                self._file = self._file or open_gguf(self.model.path)  # type: ignore[arg-type]
+                self._loaded = {dtype: self._file.weights(cfg.dtype)}
+            return self._loaded[dtype]
+        off = mp.streamed | mp.host_tables | mp.host_weights
+        self.log(
+            f"generating {cfg.n_params() / 1e6:.2f}M {cfg.dtype.name} weights for "
+            f"{self.name} on {be.name}"
+        )
+        return device_weights(cfg, be, self.seed, stack=mp.options.stack, on_host=off)
 
 
 @dataclass(slots=True)
 class _Config:
-    """One configuration of the sweep, its session, and what its placement puts where."""
+    """One configuration of the sweep: its options, backend and session."""
 
-    graph_mode: str
-    n_streams: str
-    strategy: str
-    budget: float | None
+    options: Options
+    backend: Any
     session: Session
-    allocated_before: int  # the backend's bytes before the session existed
-    resident: float  # weight bytes on the device
-    held: float  # MiB of weights the device holds: resident layers, the ring, the cache
-    streamed: int  # bytes copied to the device per forward pass
-    link: float = 0.0  # the calibrated host-to-device bytes/s (streamed configurations)
-    predicted: float = (
-        0.0  # tokens/s engine.passes.offload.predict expects of decode (streamed ones)
-    )
+    used_before: int  # device bytes in use before its weights existed
 
     @property
     def label(self) -> str:
-        where = "" if self.budget is None else f" vram={self.budget:g}"
-        return f"streams={self.n_streams} graphs={self.graph_mode} {self.strategy}{where}"
+        o = self.options
+        where = "" if o.vram is None else f" vram={o.vram:g}"
+        graphs = "on" if o.mode == "graph" else "off"
+        return f"streams={o.streams} graphs={graphs} {o.offload or 'all'}{where}"
 
 
 @dataclass(slots=True)
@@ -512,7 +265,7 @@ class _Job:
     n: int  # tokens a run counts
     once: Callable[[], Sample]
     warm: int  # untimed runs first
-    executor: tuple[int, dict[str, int], str]  # the key of the executor whose launches count
+    key: StepKey  # the forward pass whose launches the table counts
     passes: int  # forward passes a run makes (streamed bytes are per pass)
     launches: int = 0
     vram_mib: float = 0.0
@@ -527,6 +280,108 @@ class Sample:
     total: float
     ttft: float
     steps: list[float]
+
+
+def _jobs(
+    c: _Config,
+    n_prompt: Sequence[int],
+    n_gen: Sequence[int],
+    pg: Sequence[tuple[int, int]],
+    rng: np.random.Generator,
+) -> list[_Job]:
+    """The configuration's tests: pp, tg, then pp+tg."""
+    sess, jobs = c.session, []
+    vocab = sess.cfg.n_vocab
+    for n in n_prompt:
+        if n == 0:
+            continue
+        prompt = [int(t) for t in rng.integers(0, vocab, n)]
+
+        def pp(prompt: list[int] = prompt) -> Sample:
+            sess.reset()
+            t0 = time.perf_counter()
+            sess.prefill(prompt)  # the first token's logits come with the prompt pass
+            took = time.perf_counter() - t0
+            return Sample(took, took, [])
+
+        key = sess.step_key(n, n, "last")
+        jobs.append(_Job(c, f"pp{n}", n, pp, 2, key, -(-n // sess.n_batch)))
+    for n in n_gen:
+        if n == 0:
+            continue
+
+        def tg(n: int = n) -> Sample:
+            sess.reset()
+            return _generate(sess, [1], n)
+
+        key = sess.step_key(1, n + 1, "argmax")
+        jobs.append(_Job(c, f"tg{n}", n, tg, 1, key, n))  # graph mode captures on run 2
+    for n_pp, n_tg in pg:
+        prompt = [int(t) for t in rng.integers(0, vocab, n_pp)]
+
+        def both(prompt: list[int] = prompt, n: int = n_tg) -> Sample:
+            sess.reset()
+            x = _generate(sess, prompt, n)
+            return Sample(x.ttft + x.total, x.ttft, x.steps)  # prompt and generation
+
+        key = sess.step_key(1, n_pp + n_tg, "argmax")
+        passes = -(-n_pp // sess.n_batch) + n_tg
+        jobs.append(_Job(c, f"pp{n_pp}+tg{n_tg}", n_pp + n_tg, both, 2, key, passes))
+    return jobs
+
+
+def _result(job: _Job, source: _Source, reps: int) -> BenchResult:
+    """The table row of a timed job."""
+    c, n = job.config, job.n
+    o, sess = c.options, c.session
+    mp = sess.plan
+    secs = [x.total for x in job.samples]
+    rates = [n / s for s in secs]
+    steps = sorted(t for x in job.samples for t in x.steps)
+    placement = mp.placement
+    streamed = placement.streamed_bytes if placement is not None else 0
+    # streamed bytes per forward pass x passes per second
+    rate = streamed / 1e9 * job.passes / statistics.median(secs)
+    link = mp.costs.link_bytes_per_s if streamed else 0.0
+    predicted = 1 / placement.predicted_s if streamed and placement is not None else 0.0
+    cfg = sess.cfg
+    sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
+    return BenchResult(
+        source.name,
+        round(_weight_bytes(cfg, o.stack) / 2**20, 2),
+        round(cfg.n_params() / 1e6, 2),
+        c.backend.name,
+        cfg.dtype.name,
+        str(o.streams),
+        o.offload or "all",
+        "on" if o.mode == "graph" else "off",
+        job.test,
+        n,
+        reps,
+        statistics.fmean(rates),
+        sd,
+        statistics.median(rates),
+        job.launches,
+        "" if o.vram is None else f"{o.vram:g}",
+        round(mp.device_weight_bytes / 2**20, 1),
+        round(streamed / 1e6, 3),
+        round(rate, 2),
+        round(100 * rate * 1e9 / link, 1) if link else 0.0,
+        round(predicted, 2) if job.test.startswith("tg") else 0.0,
+        round(job.vram_mib, 1),
+        round(statistics.median(x.ttft for x in job.samples) * 1e3, 3),
+        round(_percentile(steps, 50) * 1e3, 3) if steps else 0.0,
+        round(_percentile(steps, 90) * 1e3, 3) if steps else 0.0,
+    )
+
+
+def _weight_bytes(cfg: Any, stack: bool) -> int:
+    from graph.models import weight_shapes
+
+    shapes = weight_shapes(cfg, stack)
+    if cfg.tied_embeddings:
+        shapes.pop("output.weight", None)
+    return sum((cfg.dtype if len(s) == 2 else f32).nbytes(s) for s in shapes.values())
 
 
 def _generate(sess: Session, prompt: list[int], n: int) -> Sample:
@@ -554,25 +409,22 @@ def main(args: argparse.Namespace) -> int:
             setattr(args, key, value)
     if args.plot and not str(args.plot).lower().endswith(".png"):
         raise ValueError(f"--plot writes a PNG: name it .png, not {args.plot}")
+    if args.repetitions < 1:
+        raise ValueError(f"-r/--repetitions must be at least 1, got {args.repetitions}")
     trace = None
     if args.trace:
         timeline.check_path(args.trace)  # before the run, not after it
         trace = Trace()
+    sweep = sweep_from(args, n_ctx=args.ctx_size or Options().n_ctx)
     results = run_bench(
         args.model,
         args.n_prompt,
         args.n_gen,
         args.repetitions,
-        args.backend,
-        args.dtype,
-        args.seed,
-        graphs=args.graphs,
-        streams=args.streams,
-        strategies=args.strategy,
-        vram=args.vram,
+        sweep,
+        seed=args.seed,
         trace=trace,
         pg=args.prompt_gen,
-        stack=not args.no_stack,
         interleave=args.interleave,
     )
     print(format_results(results, args.output))
@@ -581,6 +433,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"plot: wrote {args.plot}", file=sys.stderr)
     if results and args.output == "md":
         print(f"\nbackend: {get_backend(results[0].backend).describe()}")
+        costs = {_costs_line(o) for o in sweep if o.offload}
+        for line in sorted(costs):
+            print(line)
     if trace is not None:
         timeline.save(trace, args.trace)
     return 0
+
+
+def _costs_line(options: Options) -> str:
+    from engine.runtime.calibration import costs_for
+
+    return f"costs: {costs_for(options, options.backend)[1]}"

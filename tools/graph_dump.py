@@ -1,18 +1,20 @@
 """``streamgraph dump``: draw a forward pass with every decision the engine made for it.
 
     streamgraph dump -m gemma3-270m --decode -o step.svg            # a decode step
-    streamgraph dump -m llama-7b --dtype bf16 --strategy auto --vram 8 -o 7b.html
-    streamgraph dump -m gemma3-tiny --streams 3 --prompt-len 16 -o g.dot -o g.json
+    streamgraph dump -m llama-7b --dtype bf16 --offload auto --vram 8 --backend cupy -o 7b.html
+    streamgraph dump -m random:gemma3-tiny --streams 3 --prompt-len 16 -o g.dot -o g.json
     streamgraph dump --graph saved.json --layers 2:4 --ops MUL_MAT,ATTENTION -o part.png
 
-The model is a built-in architecture (``-m NAME``), a GGUF file (``-m PATH``; only its header
-is read), or a graph saved as JSON (``--graph``: ``streamgraph graph --json``, or a dump's own
-.json). The passes run as a session would run them (``engine.passes.decide`` and
-``engine.passes.offload.place``); ``engine.views.annotate`` writes their decisions into a dump
-document,
-and the output's extension picks the writer: .json (the document), .dot (Graphviz text),
-.svg/.png (rendered by Graphviz's ``dot``, a system package), .html (self-contained: pan,
-zoom, search, hover details, collapsible layers; no Graphviz needed).
+The model is what ``-m`` names everywhere (``tools.args.ModelArg``: a GGUF file, of which only
+the header is read; a packaged model; ``random:ARCH``), or a graph saved as JSON (``--graph``:
+``streamgraph graph --json``, or a dump's own .json). The run flags are every command's
+(``tools.args``), and the plans are made by the functions a session calls, with the costs it
+would use (``engine.model.session.plan_for``, ``engine.passes.plans.plan_step``); on a machine
+without the device, ``--backend cupy`` plans with its nominal spec and costs, and the summary
+says which costs were used. ``engine.views.annotate`` writes the decisions into a dump
+document, and the output's extension picks the writer: .json (the document), .dot (Graphviz
+text), .svg/.png (rendered by Graphviz's ``dot``, a system package), .html (self-contained:
+pan, zoom, search, hover details, collapsible layers; no Graphviz needed).
 
 Colours: fill by where a node computes or a weight lives (GPU blue, CPU orange, streamed
 green, host grey); border by stream; event waits are dashed red edges; each layer is a
@@ -28,97 +30,66 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.options import Options
 from graph import drawing
 from graph.ops import GraphError
+from tools.args import ModelArg, options_from
 
-__all__ = ["from_model", "from_graph", "load", "select", "write", "add_arguments", "main"]
+__all__ = ["from_model", "from_graph", "plans", "load", "select", "write", "add_arguments", "main"]
 
 WRITERS = (".json", ".dot", ".svg", ".png", ".html")
 
 
-def from_graph(graph: Any, backend: str = "numpy", streams: int | str = 1, title: str = "") -> dict:
-    """The dump document of a bare graph with the passes a default executor runs."""
-    from engine.passes.plans import decide
+def from_graph(graph: Any, options: Options | None = None, title: str = "") -> dict:
+    """The dump document of a bare graph with the passes an ``Executor`` of it runs."""
+    from backends import device_spec
+    from engine.passes.plans import plan_graph
     from engine.views.annotate import annotate
 
-    d = decide(graph, backend, streams=streams)
-    return annotate(graph, d, device="gpu" if backend == "cupy" else "cpu", title=title)
+    options = options or Options()
+    return annotate(plan_graph(graph, device_spec(options.backend), options), title=title)
 
 
-def from_model(
-    model: str,
-    prompt_len: int = 1,
-    n_ctx: int = 512,
-    dtype: str = "f32",
-    streams: int | str = 1,
-    strategy: str | None = None,
-    vram: float | None = None,
-    backend: str | None = None,
-    fusion: bool = True,
-    mode: str = "graph",
-    stack: bool = True,
-) -> dict[str, Any]:
-    """The dump document of one forward pass of ``model`` over ``prompt_len`` tokens (1: a
-    decode step) with a session's defaults: stacked projections, fusion, the given streams and
-    weight placement. Nothing is allocated or run. ``backend`` sizes kernel scratch (CuPy's
-    kernels use some, NumPy's none; default: CuPy where it loads); the session's device is
-    drawn as the GPU unless ``backend="numpy"`` is asked for."""
-    from backends import best_backend
-    from engine.passes.offload import HOST, place
-    from engine.passes.plans import decide
-    from engine.views.annotate import annotate
-    from graph.dtypes import dtype_of
-    from graph.models import PRESETS, build, kv_slots, preset
+def plans(
+    model: str, options: Options, prompt_len: int = 1, logits: str = "last"
+) -> tuple[Any, tuple[Any, ...]]:
+    """The model plan and the step plans of one forward pass of ``model`` over ``prompt_len``
+    tokens (1: a decode step at the end of the context; more: a prompt from an empty cache),
+    made by the functions a session calls, with the costs it would use (``plan_for``)."""
+    from engine.model.session import plan_for
+    from engine.passes.plans import plan_step
 
-    if model in PRESETS:
-        cfg = preset(model)
-    elif Path(model).is_file():
-        from engine.model.gguf import open_gguf
-
-        cfg = open_gguf(model).config
-    else:
-        raise GraphError(
-            f"no built-in model or file {model!r}; built-in: {', '.join(sorted(PRESETS))}"
-        )
-    cfg = cfg.replace(dtype=dtype_of(dtype))
     if prompt_len < 1:
         raise GraphError(f"--prompt-len must be at least 1, got {prompt_len}")
-    if prompt_len > n_ctx:
-        raise GraphError(f"--prompt-len {prompt_len} exceeds the context ({n_ctx})")
-    # as a session builds it: stacked Q/K/V and gate/up projections (``stack``), f32 caches
-    graph = build(cfg, prompt_len, kv_slots(cfg, n_ctx, prompt_len), None, "last", None, stack)
-    placement, split, host_tables = None, None, ()
-    if strategy is not None:
-        budget = None if vram is None else int(vram * 2**30)
-        placement = place(graph, strategy, budget)
-        host = [p.layer for p in placement.layers if p.where == HOST and p.layer >= 0]
-        split = min(host) if host else None
-        if placement.where(-1) == HOST and split != 0:
-            host_tables = tuple(n.name for n in graph.weights if n.layer == -1)
-    device = "cpu" if backend == "numpy" else "gpu"
-    backend = backend or best_backend()
-    d = decide(graph, backend, fusion=fusion, streams=streams, mode=mode, host_tables=host_tables)
+    if prompt_len > min(options.n_batch, options.n_ctx):
+        raise GraphError(
+            f"--prompt-len {prompt_len} exceeds what one pass takes "
+            f"(-b {options.n_batch}, -c {options.n_ctx})"
+        )
+    mp = plan_for(ModelArg.parse(model).config(), options)
+    n_end = options.n_ctx if prompt_len == 1 else prompt_len
+    return mp, plan_step(mp, mp.step_key(prompt_len, n_end, logits))
+
+
+def from_model(model: str, options: Options, prompt_len: int = 1) -> dict[str, Any]:
+    """The dump document of one forward pass of ``model`` (see ``plans``). Nothing is
+    allocated or run; a machine without the device plans with its nominal spec."""
+    from engine.views.annotate import annotate
+
+    mp, steps = plans(model, options, prompt_len)
     what = "decode step" if prompt_len == 1 else f"{prompt_len}-token prompt"
-    title = f"{Path(model).name} {cfg.dtype.name}: {what}"
-    if strategy:
-        title += f", {strategy}" + (f" in {vram:g} GiB" if vram is not None else "")
-    options = {
-        "model": model,
-        "prompt_len": prompt_len,
-        "n_ctx": n_ctx,
-        "dtype": cfg.dtype.name,
-        "streams": streams,
-        "strategy": strategy,
-        "vram": vram,
-        "backend": backend,
-        "fusion": fusion,
-        "stack": stack,
-    }
-    return annotate(graph, d, placement, device, split, title, options)
+    title = f"{ModelArg.parse(model).name} {mp.config.dtype.name}: {what}"
+    if options.offload:
+        vram = options.vram
+        title += f", {options.offload}" + (f" in {vram:g} GiB" if vram is not None else "")
+    info = {"model": model, "prompt_len": prompt_len, **options.to_dict()}
+    info["backend"] = mp.spec.backend
+    return annotate(steps, mp, title, info)
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """A dump document from a .json file: a dump's own, or a graph saved by ``to_json``."""
+def load(path: str | Path, options: Options | None = None) -> dict[str, Any]:
+    """A dump document from a .json file: a dump's own, or a graph saved by ``to_json`` (planned
+    with ``options``)."""
     from graph.serialize import from_dict
 
     p = Path(path)
@@ -128,7 +99,7 @@ def load(path: str | Path) -> dict[str, Any]:
         raise GraphError(f"cannot read {p}: {e}") from e
     if isinstance(doc, dict) and doc.get("format") == drawing.FORMAT:
         return doc
-    return from_graph(from_dict(doc), title=p.name)
+    return from_graph(from_dict(doc), options, title=p.name)
 
 
 def select(
@@ -202,9 +173,14 @@ def _layer_range(text: str) -> tuple[int, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The dump's own flags (the run flags come from ``tools.args.run_flags``)."""
     src = p.add_mutually_exclusive_group()
     src.add_argument(
-        "-m", "--model", default="gemma3-tiny", help="built-in model name or a GGUF path"
+        "-m",
+        "--model",
+        default="random:gemma3-tiny",
+        help="a GGUF path (only its header is read), a packaged model, or random:ARCH "
+        "(default random:gemma3-tiny)",
     )
     src.add_argument("--graph", default=None, help="a graph or dump saved as JSON")
     p.add_argument(
@@ -217,29 +193,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     what = p.add_mutually_exclusive_group()
     what.add_argument("--prompt-len", type=int, default=None, help="tokens of a prompt pass")
-    what.add_argument("--decode", action="store_true", help="a decode step (the default)")
-    p.add_argument("-c", "--ctx", type=int, default=512, help="context length (default 512)")
-    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"], help="weight type")
-    p.add_argument("--streams", default="1", help="compute streams: N or auto (default 1)")
-    p.add_argument(
-        "--strategy",
-        default=None,
-        metavar="POLICY",
-        help="weight placement: all, auto, ngl=N or *N+K (e.g. *15+5)",
-    )
-    p.add_argument("--vram", type=float, default=None, help="device budget in GiB")
-    p.add_argument(
-        "--backend",
-        default=None,
-        choices=["cupy", "numpy"],
-        help="plan for this backend's kernels (default: CuPy where it loads; nothing "
-        "runs); numpy also draws the session's device as the CPU",
-    )
-    p.add_argument("--no-fusion", action="store_true", help="draw the unfused graph")
-    p.add_argument(
-        "--no-stack",
-        action="store_true",
-        help="separate Q/K/V and gate/up projections (what streams can overlap)",
+    what.add_argument(
+        "--decode", action="store_true", help="a decode step at the end of the context (default)"
     )
     p.add_argument(
         "--layers",
@@ -258,22 +213,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    options = options_from(args, n_ctx=args.ctx_size or 512)
     if args.graph:
-        doc = load(args.graph)
+        doc = load(args.graph, options)
     else:
-        streams = args.streams if args.streams == "auto" else int(args.streams)
-        doc = from_model(
-            args.model,
-            prompt_len=args.prompt_len or 1,
-            n_ctx=args.ctx,
-            dtype=args.dtype,
-            streams=streams,
-            strategy=args.strategy,
-            vram=args.vram,
-            backend=args.backend,
-            fusion=not args.no_fusion,
-            stack=not args.no_stack,
-        )
+        doc = from_model(args.model, options, args.prompt_len or 1)
     ops = [o for o in args.ops.split(",") if o.strip()]
     doc = select(doc, args.layers, ops)
     summary = drawing._summary_text(doc)

@@ -17,8 +17,6 @@ import sys
 import time
 from typing import Any
 
-from backends import best_backend, get_backend
-
 __all__ = ["add_generate", "add_info", "add_perplexity"]
 
 
@@ -32,52 +30,42 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _run_args(p: argparse.ArgumentParser, ctx: int) -> None:
-    p.add_argument(
-        "-c", "--ctx-size", type=int, default=ctx, help=f"context length (default {ctx})"
-    )
-    p.add_argument("--backend", default=None, help="numpy or cupy (default: the best one present)")
-    p.add_argument(
-        "--dtype",
-        default="f32",
-        choices=["f32", "f16", "bf16"],
-        help="weight type after dequantizing",
-    )
-
-
-def _load(args: argparse.Namespace, n_batch: int) -> tuple[Any, Any, Any]:
+def _load(args: argparse.Namespace, command: str, **override: Any) -> tuple[Any, Any, Any]:
+    """The model file, its tokenizer and a session with the run flags' options."""
     from engine.model.gguf import open_gguf
-    from engine.model.packaged import resolve_model
     from engine.model.session import Session
     from engine.model.tokenizer import Tokenizer
+    from tools.args import ModelArg, options_from
 
-    path = resolve_model(args.model)
+    options = options_from(args, **override)  # checked before anything is loaded
+    path = ModelArg.parse(args.model).need_file(command)
     t0 = time.perf_counter()
     model = open_gguf(path)
     tok = Tokenizer.from_gguf(model.reader)
-    cfg = model.config.replace(dtype=_dtype(args.dtype))
+    cfg = model.config.replace(dtype=options.weight_dtype)
     weights = model.weights(cfg.dtype)
-    be = get_backend(args.backend or best_backend())
-    sess = Session(cfg, weights, be, n_ctx=args.ctx_size, n_batch=min(n_batch, args.ctx_size))
-    _log(f"loaded {cfg.name} ({path.name}) on {be.name} in {time.perf_counter() - t0:.1f} s")
+    sess = Session(cfg, weights, options=options)
+    where = sess.backend.name
+    if sess.placement is not None:
+        where += f", {options.offload}" + (f" in {options.vram:g} GiB" if options.vram else "")
+    _log(f"loaded {cfg.name} ({path.name}) on {where} in {time.perf_counter() - t0:.1f} s")
     return model, tok, sess
-
-
-def _dtype(name: str) -> Any:
-    from graph.dtypes import dtype_of
-
-    return dtype_of(name)
 
 
 # -- generate ------------------------------------------------------------------------------------
 def add_generate(sub: Any) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt, streamed as it is produced")
+    from tools.args import run_flags
+
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a prompt, streamed as it is produced",
+        parents=[run_flags(ctx=4096)],
+    )
     _model_arg(p)
     p.add_argument("prompt", help="the prompt text")
     p.add_argument(
         "-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)"
     )
-    _run_args(p, 4096)
     p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="top-k, 0 off (default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="top-p, 1.0 off (default 0.95)")
@@ -109,7 +97,7 @@ def _generate(args: argparse.Namespace) -> int:
             args.temp, args.top_k, args.top_p, args.repeat_penalty, args.repeat_last_n, args.seed
         )
     )
-    _, tok, sess = _load(args, 512)
+    _, tok, sess = _load(args, "generate")
     ids = tok.encode(args.prompt, add_bos=False if args.no_bos else None)
     if not ids:
         raise ValueError("the prompt is empty and the model adds no BOS: nothing to start from")
@@ -156,9 +144,9 @@ def add_info(sub: Any) -> None:
 
 def _info(args: argparse.Namespace) -> int:
     from engine.model.gguf import open_gguf
-    from engine.model.packaged import resolve_model
+    from tools.args import ModelArg
 
-    model = open_gguf(resolve_model(args.model))
+    model = open_gguf(ModelArg.parse(args.model).need_file("info"))
     print(model.describe())
     if args.metadata:
         for k, v in model.metadata().items():
@@ -168,32 +156,48 @@ def _info(args: argparse.Namespace) -> int:
 
 # -- perplexity ----------------------------------------------------------------------------------
 def add_perplexity(sub: Any) -> None:
-    p = sub.add_parser("perplexity", help="perplexity of a text file, scored as llama.cpp does")
+    from tools.args import run_flags
+
+    p = sub.add_parser(
+        "perplexity",
+        help="perplexity of a text file, scored as llama.cpp does",
+        parents=[run_flags(ctx=512)],
+    )
     _model_arg(p)
     p.add_argument("-f", "--file", required=True, help="text file to score")
-    _run_args(p, 512)
-    p.add_argument("--chunks", type=int, default=0, help="score at most this many windows (0: all)")
+    p.add_argument(
+        "--chunks",
+        type=int,
+        default=-1,
+        help="score at most this many windows (default -1: all, as llama-perplexity)",
+    )
     p.set_defaults(func=_perplexity)
 
 
 def _perplexity(args: argparse.Namespace) -> int:
+    """llama-perplexity's protocol: the text is tokenized as one stream with BOS at its start
+    (where the model adds one), cut into windows of ``-c`` tokens, each window's first token
+    replaced by BOS, and the second half of each window scored."""
     from engine.model.perplexity import perplexity
 
+    if args.chunks == 0 or args.chunks < -1:
+        raise ValueError(f"--chunks takes a window count >= 1, or -1 for all; got {args.chunks}")
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise ValueError(f"cannot read {args.file}: {e.strerror or e}") from None
-    _, tok, sess = _load(args, args.ctx_size)
-    ids = tok.encode(text, add_bos=False)
+    _, tok, sess = _load(args, "perplexity", n_batch=args.ctx_size)
+    ids = tok.encode(text)  # BOS first where the model adds one, as llama.cpp tokenizes
     bos = tok.bos_id if tok.add_bos else None
-    if args.chunks > 0:
-        ids = ids[: max(args.chunks, 2) * args.ctx_size]
-    _log(f"{len(ids)} tokens, windows of {args.ctx_size}, scoring the second half of each")
+    n_ctx = args.ctx_size
+    _log(f"{len(ids)} tokens, windows of {n_ctx}, scoring the second half of each")
+    if args.chunks > 0 and len(ids) >= 2 * n_ctx:  # (too little text: perplexity() says so)
+        ids = ids[: max(args.chunks, 2) * n_ctx]
     t0 = time.perf_counter()
     last = None
-    for step in perplexity(sess, ids, args.ctx_size, bos):
-        if args.chunks and step.window > args.chunks:
+    for step in perplexity(sess, ids, n_ctx, bos):
+        if args.chunks > 0 and step.window > args.chunks:
             break
         print(f"[{step.window}]{step.ppl:.4f}", end=" ", flush=True)
         last = step

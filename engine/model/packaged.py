@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from engine.cache import cache_dir
 
 __all__ = ["PACKAGED", "resolve_model", "cache_dir", "ModelNotFound"]
 
@@ -26,10 +27,6 @@ PACKAGED: dict[str, tuple[str, str]] = {
 
 class ModelNotFound(ValueError):
     """Neither a file nor a packaged model of that name is here."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("STREAMGRAPH_CACHE") or Path.home() / ".cache" / "streamgraph")
 
 
 def _progress(total: int, desc: str) -> Any:

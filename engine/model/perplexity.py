@@ -1,6 +1,7 @@
 """Perplexity the way llama.cpp's ``llama-perplexity`` scores it.
 
-The text's tokens are cut into non-overlapping windows of ``n_ctx``; each window is evaluated
+The text is tokenized as one stream, BOS first when the model adds one (as llama.cpp
+tokenizes it), and cut into non-overlapping windows of ``n_ctx``; each window is evaluated
 from an empty cache, its first token replaced by BOS when the model adds one, and only the
 second half is scored: for positions ``j`` in ``n_ctx/2 .. n_ctx-2`` the negative
 log-likelihood of token ``j+1`` under the logits at ``j``. Scoring only tokens with at least

@@ -1,12 +1,18 @@
-"""A model session: weights loaded once, KV caches, prefill and decode through cached executors.
+"""A model session: a model plan, weights loaded once, KV caches, and an executor per step shape.
 
     sess = Session(preset("gemma3-tiny"), random_weights(preset("gemma3-tiny")), n_ctx=128)
     logits = sess.prefill([2, 17, 99])     # (vocab,) for the last prompt token
     logits = sess.decode(int(logits.argmax()))
+    print(sess.plan)                       # the ModelPlan: placement, split, ring, costs used
 
-The caches are STATE tensors shared by every graph the session builds (one per distinct chunk
-length and attended length), so a decode step reuses the same executor, arrays and plan. The
-session is the only place that knows which cache row holds which position:
+A session is a ``ModelPlan`` (``engine.passes.plans.plan_model``, made by ``plan_for`` with the
+costs ``engine.runtime.calibration.costs_for`` gives: what ``streamgraph dump``, ``graph`` and
+``bench`` show for the same options), the weights placed as it says, KV bookkeeping, and a cache
+of executors, one per ``StepKey`` (``plan_step`` makes each one's step plan).
+
+The caches are STATE tensors shared by every executor (one per distinct chunk length and
+attended length), so a decode step reuses the same executor, arrays and plan. The session is
+the only place that knows which cache row holds which position:
 
 * full-attention layers: row = position (``n_ctx`` rows);
 * sliding-window layers: a ring of ``window + n_batch - 1`` rows, row = position mod size, so a
@@ -32,139 +38,113 @@ import numpy as np
 from backends import Backend, get_backend
 from engine.model.sampling import Sampler, SamplerConfig
 from engine.model.weights import tie_output
-from engine.passes.offload import HOST, STREAMED, Placement, place
-from engine.runtime.calibration import calibrate
+from engine.options import Options
+from engine.passes.plans import KV_PAD, ModelPlan, StepKey, plan_model, plan_step
+from engine.runtime.calibration import costs_for
 from engine.runtime.executor import Executor
 from engine.runtime.streaming import WeightRing
 from engine.views.trace import CPU, Trace
-from graph.dtypes import DType, dtype_of, f32
-from graph.models import FULL, FUSED, ModelConfig, build, kv_slots, weight_shapes
+from graph.dtypes import dtype_of, f32
+from graph.models import FULL, STACKED, ModelConfig, weight_shapes
 from graph.ops import GraphError
 
-__all__ = ["Session", "GenerationStats", "KV_PAD"]
+__all__ = ["Session", "GenerationStats", "KV_PAD", "plan_for"]
 
-KV_PAD = 64
+
+def plan_for(cfg: ModelConfig, options: Options, backend: str | Backend | None = None) -> ModelPlan:
+    """The plan a ``Session(cfg, weights, options)`` runs on ``backend`` (``options.backend``
+    by default): the same device spec and the same costs, so a tool that prints or draws it
+    shows what the session does. A backend this machine cannot load is planned for with its
+    nominal spec and costs (the plan says so)."""
+    from backends import device_spec
+
+    target = backend if backend is not None else options.backend
+    spec = device_spec(target)
+    costs, source = costs_for(options, target if isinstance(target, Backend) else spec.backend)
+    return plan_model(cfg, spec, options, costs, source)
 
 
 class Session:
     """Runs one model on one backend, keeping its KV cache between calls.
 
-    ``n_ctx``: positions the context holds; ``n_batch``: the longest chunk a prefill runs at
-    once; ``cache_dtype``: storage of K and V; ``mode``: ``"graph"`` replays each forward pass
-    as a captured CUDA graph after its first runs (the same as eager on the CPU), ``"eager"``
-    launches every kernel each time; ``fuse``: stack the Q/K/V and gate/up projections into one
-    matrix product each (``graph.models.FUSED``), fewer and larger launches; ``fusion``: run
-    the groups the fusion pass finds (``engine.passes.fusion``) as one kernel each where the backend
-    has one; ``streams``: at most this many streams per forward pass, or ``"auto"``
-    (``engine.passes.scheduler``); ``offload``: a weight placement policy
-    (``engine.passes.offload``: all,
-    auto, *N+K) under ``vram`` GiB; streamed layers stay in host memory and reach the device
-    through a ring of slots (``engine.runtime.streaming``); ``cache``: GiB of device memory, on top
-    of ``vram``, that keeps the first streamed layers that fit (``streaming.ParamCache``);
-    ``trace``: an ``engine.views.trace.Trace`` every executor of the session and its weight ring
-    record into (settable later as ``session.trace``; runs are eager while one is set).
+    ``options`` (``engine.options.Options``), or the same settings as keywords: ``n_ctx``
+    positions, chunks of at most ``n_batch``, ``kv_type`` cache storage, ``mode`` (``graph``
+    replays each forward pass as a captured CUDA graph after its first runs, the same as eager
+    on the CPU), ``stack`` (Q/K/V and gate/up projections as one product each), ``fusion``,
+    ``streams``, ``offload`` under ``vram`` GiB (streamed layers stay in host memory and reach
+    the device through a ring of slots), ``cache`` GiB of parameter cache. ``backend`` (a name
+    or a ``Backend``) overrides ``options.backend``; ``plan``: a ``ModelPlan`` made for it by
+    ``plan_for`` (instead of options). ``trace``: an ``engine.views.trace.Trace``
+    every executor and the weight ring record into (settable later; runs are eager while set).
     """
 
     def __init__(
         self,
         cfg: ModelConfig,
         weights: Mapping[str, Any],
-        backend: str | Backend = "numpy",
-        n_ctx: int = 2048,
-        n_batch: int = 512,
-        cache_dtype: DType | str = f32,
-        mode: str = "graph",
-        fuse: bool = True,
-        fusion: bool = True,
-        streams: int | str = 1,
-        offload: str | None = None,
-        vram: float | None = None,
-        cache: float = 0.0,
+        backend: str | Backend | None = None,
+        options: Options | None = None,
+        *,
+        plan: ModelPlan | None = None,
         trace: Trace | None = None,
+        **settings: Any,
     ) -> None:
-        if n_ctx < 1 or n_batch < 1:
-            raise ValueError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
-        self.cfg, self.n_ctx, self.n_batch = cfg, n_ctx, min(n_batch, n_ctx)
-        self.mode, self.fuse, self.fusion, self.streams = mode, fuse, fusion, streams
-        self.backend = get_backend(backend)
-        self.cache_dtype = dtype_of(cache_dtype)
-        self.placement: Placement | None = None
-        self._streamed: set[str] = set()
-        self._host_tables: set[str] = set()
-        self.split: int | None = None  # first layer computed on the host, if any
-        self._host_names: set[str] = set()
+        if plan is not None:
+            if options is not None or settings:
+                raise GraphError("a session from a plan takes its options from the plan")
+            options = plan.options
+        options = (options or Options()).replace(**settings)
+        if backend is not None:
+            name = backend.name if isinstance(backend, Backend) else backend
+            options = options.replace(backend=name)
+        self.backend = get_backend(backend if isinstance(backend, Backend) else options.backend)
+        if options.backend == "auto":
+            options = options.replace(backend=self.backend.name)
+        self.options = options
+        if plan is not None and plan.spec != self.backend.spec:
+            raise GraphError(
+                f"the plan was made for {plan.spec}, not this backend's {self.backend.spec}"
+            )
+        self.plan = mp = plan if plan is not None else plan_for(cfg, options, self.backend)
+        self.cfg, self.n_ctx, self.n_batch = mp.config, options.n_ctx, mp.n_batch
+        self.placement = mp.placement
+        self.split = mp.split
+        self.mode, self.stack, self.fusion = options.mode, options.stack, options.fusion
+        self.streams = options.streams
         self.host_backend = get_backend("numpy")
-        if offload is not None:
-            probe = build(cfg, 1, kv_slots(cfg, n_ctx, 1), None, "last", f32, fuse)
-            budget = None if vram is None else int(vram * 2**30)
-            # placements that stream are timed with the device's measured link (cached)
-            costs = calibrate(self.backend) if offload == "auto" or "*" in offload else None
-            self.placement = place(probe, offload, budget, costs)
-            host = sorted(
-                p.layer for p in self.placement.layers if p.where == HOST and p.layer >= 0
-            )
-            if host:
-                # layers from `split` on (the head among them) run on the CPU backend
-                if host != list(range(host[0], cfg.n_layer + 1)):
-                    raise GraphError(
-                        f"offload policy {offload!r} puts layers {host} on the host; a session "
-                        "splits a model once: every layer from the first host one on, the head too"
-                    )
-                self.split = host[0]
-                self._host_names = {n.name for n in probe.weights if n.layer >= host[0]}
-                if self.split == 0:
-                    self._host_names |= {n.name for n in probe.weights if n.layer == -1}
-            layers = {p.layer for p in self.placement.layers if p.where == STREAMED}
-            self._streamed = {
-                n.name for n in probe.weights if n.layer in layers and len(n.shape) >= 2
-            }
-            # the embedding stays in host memory: only the rows of a step's tokens move
-            self._host_tables = {
-                n.name
-                for n in probe.weights
-                if n.layer == -1 and self.placement.where(-1) == HOST and self.split != 0
-            }
-        # the host segment of a split model computes with f32 matrices (see ``_upload``)
-        half = self.split is not None and cfg.dtype.name in ("f16", "bf16")
-        self._host_cfg = cfg.replace(dtype=f32) if half else cfg
-        self.weights = self._upload(tie_output(cfg, dict(weights)))
+        self.weights = self._upload(tie_output(self.cfg, dict(weights)))
         self.ring: WeightRing | None = None  # one ring of slots for every executor
-        if self.placement is not None and self.placement.streamed_bytes:
-            self.ring = WeightRing(
-                self.backend,
-                probe,
-                self.placement,
-                self.weights,
-                self.backend.stream(),
-                cache_bytes=int(cache * 2**30),
-            )
-        self.slots = kv_slots(cfg, n_ctx, self.n_batch)
+        if mp.ring is not None:
+            self.ring = WeightRing(self.backend, mp.ring, self.weights)
+        self.slots = dict(mp.kv_rows)
+        self.cache_dtype = dtype_of(options.kv_type)
         self.states: dict[str, Any] = {}
-        for il, kind in enumerate(cfg.layer_kinds):
-            shape = (self.slots[kind], cfg.n_head_kv, cfg.head_dim)
+        for il, kind in enumerate(self.cfg.layer_kinds):
+            shape = (self.slots[kind], self.cfg.n_head_kv, self.cfg.head_dim)
             be = self.host_backend if self.split is not None and il >= self.split else self.backend
             for kv in ("k", "v"):
                 buf = be.alloc(self.cache_dtype.nbytes(shape))
                 self.states[f"cache_{kv}.{il}"] = be.view(
                     buf, 0, shape, self.cache_dtype, (shape[1] * shape[2], shape[2], 1)
                 )
-        self._executors: dict[tuple, Executor | _Split] = {}
+        self._executors: dict[StepKey, Executor | _Chain] = {}
         self._trace: Trace | None = None
         self.trace = trace
         self.stats = GenerationStats()
         self.reset()
 
     def _upload(self, weights: dict[str, Any]) -> dict[str, Any]:
-        """Weights in their graph dtype on the backend, once, shared by every executor.
-
-        With ``fuse`` the stacked projections are made here from their GGUF parts.
-        """
-        shapes = weight_shapes(self.cfg, self.fuse)
-        if self.fuse:
+        """Weights where the plan puts them, once, shared by every executor: on the device,
+        or host arrays (streamed layers, host tables, the CPU backend's layers). With
+        ``stack`` the stacked projections are made here from their GGUF parts."""
+        mp, stack = self.plan, self.options.stack
+        shapes = weight_shapes(self.cfg, stack)
+        if stack:
             weights = self._stack(weights, shapes)
         missing = sorted(set(shapes) - set(weights))
         if missing:
             raise GraphError(f"missing {len(missing)} weight(s): {', '.join(missing[:6])}")
+        widen = any(s.on_host and s.dtype != self.cfg.dtype.name for s in mp.segments)
         out: dict[str, Any] = {}
         uploaded: dict[int, Any] = {}  # id(host array) -> backend array: tied weights upload once
         for name, shape in shapes.items():
@@ -174,9 +154,9 @@ class Session:
                 raise GraphError(
                     f"weight {name} has shape {tuple(w.shape)}, the graph expects {shape}"
                 )
-            if name in self._streamed or name in self._host_tables or name in self._host_names:
+            if name in mp.streamed or name in mp.host_tables or name in mp.host_weights:
                 out[name] = w if isinstance(w, np.ndarray) else self.backend.to_host(w)
-                if name in self._host_names and self._host_cfg is not self.cfg and len(shape) == 2:
+                if name in mp.host_weights and widen and len(shape) == 2:
                     # the CPU backend widens half-precision matrices to f32 for every product,
                     # which costs more than the product: widen the host's layers once instead
                     out[name] = np.asarray(out[name]).astype(np.float32)
@@ -198,10 +178,10 @@ class Session:
         for name in shapes:
             if name in weights:
                 continue
-            blk, layer, fused, _ = name.split(".")
-            if blk != "blk" or fused not in FUSED:
+            blk, layer, stacked, _ = name.split(".")
+            if blk != "blk" or stacked not in STACKED:
                 continue
-            names = [f"blk.{layer}.{m}.weight" for m in FUSED[fused]]
+            names = [f"blk.{layer}.{m}.weight" for m in STACKED[stacked]]
             absent = [n for n in names if n not in weights]
             if absent:
                 raise GraphError(f"missing {len(absent)} weight(s): {', '.join(absent)}")
@@ -229,81 +209,35 @@ class Session:
         return pos if kind == FULL else pos % self.slots[kind]
 
     def n_kv_for(self, n_end: int) -> dict[str, int]:
-        """Rows each attention kind attends to once ``n_end`` positions are filled: the filled
-        prefix rounded up to ``KV_PAD``. A sliding ring fills rows 0, 1, ... too until it wraps,
-        so early in a context its layers also skip the empty rows."""
-        pad = -(-n_end // KV_PAD) * KV_PAD
-        return {kind: min(n, pad) for kind, n in self.slots.items()}
+        """Rows each attention kind attends to once ``n_end`` positions are filled (the plan's
+        ``n_kv_for``: the filled prefix rounded up to ``KV_PAD``)."""
+        return self.plan.n_kv_for(n_end)
+
+    def step_key(self, n_tokens: int, n_end: int, logits: Any = "last") -> StepKey:
+        """The key of the forward pass over ``n_tokens`` that fills positions up to ``n_end``."""
+        return self.plan.step_key(n_tokens, n_end, logits)
 
     # -- running ---------------------------------------------------------------------------------
-    def executor(self, n_tokens: int, n_kv: Mapping[str, int], logits: Any = "last") -> Executor:
-        """The executor for this chunk shape, built on first use and kept."""
-        key = (
-            n_tokens,
-            tuple(sorted(n_kv.items())),
-            logits if isinstance(logits, str) else tuple(logits),
-        )
+    def executor(self, key: StepKey) -> Executor | _Chain:
+        """The executor of ``key``'s forward pass, planned and bound on first use and kept."""
         ex = self._executors.get(key)
-        if ex is None and self.split is not None:
-            ex = self._split_executor(n_tokens, n_kv, logits)
-            self._executors[key] = ex
         if ex is None:
-            graph = build(
-                self.cfg, n_tokens, self.slots, dict(n_kv), logits, self.cache_dtype, self.fuse
-            )
-            ex = Executor(
-                graph,
-                self.weights,
-                self.backend,
-                self.states,
-                mode=self.mode,
-                fusion=self.fusion,
-                streams=self.streams,
-                placement=self.placement,
-                ring=self.ring,
-                host_tables=self._host_tables,
-                trace=self._trace,
-            )
-            self._executors[key] = ex
-        return ex
-
-    def _split_executor(self, n_tokens: int, n_kv: Mapping[str, int], logits: Any) -> Any:
-        """The model in two segments: layers before ``split`` on the device, the rest and the
-        head on the CPU backend, the hidden states crossing once per forward pass."""
-        assert self.split is not None
-        cfg, parts = self.cfg, []
-        bounds = (
-            [(0, self.split), (self.split, cfg.n_layer + 1)]
-            if self.split
-            else [(0, cfg.n_layer + 1)]
-        )
-        for (first, end), be in zip(
-            bounds, [self.backend, self.host_backend][-len(bounds) :], strict=True
-        ):
-            graph = build(
-                self._host_cfg if be is self.host_backend else cfg,
-                n_tokens,
-                self.slots,
-                dict(n_kv),
-                logits,
-                self.cache_dtype,
-                self.fuse,
-                (first, end),
-            )
-            parts.append(
-                Executor(
-                    graph,
-                    self.weights,
-                    be,
-                    self.states,
-                    mode=self.mode if be is self.backend else "eager",
-                    fusion=self.fusion,
-                    host_tables=self._host_tables if first == 0 and be is self.backend else (),
-                    trace=self._trace,
-                    trace_label=CPU if first == self.split else None,
+            parts = []
+            for seg, sp in zip(self.plan.segments, plan_step(self.plan, key), strict=True):
+                on_host = seg.on_host
+                parts.append(
+                    Executor(
+                        sp,
+                        self.weights,
+                        self.host_backend if on_host else self.backend,
+                        self.states,
+                        ring=self.ring if sp.ring is not None else None,
+                        trace=self._trace,
+                        trace_label=CPU if on_host else None,
+                    )
                 )
-            )
-        return _Split(parts)
+            ex = self._executors[key] = parts[0] if self.split is None else _Chain(parts)
+        return ex
 
     @property
     def trace(self) -> Trace | None:
@@ -316,7 +250,7 @@ class Session:
         if self.ring is not None:
             self.ring.trace = trace
         for ex in self._executors.values():
-            for part in ex.parts if isinstance(ex, _Split) else [ex]:
+            for part in ex.parts if isinstance(ex, _Chain) else [ex]:
                 part.trace = trace
 
     def _check(self, ids: np.ndarray) -> None:
@@ -341,7 +275,8 @@ class Session:
             raise ValueError(f"a chunk holds 1..{self.n_batch} tokens, got {n}")
         self._check(ids)
         pos = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
-        n_kv = self.n_kv_for(self.n_past + n)
+        key = self.step_key(n, self.n_past + n, logits)
+        n_kv = dict(key.n_kv)
         inputs: dict[str, np.ndarray] = {"tokens": ids.astype(np.int32), "pos": pos}
         saved = {k: v.copy() for k, v in self.row_pos.items()}
         for kind in self.slots:
@@ -349,7 +284,7 @@ class Session:
             self.row_pos[kind][rows] = pos
             inputs[f"kv_idx.{kind}"] = rows.astype(np.int32)
             inputs[f"kv_pos.{kind}"] = self.row_pos[kind][: n_kv[kind]]
-        ex = self.executor(n, n_kv, logits)
+        ex = self.executor(key)
         try:
             names = ex.input_names
             outs = ex.run({k: v for k, v in inputs.items() if k in names}, copy)
@@ -467,8 +402,8 @@ class Session:
         stats.t_gen = time.perf_counter() - t0
 
 
-class _Split:
-    """Executors run in turn, each feeding the next its hidden states (``Session.split``)."""
+class _Chain:
+    """Executors run in turn, each feeding the next its hidden states (a split model)."""
 
     def __init__(self, parts: list[Executor]) -> None:
         self.parts = parts

@@ -8,6 +8,7 @@ through many layers; norm weights are 1 + small noise (the GGUF convention, wher
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -40,17 +41,27 @@ def random_weights(
 
 
 def device_weights(
-    cfg: ModelConfig, backend: Any, seed: int = 0, dtype: DType | str | None = None
+    cfg: ModelConfig,
+    backend: Any,
+    seed: int = 0,
+    dtype: DType | str | None = None,
+    stack: bool = False,
+    on_host: Collection[str] = (),
 ) -> dict[str, Any]:
     """Generated weights made on the backend's device when it can draw them (no host copy of a
     multi-GB model), else ``random_weights``. Same distributions; different numbers than the
-    host generator, deterministic per seed."""
+    host generator, deterministic per seed and layout.
+
+    ``stack``: the stacked projections (``graph.models.STACKED``) are drawn as one matrix each,
+    as a session with ``stack`` uses them (no second copy made by stacking). ``on_host``: names
+    to hand out as host arrays (what a plan streams or computes on the host): each is drawn on
+    the device and copied out at once, so the device never holds more than one of them."""
     fill = getattr(backend, "fill_normal", None)
     if fill is None:
         return random_weights(cfg, seed, dtype)
     mat_dtype = dtype_of(dtype) if dtype is not None else cfg.dtype
     out: dict[str, Any] = {}
-    for i, (name, shape) in enumerate(weight_shapes(cfg).items()):
+    for i, (name, shape) in enumerate(weight_shapes(cfg, stack).items()):
         if name == "output.weight" and cfg.tied_embeddings:
             continue
         dt = f32 if len(shape) == 1 else mat_dtype
@@ -59,7 +70,8 @@ def device_weights(
             fill(arr, seed * 1_000_003 + i, 1.0, 0.1)
         else:
             fill(arr, seed * 1_000_003 + i, 0.0, 1.0 / np.sqrt(shape[1]))
-        out[name] = arr
+        out[name] = backend.to_host(arr) if name in on_host else arr
+        del arr
     return tie_output(cfg, out)
 
 

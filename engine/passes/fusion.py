@@ -35,11 +35,9 @@ from dataclasses import dataclass, field
 from graph.ir import Graph, Node
 from graph.ops import Op
 
-__all__ = ["Fusion", "find", "step_of", "PATTERNS", "MATVEC_MAX_ROWS"]
+__all__ = ["Fusion", "find", "step_of", "PATTERNS"]
 
 PATTERNS = ("norm_matvec", "glu_matvec", "rope_store")
-MATVEC_MAX_ROWS = 8
-"""Matrix products with at most this many input rows are matrix-vector products (decode)."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +68,8 @@ class Fusion:
 
 
 class _Matcher:
-    def __init__(self, graph: Graph) -> None:
-        self.g = graph
+    def __init__(self, graph: Graph, max_rows: int) -> None:
+        self.g, self.max_rows = graph, max_rows
         self.nodes = graph.nodes
         self.users = graph.consumers
         self.outputs = set(graph.outputs)
@@ -140,7 +138,7 @@ class _Matcher:
     # -- patterns ----------------------------------------------------------------------------------
     def norm_matvec(self, mm: Node) -> Fusion | None:
         x = self.node(mm.srcs[1])
-        if x.numel // max(x.shape[-1], 1) > MATVEC_MAX_ROWS:
+        if x.numel // max(x.shape[-1], 1) > self.max_rows:
             return None
         norm = self.node(self.peel(x.id))
         if norm.op is not Op.RMS_NORM or len(norm.srcs) != 2 or not norm.contiguous:
@@ -167,7 +165,7 @@ class _Matcher:
 
     def glu_matvec(self, mm: Node) -> Fusion | None:
         x = self.node(mm.srcs[1])
-        if x.numel // max(x.shape[-1], 1) > MATVEC_MAX_ROWS:
+        if x.numel // max(x.shape[-1], 1) > self.max_rows:
             return None
         glu = self.node(self.peel(x.id))
         if glu.op not in (Op.GEGLU, Op.SWIGLU) or self.only_user(glu.id) is None:
@@ -207,14 +205,22 @@ class _Matcher:
         return i
 
 
-def find(graph: Graph, patterns: Sequence[str] = PATTERNS) -> list[Fusion]:
-    """The groups of ``patterns`` in ``graph``, disjoint, in anchor order."""
+def find(
+    graph: Graph, patterns: Sequence[str] = PATTERNS, max_rows: int | None = None
+) -> list[Fusion]:
+    """The groups of ``patterns`` in ``graph``, disjoint, in anchor order. ``max_rows``: matrix
+    products with at most this many input rows are matrix-vector products (decode), a device
+    fact (``DeviceSpec.matvec_max_rows``); by default the one every backend plans with."""
+    if max_rows is None:
+        from backends import device_spec
+
+        max_rows = device_spec("numpy").matvec_max_rows
     unknown = set(patterns) - set(PATTERNS)
     if unknown:
         raise ValueError(
             f"unknown fusion pattern(s) {sorted(unknown)}; known: {', '.join(PATTERNS)}"
         )
-    m = _Matcher(graph)
+    m = _Matcher(graph, max_rows)
     found: list[Fusion] = []
     for n in graph.nodes:
         f = None

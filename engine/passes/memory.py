@@ -19,6 +19,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from backends.spec import ALIGN
 from graph.ir import Graph
 from graph.ops import ALIAS_OPS, VIEW_OPS, Op
 
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
     from engine.passes.scheduler import Schedule
 
 __all__ = ["Allocation", "MemoryPlan", "plan", "ALIGN", "arena_nodes"]
-
-ALIGN = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +130,8 @@ def arena_nodes(graph: Graph) -> list[int]:
     return [n.id for n in graph.nodes if n.op is Op.INPUT or not (n.is_leaf or n.op in ALIAS_OPS)]
 
 
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+def _aligned(n: int, alignment: int = ALIGN) -> int:
+    return -(-n // alignment) * alignment
 
 
 def plan(
@@ -143,6 +142,7 @@ def plan(
     steps: Sequence[int] | None = None,
     schedule: Schedule | None = None,
     early: Collection[int] = (),
+    alignment: int = ALIGN,
 ) -> MemoryPlan:
     """Place every arena value so that no two live ones share bytes; see the module doc.
 
@@ -154,7 +154,8 @@ def plan(
     fused group (``engine.passes.fusion.step_of``) all run at their anchor, so their inputs live to
     it and their results are all placed at it.
     ``early``: computed nodes whose values are written before the run like inputs (rows the
-    host gathers from a table kept in host memory).
+    host gathers from a table kept in host memory). ``alignment``: of every offset and size
+    (the device spec's).
     ``schedule`` (``engine.passes.scheduler``, built with the same steps): bytes freed by a value
     go to a later writer only if every step that used that value is known complete when the writer
     starts, on whichever stream it ran.
@@ -179,13 +180,13 @@ def plan(
     # keys: node id for values, -1 - node id for scratch (so both fit one table)
     roots: list[int] = arena_nodes(graph)
     first = {i: (-1 if graph.nodes[i].op is Op.INPUT or i in early else at[i]) for i in roots}
-    size = {i: _aligned(graph.nodes[i].nbytes) for i in roots}
+    size = {i: _aligned(graph.nodes[i].nbytes, alignment) for i in roots}
     used = {i: users.get(i, set()) | ({at[i]} if first[i] >= 0 else set()) for i in roots}
     for i, nbytes in (scratch or {}).items():
         if nbytes > 0:
             key = -1 - i
             roots.append(key)
-            first[key], size[key] = at[i], _aligned(nbytes)
+            first[key], size[key] = at[i], _aligned(nbytes, alignment)
             used[key] = {at[i]}
     lasts = {i: (last[i] if i >= 0 else at[-1 - i]) for i in roots}
     frees: dict[int, list[int]] = {}
@@ -261,4 +262,4 @@ def plan(
         )
         for i in roots
     )
-    return MemoryPlan(allocs, top, max_live, sum(size.values()))
+    return MemoryPlan(allocs, top, max_live, sum(size.values()), alignment)

@@ -21,13 +21,14 @@ Policies:
                   resident when it fits, since it is read every token).
 ``auto``          the cheapest placement that fits ``budget``: residency (the first layers,
                   the last ones, or spread among the streamed ones, whichever hides the link
-                  best), head placement, K and the slot count, each candidate timed by
-                  ``predict``.
+                  best), head placement, K and the slot count, or the later layers and the
+                  head computed on the host (``ngl=N``), each candidate timed by ``predict``.
 
 ``predict`` simulates one steady-state token: a copy stream fetching streamed layers in order
 (each into the slot its layer K+1 earlier freed, the fetch of the next token's first layers
 wrapping around), a compute stream running layers in order, each waiting for its fetch. Link
-bandwidth and per-layer compute come from a calibration (``Costs``) or defaults for an H200.
+bandwidth and per-layer compute come from a calibration or the device spec's nominal
+``backends.spec.Costs``.
 """
 
 from __future__ import annotations
@@ -36,38 +37,23 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from backends.spec import Costs
 from graph.ir import Graph
 from graph.ops import GraphError
 
-__all__ = ["Costs", "LayerPlacement", "Placement", "place", "predict", "parse_policy"]
+__all__ = [
+    "LayerPlacement",
+    "Placement",
+    "place",
+    "predict",
+    "parse_policy",
+    "check_policy_syntax",
+]
 
 GPU, STREAMED, HOST = "gpu", "streamed", "host"
 EMBEDDING = -1
 ARRANGEMENTS = ("first", "last", "spread")  # where auto puts its resident blocks (``_pick``)
 _STRATEGY = re.compile(r"^\*(\d+)\+(\d*)$")
-
-
-@dataclass(frozen=True)
-class Costs:
-    """What timing a placement needs: link bandwidth (pinned host to device), and per layer
-    the device time to compute it and the host time to compute it on the CPU backend."""
-
-    link_bytes_per_s: float = 50e9  # pinned host->device on an H200 (~55 GB/s measured)
-    device_bytes_per_s: float = 3.5e12  # what a decode layer reads per second on the device
-    host_bytes_per_s: float = 20e9  # NumPy on the host
-    launch_s: float = 20e-6  # fixed cost of a layer (its launches)
-    copy_overhead_s: float = 5e-6  # what each copy costs beyond its bytes (setup, DMA latency)
-
-    def device_s(self, nbytes: int) -> float:
-        return self.launch_s + nbytes / self.device_bytes_per_s
-
-    def host_s(self, nbytes: int) -> float:
-        return nbytes / self.host_bytes_per_s
-
-    def copy_s(self, nbytes: int, copies: int = 1) -> float:
-        """A layer's fetch: its bytes at link speed plus the overhead of each of its copies
-        (one per weight matrix)."""
-        return copies * self.copy_overhead_s + nbytes / self.link_bytes_per_s
 
 
 @dataclass(frozen=True)
@@ -172,7 +158,12 @@ def layer_copies(graph: Graph) -> dict[int, int]:
     return out
 
 
-def parse_policy(policy: str, n_layer: int) -> tuple[str, int, int]:
+def check_policy_syntax(policy: str) -> None:
+    """Refuse a policy string that no model could take (before any model is loaded)."""
+    parse_policy(policy, 0, check_range=False)
+
+
+def parse_policy(policy: str, n_layer: int, check_range: bool = True) -> tuple[str, int, int]:
     """``(kind, n, k)`` from a policy string; kind in all, ngl, stream, auto."""
     p = policy.strip()
     if p in ("all", "auto"):
@@ -187,10 +178,18 @@ def parse_policy(policy: str, n_layer: int) -> tuple[str, int, int]:
         return "ngl", n, 0
     m = _STRATEGY.match(p)
     if m:
-        return "stream", int(m.group(1)), int(m.group(2) or 0)
+        n, k = int(m.group(1)), int(m.group(2) or 0)
+        if check_range and n > n_layer:
+            raise GraphError(
+                f"offload policy {policy!r}: the model has {n_layer} blocks, so *N+K keeps at "
+                f"most N={n_layer} resident (the head stays resident when the budget holds it); "
+                "for everything on the device use all"
+            )
+        return "stream", n, k
+    head = f"; {n_layer + 1} includes the head" if check_range else ""
     raise GraphError(
-        f"unknown offload policy {policy!r}: use all, auto, ngl=N (n_gpu_layers; "
-        f"{n_layer + 1} includes the head) or *N+K (N layers resident, the rest streamed K ahead)"
+        f"unknown offload policy {policy!r}: use all, auto, ngl=N (n_gpu_layers{head}) or "
+        "*N+K (N layers resident, the rest streamed K ahead)"
     )
 
 
@@ -363,6 +362,7 @@ def _auto(
     head = n_layer if n_layer in sizes else None
     biggest = max((sizes[k] for k in blocks), default=0)
     best: Placement | None = None
+    arranged = "-"  # how the best candidate arranged its resident blocks (``ARRANGEMENTS``)
     tried = 0
     for head_where in [GPU, STREAMED] if head is not None else [None]:
         for n_res in range(len(blocks), -1, -1):
@@ -396,21 +396,32 @@ def _auto(
                     cand = _finish("auto", budget, sizes, where, cause, ahead, costs, copies=copies)
                     key = (round(cand.predicted_s, 9), cand.device_bytes)
                     if best is None or key < (round(best.predicted_s, 9), best.device_bytes):
-                        best = cand
-    if best is None:
-        smallest = min((sizes[b] for b in blocks), default=0)
-        raise GraphError(
-            f"budget {human(room)} cannot hold even one streaming slot of the largest layer "
-            f"({human(biggest)}; smallest {human(smallest)}); raise --vram"
-        )
+                        best, arranged = cand, arrange if 0 < n_res else "-"
+    # the later layers and the head on the host (ngl=N): what fits when not even the head and
+    # one streaming slot do, and sometimes the fastest (the head of a small model)
+    for n_dev in range(len(blocks), -1, -1):
+        need = sum(sizes[b] for b in blocks[:n_dev])
+        if need > room:
+            continue
+        where = {EMBEDDING: HOST} if EMBEDDING in sizes else {}
+        cause = {EMBEDDING: "embedding: only the rows of a step's tokens move"}
+        for b in blocks:
+            on = b < (blocks[n_dev] if n_dev < len(blocks) else n_layer)
+            where[b] = GPU if on else HOST
+            cause[b] = f"resident (first {n_dev} blocks)" if on else "computed on the host"
+        if head is not None:
+            where[head], cause[head] = HOST, "head: computed on the host"
+        tried += 1
+        cand = _finish("auto", budget, sizes, where, cause, 0, costs, copies=copies)
+        key = (round(cand.predicted_s, 9), cand.device_bytes)
+        if best is None or key < (round(best.predicted_s, 9), best.device_bytes):
+            best, arranged = cand, "first" if n_dev else "-"
+    assert best is not None  # (everything on the host fits any budget)
     n_res = sum(1 for p in best.layers if p.where == GPU and 0 <= p.layer < n_layer)
-    arranged = next(
-        (p.cause.split("(")[1].split()[0] for p in best.layers if p.cause.startswith("resident")),
-        "-",
-    )
     head_at = best.where(head) if head is not None else "-"
+    on_host = sum(1 for p in best.layers if p.where == HOST and 0 <= p.layer < n_layer)
     notes = (
-        f"chose {n_res} resident block(s) ({arranged}), head {head_at}, "
+        f"chose {n_res} resident block(s) ({arranged}), {on_host} on the host, head {head_at}, "
         f"K={best.ahead}, {best.slots} slot(s) among {tried} placements that fit "
         f"{room / 2**30:.2f} GiB",
         f"streamed {best.streamed_bytes / 2**30:.2f} GiB/token at "

@@ -33,6 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from backends.spec import Costs
 from graph.ir import Graph, Node
 from graph.ops import LEAF_OPS, VIEW_OPS, Op
 
@@ -45,9 +46,6 @@ Eagerly, a fork costs an event record and a wait issued from the host (several u
 pays only for big steps (measured on an H200: 8 branches of 4096 x 4096 products gain 1.27x on
 4 streams, of 1024 x 1024 lose 0.80x); inside a captured graph the same edges cost about a
 microsecond of device time, and every branch we measured gained."""
-LAUNCH_US = 2.0  # what any launch costs: launch and DRAM latency (short kernels are bound by it)
-DEVICE_BYTES_PER_US = 3.0e6  # ~3 TB/s of memory traffic
-DEVICE_FLOPS_PER_US = 3.0e8  # ~300 TFLOP/s of 16-bit matrix work
 
 
 @dataclass(frozen=True)
@@ -115,10 +113,23 @@ class Schedule:
         as dashed edges (Graphviz; None, and so the text, without it)."""
         if self.graph is None:
             return None
-        from engine.views.annotate import annotate
-        from graph.drawing import svg_or_none
+        from graph.drawing import document, svg_or_none
 
-        return svg_or_none(annotate(self.graph, schedule=self, device="gpu"))
+        doc = document(self.graph)
+        for n in doc["nodes"]:
+            n["device"] = "host" if n["kind"] == "input" else "gpu"
+            if n["id"] in self.stream:
+                n["step"], n["stream"] = n["id"], self.stream[n["id"]]
+        if self.n_streams > 1:
+            doc["waits"] = [
+                [w, s, self.stream[w], self.stream[s]]
+                for s in self.steps
+                for w in self.waits.get(s, ())
+            ]
+            doc["summary"].update(
+                streams=self.n_streams, events=len(self.records), waits=self.n_waits
+            )
+        return svg_or_none(doc)
 
     def __str__(self) -> str:
         lines = [
@@ -162,9 +173,9 @@ def _producers(graph: Graph, unit: Mapping[int, int]) -> dict[int, list[int]]:
     return out
 
 
-def step_cost(graph: Graph, members: Sequence[int]) -> float:
-    """Estimated device microseconds of a step: a launch's latency plus the larger of its bytes
-    at memory speed and its matrix work at tensor-core speed."""
+def step_cost(graph: Graph, members: Sequence[int], costs: Costs | None = None) -> float:
+    """Estimated device microseconds of a step (``Costs.kernel_s``: a launch's latency plus
+    the larger of its bytes at memory speed and its matrix work at tensor-core speed)."""
     nbytes, flops = 0, 0
     for i in members:
         n = graph.nodes[i]
@@ -175,7 +186,7 @@ def step_cost(graph: Graph, members: Sequence[int]) -> float:
         elif n.op is Op.ATTENTION:
             q, k = graph.nodes[n.srcs[0]], graph.nodes[n.srcs[1]]
             flops += 4 * math.prod(q.shape) * k.shape[0]
-    return LAUNCH_US + max(nbytes / DEVICE_BYTES_PER_US, flops / DEVICE_FLOPS_PER_US)
+    return (costs or Costs()).kernel_s(nbytes, flops) * 1e6
 
 
 def schedule(
@@ -183,13 +194,14 @@ def schedule(
     max_streams: int | str = 1,
     steps: Sequence[int] | None = None,
     mode: str = "graph",
+    costs: Costs | None = None,
 ) -> Schedule:
     """Assign every step a stream and place the events (see the module doc).
 
     ``max_streams``: an int >= 1, or ``"auto"`` (up to 8 streams, forking only for steps of at
     least ``MIN_FORK_US[mode]``; ``mode`` is the executor's, "eager" or "graph"). ``steps``: the
     step each node runs at (``engine.passes.fusion.step_of``); by default every node is its own
-    step.
+    step. ``costs``: the device's (``backends.spec.Costs``; nominal by default), for ``auto``.
     """
     auto = max_streams == AUTO
     limit = 8 if auto else int(max_streams)
@@ -227,7 +239,7 @@ def schedule(
             first = ins[0]
             home = stream.get(first, 0)  # inputs and states live on stream 0
             want = branch.get(first, home)
-            if auto and want != home and step_cost(graph, members[u]) < MIN_FORK_US[mode]:
+            if auto and want != home and step_cost(graph, members[u], costs) < MIN_FORK_US[mode]:
                 want = home
             stream[u] = want % limit
             for r in dict.fromkeys(ins):

@@ -1,7 +1,7 @@
 """Measured costs for the offload pass: link bandwidth, device and host speed, launch cost.
 
-    costs = engine.runtime.calibration.calibrate(backend)     # measured once per device, then
-    cached
+    costs = engine.runtime.calibration.calibrate(backend)     # measured once per device, cached
+    costs, source = costs_for(options, "cupy")    # what a session with these options plans with
 
 ``engine.passes.offload.place(..., costs=)`` times placements with these numbers. The first call on
 a device measures (well under a second on a GPU: a few 64 MiB copies and matrix-vector products)
@@ -12,20 +12,22 @@ and writes ``calibration.json`` in the cache directory (``$STREAMGRAPH_CACHE``, 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 
-from backends import Backend, get_backend
-from engine.model.packaged import cache_dir
-from engine.passes.offload import Costs
+from backends import Backend, BackendError, DeviceSpec, get_backend
+from backends.spec import Costs
+from engine.cache import cache_dir
+from engine.options import Options
 from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
 
-__all__ = ["calibrate", "measure"]
+__all__ = ["calibrate", "remember", "measure", "costs_for", "needs_timing"]
 
 PROBE_BYTES = 64 << 20
 
@@ -89,20 +91,83 @@ def measure(backend: str | Backend) -> Costs:
 def calibrate(
     backend: str | Backend, refresh: bool = False, directory: Path | None = None
 ) -> Costs:
-    """The device's ``Costs``, measured on first use and cached (``refresh`` re-measures)."""
+    """The device's ``Costs``, measured on first use and cached (``refresh`` re-measures). An
+    entry of the cache that is not a valid set of costs (an older or damaged file) is measured
+    again and replaced."""
     be = get_backend(backend)
     path = (directory or cache_dir()) / "calibration.json"
-    key = be.describe()
-    table: dict[str, dict[str, float]] = {}
-    if path.exists():
-        try:
-            table = json.loads(path.read_text())
-        except (OSError, ValueError):
-            table = {}
-    if key in table and not refresh:
-        return Costs(**table[key])
-    costs = measure(be)
-    table[key] = asdict(costs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1))
+    cached = _read(path).get(be.describe())
+    costs = _costs(cached) if cached is not None and not refresh else None
+    if costs is None:
+        costs = measure(be)
+        remember(be, costs, directory)
     return costs
+
+
+def remember(backend: str | Backend, costs: Costs, directory: Path | None = None) -> None:
+    """Store ``costs`` as the device's calibration (what ``calibrate`` returns from then on):
+    to pin the costs a machine plans with, or to plan as another machine would."""
+    be = get_backend(backend)
+    path = (directory or cache_dir()) / "calibration.json"
+    table = _read(path)
+    table[be.describe()] = asdict(costs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=1))
+    tmp.replace(path)  # whole or not at all: another process may be reading it
+
+
+def _read(path: Path) -> dict[str, object]:
+    """The cache file's table, or an empty one if it is missing or not a JSON object."""
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _costs(entry: object) -> Costs | None:
+    """``Costs`` from a cache entry, or None unless every field is a positive finite number
+    (missing fields take their nominal values; unknown ones make the entry invalid)."""
+    names = {f.name for f in fields(Costs)}
+    if not isinstance(entry, dict) or not set(entry) <= names:
+        return None
+    values = {}
+    for k, v in entry.items():
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or v < 0 or (v == 0 and k.endswith("per_s")):
+            return None
+        values[k] = float(v)
+    return Costs(**values)
+
+
+def needs_timing(options: Options) -> bool:
+    """Whether the placement ``options`` ask for is timed with the device's costs (``auto``
+    picks by time; ``*N+K`` streams, and its predicted time is shown); other placements use
+    the nominal costs, and nothing is measured for them."""
+    policy = (options.offload or "").strip()
+    return policy == "auto" or policy.startswith("*")
+
+
+def costs_for(options: Options, backend: str | Backend) -> tuple[Costs, str]:
+    """The costs a session with ``options`` on ``backend`` plans with, and where they came
+    from: the device's calibration (measured on first use, then cached) where the placement
+    is timed and the backend runs here; otherwise the nominal costs of its device spec."""
+    if isinstance(backend, str):
+        try:
+            backend = get_backend(backend)
+        except BackendError:
+            backend = backend  # planning for a device this machine lacks
+    spec: DeviceSpec = backend.spec if isinstance(backend, Backend) else _nominal(backend)
+    if not needs_timing(options):
+        return spec.costs, f"nominal for {spec.name or spec.backend} (the placement is not timed)"
+    if not isinstance(backend, Backend):
+        return spec.costs, f"nominal for {spec.name} (no such device here to calibrate)"
+    path = cache_dir() / "calibration.json"
+    return calibrate(backend), f"calibrated on {backend.describe()} (cached in {path})"
+
+
+def _nominal(name: str) -> DeviceSpec:
+    from backends import device_spec
+
+    return device_spec(name)

@@ -13,8 +13,8 @@ from graph.models import gemma3, llama
 from graph.models.common import Forward, Logits, kv_slots
 from graph.models.config import (
     FULL,
-    FUSED,
     PRESETS,
+    STACKED,
     SWA,
     ModelConfig,
     preset,
@@ -30,7 +30,7 @@ __all__ = [
     "kv_slots",
     "weight_shapes",
     "weight_layers",
-    "FUSED",
+    "STACKED",
     "FULL",
     "SWA",
 ]
@@ -45,7 +45,7 @@ def build(
     n_kv: dict[str, int] | None = None,
     logits: Logits = "last",
     cache_dtype: DType | str | None = None,
-    fuse: bool = False,
+    stack: bool = False,
     segment: tuple[int, int] | None = None,
 ) -> Graph:
     """The forward graph of ``cfg`` for ``n_tokens`` tokens against caches of ``slots`` rows.
@@ -56,6 +56,6 @@ def build(
     across backends runs its segments in turn.
     """
     f = Forward(
-        cfg, n_tokens, dict(slots), dict(n_kv or {}), dtype_of(cache_dtype or f32), fuse, segment
+        cfg, n_tokens, dict(slots), dict(n_kv or {}), dtype_of(cache_dtype or f32), stack, segment
     )
     return f.head(BODIES[cfg.arch](f), logits)

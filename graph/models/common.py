@@ -29,7 +29,7 @@ import numpy as np
 from graph.builder import GraphBuilder, Tensor
 from graph.dtypes import DType, f32, i32
 from graph.ir import Graph, contiguous_strides
-from graph.models.config import FULL, FUSED, SWA, ModelConfig, weight_layers, weight_shapes
+from graph.models.config import FULL, STACKED, SWA, ModelConfig, weight_layers, weight_shapes
 from graph.ops import GraphError, RopeMode
 
 __all__ = ["Forward", "Logits", "kv_slots"]
@@ -58,7 +58,7 @@ class Forward:
     slots: dict[str, int]
     n_kv: dict[str, int]
     cache_dtype: DType = f32
-    fuse: bool = False  # stacked projections (config.FUSED): fewer, larger matrix products
+    stack: bool = False  # stacked projections (config.STACKED): fewer, larger matrix products
     segment: tuple[int, int] | None = None  # layers [first, end) of a split model; see build
 
     def __post_init__(self) -> None:
@@ -73,8 +73,8 @@ class Forward:
         self.first, self.end = first, end
         self.layer_ids = range(first, min(end, cfg.n_layer))
         self.g = g = GraphBuilder()
-        self.shapes = weight_shapes(cfg, self.fuse)
-        self.layers = weight_layers(cfg, self.fuse)
+        self.shapes = weight_shapes(cfg, self.stack)
+        self.layers = weight_layers(cfg, self.stack)
         self._weights: dict[str, Tensor] = {}
         self.tokens = g.input("tokens", (n,), i32)
         self.pos = g.input("pos", (n,), i32)
@@ -149,26 +149,26 @@ class Forward:
     def project(
         self,
         prefix: str,
-        fused: str,
+        stacked: str,
         x: Tensor,
         split: list[tuple[int, ...]] | None = None,
     ) -> list[Tensor]:
-        """The projections of ``FUSED[fused]`` applied to ``x``: each (n, rows_i), or
+        """The projections of ``STACKED[stacked]`` applied to ``x``: each (n, rows_i), or
         (n, *split[i]) when ``split`` gives the trailing dims (e.g. heads, head_dim).
 
-        Unfused: one matrix product each. Fused: one product with the stacked matrix, then a
+        Separate: one matrix product each. Stacked: one product with the stacked matrix, then a
         view per part (rows of the result strided by the stack's width, no copy).
         """
         g, n = self.g, self.n_tokens
-        names = [f"{prefix}{m}.weight" for m in FUSED[fused]]
+        names = [f"{prefix}{m}.weight" for m in STACKED[stacked]]
         rows = [weight_shapes(self.cfg)[name][0] for name in names]
         dims = split or [(r,) for r in rows]
-        if not self.fuse:
+        if not self.stack:
             return [
                 g.reshape(g.mul_mat(self.w(nm), x), (n, *d))
                 for nm, d in zip(names, dims, strict=True)
             ]
-        y = g.mul_mat(self.w(f"{prefix}{fused}.weight"), x, name=f"{prefix}{fused}")
+        y = g.mul_mat(self.w(f"{prefix}{stacked}.weight"), x, name=f"{prefix}{stacked}")
         width = y.shape[-1]
         out, start = [], 0
         for r, d in zip(rows, dims, strict=True):

@@ -20,7 +20,7 @@ __all__ = [
     "preset",
     "weight_shapes",
     "weight_layers",
-    "FUSED",
+    "STACKED",
     "FULL",
     "SWA",
 ]
@@ -86,29 +86,29 @@ class ModelConfig:
         return total
 
 
-FUSED: dict[str, tuple[str, ...]] = {
+STACKED: dict[str, tuple[str, ...]] = {
     "attn_qkv": ("attn_q", "attn_k", "attn_v"),
     "ffn_gate_up": ("ffn_gate", "ffn_up"),
 }
 """Projections that read the same input, stored as one matrix (rows stacked in this order) when
-a graph is built with ``fuse=True``: one matrix product instead of three (or two)."""
+a graph is built with ``stack=True``: one matrix product instead of three (or two)."""
 
 
-def weight_shapes(cfg: ModelConfig, fuse: bool = False) -> dict[str, tuple[int, ...]]:
+def weight_shapes(cfg: ModelConfig, stack: bool = False) -> dict[str, tuple[int, ...]]:
     """Every weight the builders read, by GGUF name, with its NumPy shape.
 
-    With ``fuse`` the stacked projections of ``FUSED`` replace their parts.
+    With ``stack`` the stacked projections of ``STACKED`` replace their parts.
     """
     shapes = _weight_shapes(cfg)
-    if not fuse:
+    if not stack:
         return shapes
     out: dict[str, tuple[int, ...]] = {}
     for name, shape in shapes.items():
         parts = name.split(".")
         if len(parts) == 4 and parts[0] == "blk":
-            for fused, members in FUSED.items():
+            for stacked, members in STACKED.items():
                 if parts[2] in members:
-                    key = f"blk.{parts[1]}.{fused}.weight"
+                    key = f"blk.{parts[1]}.{stacked}.weight"
                     rows = sum(shapes[f"blk.{parts[1]}.{m}.weight"][0] for m in members)
                     out[key] = (rows, shape[1])
                     break
@@ -143,10 +143,10 @@ def _weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def weight_layers(cfg: ModelConfig, fuse: bool = False) -> dict[str, int]:
+def weight_layers(cfg: ModelConfig, stack: bool = False) -> dict[str, int]:
     """The layer tag of every weight: blocks 0..n_layer-1, head n_layer, token embedding -1."""
     tags = {}
-    for name in weight_shapes(cfg, fuse):
+    for name in weight_shapes(cfg, stack):
         if name.startswith("blk."):
             tags[name] = int(name.split(".")[1])
         elif name == "token_embd.weight":
