@@ -154,6 +154,8 @@ def _summary_text(doc: Mapping[str, Any]) -> str:
     return " · ".join(parts)
 
 
+# Long by design: one writer of one DOT document (legend, clusters per layer, nodes, edges,
+# waits), in the order Graphviz reads them.
 def to_dot(doc: Mapping[str, Any], offsets: bool = False, weights: bool = True) -> str:
     """DOT text of a dump document: a cluster per layer (its placement in the label), fused
     groups as dotted sub-clusters, fill colour by device (GPU blue, CPU orange, streamed green,

@@ -63,7 +63,9 @@ def test_vram_bounds_what_the_device_really_holds(gpu) -> None:  # noqa: ANN001
     rows = bench.run_bench("random:gemma3-270m", [8], [2], 1, sweep, log=lambda s: None)
     resident, streamed = rows[1], rows[3]  # the tg rows of each configuration
     assert streamed.streamed_mb > 150 and resident.vram_mib > 500
-    saved = resident.vram_mib - streamed.vram_mib
-    moved = streamed.streamed_mb * 1e6 / 2**20  # MiB that live on the host instead
-    assert moved * 0.8 < saved < moved * 1.2, (resident, streamed)
+    saved = resident.vram_mib - streamed.vram_mib  # measured on the device
+    planned = resident.weights_mib - streamed.weights_mib  # what the plans keep there
+    print(resident, streamed, sep="\n")
+    assert saved > planned * 0.9, (resident, streamed)
     assert streamed.vram_mib < 0.5 * 1024 + 128  # the budget, plus arena, caches, workspaces
+    assert resident.vram_mib >= resident.weights_mib

@@ -69,6 +69,8 @@ def test_a_budget_too_small_is_an_error_naming_the_bytes(llama7b) -> None:  # no
         offload.place(llama7b, "*30+5", budget=6 * GIB)
     tiny = offload.place(llama7b, "auto", budget=GIB // 4)  # not one 7B block fits
     assert {p.where for p in tiny.layers} == {HOST} and "0 resident block(s)" in tiny.notes[0]
+    small = offload.place(llama7b, "auto", budget=GIB)  # two blocks and one slot fit: streams
+    assert HOST not in {p.where for p in small.layers if p.layer >= 0} and small.streamed_bytes
     with pytest.raises(GraphError, match="needs a budget"):
         offload.place(llama7b, "auto")
 

@@ -106,6 +106,7 @@ def _ngl(text: str) -> str:
     return f"ngl={n}"
 
 
+# Long by design: a table of flags, one add_argument each, that every command shares.
 def run_flags(ctx: int | None = 2048, sweep: bool = False) -> argparse.ArgumentParser:
     """A parent parser with the flags every command shares (see the module doc); ``ctx``: the
     command's default ``-c`` (None: the command works it out); ``sweep``: lists where bench

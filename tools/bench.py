@@ -218,6 +218,8 @@ class _Source:
         weights = self._weights(mp, be)
         sess = Session(mp.config, weights, be, plan=mp)
         del weights
+        if mp.placement is not None and mp.placement.notes:  # what auto chose, and why
+            self.log(f"{options.offload} at --vram {options.vram}: {mp.placement.notes[0]}")
         return _Config(options, be, sess, used_before or 0)
 
     def _weights(self, mp: Any, be: Any) -> dict[str, Any]:

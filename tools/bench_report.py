@@ -39,6 +39,8 @@ class BenchResult:
     p90_ms: float = 0.0  # ... 90th percentile
 
 
+# Long by design: the column list and the row of each format side by side, so a column is
+# added in one place.
 def format_results(results: list[BenchResult], fmt: str) -> str:
     if fmt == "json":
         return json.dumps([asdict(r) for r in results], indent=2)

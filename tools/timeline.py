@@ -208,6 +208,7 @@ def _matplotlib() -> tuple[Any, Any]:
     return Figure, Patch
 
 
+# Long by design: one matplotlib figure drawn track by track; the steps share its axes.
 def render_png(source: Trace | dict[str, Any] | str | Path, path: str | Path) -> Path:
     """A picture of the timeline: a lane per track (labelled ``section: track`` when there are
     several sections), a bar per span coloured by category, a tick per wait or record, time in

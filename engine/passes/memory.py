@@ -134,6 +134,8 @@ def _aligned(n: int, alignment: int = ALIGN) -> int:
     return -(-n // alignment) * alignment
 
 
+# Long by design: one best-fit allocator over the steps, its free list shared by the small
+# take/give helpers inside; split apart, the list and the schedule rule would be passed around.
 def plan(
     graph: Graph,
     scratch: Mapping[int, int] | None = None,

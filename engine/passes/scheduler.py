@@ -189,6 +189,8 @@ def step_cost(graph: Graph, members: Sequence[int], costs: Costs | None = None) 
     return (costs or Costs()).kernel_s(nbytes, flops) * 1e6
 
 
+# Long by design: two passes over the same steps (streams by branch counters, then events by
+# vector clocks), each a short loop whose state the other reads.
 def schedule(
     graph: Graph,
     max_streams: int | str = 1,
