@@ -146,8 +146,7 @@ def run_flags(ctx: int | None = 2048, sweep: bool = False) -> argparse.ArgumentP
         metavar="N|auto" + (",..." if sweep else ""),
         help=f"compute streams per forward pass, 1 to {MAX_STREAMS} or auto (default 1)",
     )
-    where = g.add_mutually_exclusive_group()
-    where.add_argument(
+    g.add_argument(
         "--offload",
         "--strategy",
         dest="offload",
@@ -158,10 +157,10 @@ def run_flags(ctx: int | None = 2048, sweep: bool = False) -> argparse.ArgumentP
         "layer n_layer) or *N+K (N resident, the rest streamed K ahead); default: all, the "
         "embedding on the device too",
     )
-    where.add_argument(
+    g.add_argument(
         "-ngl",
         "--n-gpu-layers",
-        dest="offload",
+        dest="ngl",
         type=many(_ngl),
         metavar="N" + (",..." if sweep else ""),
         help="llama.cpp's layer count on the GPU: the same as --offload ngl=N",
@@ -209,8 +208,16 @@ def run_flags(ctx: int | None = 2048, sweep: bool = False) -> argparse.ArgumentP
     return p
 
 
+def _placement(args: argparse.Namespace) -> Any:
+    """``--offload`` or ``-ngl`` (its shorthand), not both."""
+    if args.offload is not None and args.ngl is not None:
+        raise GraphError("--offload and -ngl both set the weight placement: give one of them")
+    return args.ngl if args.ngl is not None else args.offload
+
+
 def options_from(args: argparse.Namespace, **override: Any) -> Options:
     """The ``Options`` of a single-valued command's flags (``override`` wins)."""
+    args.offload, args.ngl = _placement(args), None
     values = dict(
         backend=args.backend,
         dtype=args.dtype,
@@ -232,7 +239,7 @@ def options_from(args: argparse.Namespace, **override: Any) -> Options:
 def sweep_from(args: argparse.Namespace, **override: Any) -> list[Options]:
     """Every combination of bench's list flags, as ``Options``: graphs, then streams, then
     placement, then budget (a budget only where a placement uses one)."""
-    policies = args.offload or [None]
+    policies = _placement(args) or [None]
     out = []
     for graphs in args.graphs:
         for streams in args.streams:
@@ -240,7 +247,8 @@ def sweep_from(args: argparse.Namespace, **override: Any) -> list[Options]:
                 budgets = args.vram if policy not in (None, "all") else [None]
                 for vram in budgets:
                     one = argparse.Namespace(**vars(args))
-                    one.graphs, one.streams, one.offload, one.vram = graphs, streams, policy, vram
+                    one.graphs, one.streams, one.vram = graphs, streams, vram
+                    one.offload, one.ngl = policy, None
                     out.append(options_from(one, **override))
     return out
 

@@ -120,16 +120,20 @@ class Schedule:
             n["device"] = "host" if n["kind"] == "input" else "gpu"
             if n["id"] in self.stream:
                 n["step"], n["stream"] = n["id"], self.stream[n["id"]]
+        self.draw_into(doc)
+        return svg_or_none(doc)
+
+    def draw_into(self, doc: dict[str, object]) -> None:
+        """The event waits and stream counts in a dump document (``graph.drawing``)."""
         if self.n_streams > 1:
             doc["waits"] = [
                 [w, s, self.stream[w], self.stream[s]]
                 for s in self.steps
                 for w in self.waits.get(s, ())
             ]
-            doc["summary"].update(
+            doc["summary"].update(  # type: ignore[attr-defined]
                 streams=self.n_streams, events=len(self.records), waits=self.n_waits
             )
-        return svg_or_none(doc)
 
     def __str__(self) -> str:
         lines = [

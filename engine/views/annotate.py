@@ -92,15 +92,8 @@ def _one(sp: StepPlan, model: ModelPlan | None) -> dict[str, Any]:
             n["stream"] = sched.stream.get(step, 0) if sched is not None else 0
         n["fused"] = groups.get(i)
         n["offset"] = offsets.get(i)
-    if sched is not None and sched.n_streams > 1:
-        doc["waits"] = [
-            [w, s, sched.stream[w], sched.stream[s]]
-            for s in sched.steps
-            for w in sched.waits.get(s, ())
-        ]
-        doc["summary"].update(
-            streams=sched.n_streams, events=len(sched.records), waits=sched.n_waits
-        )
+    if sched is not None:
+        sched.draw_into(doc)
     doc["summary"].update(
         steps=len(sp.steps),
         launches=sp.n_launches,
