@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from backends.base import Array, Backend, Kernel
+from backends.base import Array, Backend, BackendError, Kernel
 from backends.cuda_matmul import GEMV_MAX_M
 from backends.spec import DeviceSpec
 from graph.dtypes import DType
@@ -311,6 +311,18 @@ def _nothing() -> None:
     pass
 
 
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 SPEC = DeviceSpec(
     backend="numpy",
     device="cpu",
@@ -406,6 +418,16 @@ class NumpyBackend(Backend):
 
     def synchronize(self) -> None:
         pass
+
+    def check_fits(self, nbytes: int, what: str) -> None:
+        """Refuse what the host's available memory cannot hold (NumPy would fail later, or
+        the system would start swapping)."""
+        free = _available_memory()
+        if free is not None and nbytes > free:
+            raise BackendError(
+                f"{what} needs {nbytes / 2**30:.2f} GiB of memory; this machine has "
+                f"{free / 2**30:.2f} GiB available"
+            )
 
     def describe(self) -> str:
         return f"numpy {np.__version__} (CPU)"

@@ -79,6 +79,10 @@ class Options:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionsError(f"{_what(name)} must be a whole number >= 1, not {value!r}")
+        if self.offload == "auto" and self.vram is None:
+            raise OptionsError(
+                f"{_what('offload')} auto picks a placement within a budget: give {_what('vram')}"
+            )
         if self.offload is None and self.cache:
             raise OptionsError(
                 f"{_what('cache')} caches streamed layers: it needs {_what('offload')} "

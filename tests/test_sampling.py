@@ -73,10 +73,21 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() ->
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(repeat_penalty=0)]
+    ("bad", "flag"),
+    [
+        (dict(top_k=-1), "--top-k"),
+        (dict(top_p=0.0), "--top-p"),
+        (dict(top_p=1.5), "--top-p"),
+        (dict(repeat_penalty=0), "--repeat-penalty"),
+        (dict(temperature=-1.0), "--temp"),
+        (dict(temperature=float("nan")), "--temp"),
+        (dict(repeat_last_n=-2), "--repeat-last-n"),
+        (dict(seed=-1), "--seed"),
+        (dict(seed=2**64), "--seed"),
+    ],
 )
-def test_bad_settings_are_refused(bad: dict) -> None:
-    with pytest.raises(ValueError, match="bad sampling settings"):
+def test_bad_settings_are_refused_naming_the_flag(bad: dict, flag: str) -> None:
+    with pytest.raises(ValueError, match=f"^{flag} takes "):
         SamplerConfig(**bad)
 
 

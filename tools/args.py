@@ -32,9 +32,14 @@ from typing import Any
 from engine.options import FLOAT_TYPES, MAX_STREAMS, Options
 from graph.ops import GraphError
 
-__all__ = ["run_flags", "options_from", "sweep_from", "ModelArg", "RANDOM"]
+__all__ = ["run_flags", "options_from", "sweep_from", "ModelArg", "RANDOM", "UsageError"]
 
 RANDOM = "random:"
+
+
+class UsageError(GraphError):
+    """The command line asks for something that cannot be: a usage error (exit status 2),
+    found before any work is done."""
 
 
 def _streams_value(text: str) -> int | str:
@@ -211,7 +216,7 @@ def run_flags(ctx: int | None = 2048, sweep: bool = False) -> argparse.ArgumentP
 def _placement(args: argparse.Namespace) -> Any:
     """``--offload`` or ``-ngl`` (its shorthand), not both."""
     if args.offload is not None and args.ngl is not None:
-        raise GraphError("--offload and -ngl both set the weight placement: give one of them")
+        raise UsageError("--offload and -ngl both set the weight placement: give one of them")
     return args.ngl if args.ngl is not None else args.offload
 
 
@@ -271,25 +276,25 @@ class ModelArg:
         if text.startswith(RANDOM):
             arch = text[len(RANDOM) :]
             if arch not in PRESETS:
-                raise GraphError(f"-m {text}: no built-in architecture {arch!r}; built in: {archs}")
+                raise UsageError(f"-m {text}: no built-in architecture {arch!r}; built in: {archs}")
             return cls(text, None, arch)
         path = Path(text)
         if path.is_dir():
-            raise GraphError(f"-m {text} is a directory; give a .gguf file inside it")
+            raise UsageError(f"-m {text} is a directory; give a .gguf file inside it")
         if path.exists() or text.endswith(".gguf"):
             if not path.is_file():
-                raise GraphError(f"-m {text}: no such file")
+                raise UsageError(f"-m {text}: no such file")
             return cls(text, path, None)
         if text in PACKAGED:
             try:
                 return cls(text, resolve_model(text), None)
             except ModelNotFound as e:
-                raise GraphError(
+                raise UsageError(
                     f"{e}; or use -m {RANDOM}{text} for generated weights of its shape"
                 ) from None
         if text in PRESETS:
             return cls(text, None, text)
-        raise GraphError(
+        raise UsageError(
             f"-m {text}: no such file, packaged model ({', '.join(sorted(PACKAGED))}) or "
             f"built-in architecture ({archs}; {RANDOM}NAME for generated weights)"
         )
@@ -313,7 +318,7 @@ class ModelArg:
     def need_file(self, command: str) -> Path:
         """The GGUF path, or the error a command that needs real weights gives."""
         if self.path is None:
-            raise GraphError(
+            raise UsageError(
                 f"{command} needs a model file with its tokenizer (a .gguf path or a packaged "
                 f"model: gemma3-270m), not the generated {self.name}"
             )

@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,7 @@ from engine.views.trace import Trace
 from graph.dtypes import f32
 from graph.ops import GraphError
 from tools import timeline
-from tools.args import ModelArg, sweep_from
+from tools.args import ModelArg, UsageError, sweep_from
 from tools.bench_args import SEED_PRESETS, add_arguments
 from tools.bench_report import BenchResult, format_results, plot
 
@@ -270,7 +271,7 @@ class _Job:
     key: StepKey  # the forward pass whose launches the table counts
     passes: int  # forward passes a run makes (streamed bytes are per pass)
     launches: int = 0
-    vram_mib: float = 0.0
+    vram_mib: float | None = None  # what the device holds once warm (None: no device)
     samples: list[Sample] = field(default_factory=list)
 
 
@@ -333,7 +334,7 @@ def _jobs(
 
 
 def _result(job: _Job, source: _Source, reps: int) -> BenchResult:
-    """The table row of a timed job."""
+    """The table row of a timed job (None where a value does not apply: see BenchResult)."""
     c, n = job.config, job.n
     o, sess = c.options, c.session
     mp = sess.plan
@@ -343,11 +344,11 @@ def _result(job: _Job, source: _Source, reps: int) -> BenchResult:
     placement = mp.placement
     streamed = placement.streamed_bytes if placement is not None else 0
     # streamed bytes per forward pass x passes per second
-    rate = streamed / 1e9 * job.passes / statistics.median(secs)
-    link = mp.costs.link_bytes_per_s if streamed else 0.0
-    predicted = 1 / placement.predicted_s if streamed and placement is not None else 0.0
+    rate = streamed / 1e9 * job.passes / statistics.median(secs) if streamed else None
+    link = mp.costs.link_bytes_per_s
+    tg = job.test.startswith("tg")
+    predicted = 1 / placement.predicted_s if streamed and tg and placement else None
     cfg = sess.cfg
-    sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
     return BenchResult(
         source.name,
         round(_weight_bytes(cfg, o.stack) / 2**20, 2),
@@ -361,19 +362,19 @@ def _result(job: _Job, source: _Source, reps: int) -> BenchResult:
         n,
         reps,
         statistics.fmean(rates),
-        sd,
+        statistics.stdev(rates) if len(rates) > 1 else None,
         statistics.median(rates),
         job.launches,
-        "" if o.vram is None else f"{o.vram:g}",
+        o.vram,
         round(mp.device_weight_bytes / 2**20, 1),
         round(streamed / 1e6, 3),
-        round(rate, 2),
-        round(100 * rate * 1e9 / link, 1) if link else 0.0,
-        round(predicted, 2) if job.test.startswith("tg") else 0.0,
-        round(job.vram_mib, 1),
+        None if rate is None else round(rate, 2),
+        None if rate is None else round(100 * rate * 1e9 / link, 1),
+        None if predicted is None else round(predicted, 2),
+        None if job.vram_mib is None else round(job.vram_mib, 1),
         round(statistics.median(x.ttft for x in job.samples) * 1e3, 3),
-        round(_percentile(steps, 50) * 1e3, 3) if steps else 0.0,
-        round(_percentile(steps, 90) * 1e3, 3) if steps else 0.0,
+        round(_percentile(steps, 50) * 1e3, 3) if steps else None,
+        round(_percentile(steps, 90) * 1e3, 3) if steps else None,
     )
 
 
@@ -410,9 +411,11 @@ def main(args: argparse.Namespace) -> int:
         for key, value in SEED_PRESETS[args.preset][1].items():
             setattr(args, key, value)
     if args.plot and not str(args.plot).lower().endswith(".png"):
-        raise ValueError(f"--plot writes a PNG: name it .png, not {args.plot}")
+        raise UsageError(f"--plot writes a PNG: name it .png, not {args.plot}")
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():
+        raise UsageError(f"--plot {args.plot}: its folder does not exist")
     if args.repetitions < 1:
-        raise ValueError(f"-r/--repetitions must be at least 1, got {args.repetitions}")
+        raise UsageError(f"-r/--repetitions must be at least 1, got {args.repetitions}")
     trace = None
     if args.trace:
         timeline.check_path(args.trace)  # before the run, not after it

@@ -12,6 +12,10 @@ __all__ = ["BenchResult", "format_results", "plot"]
 
 @dataclass(frozen=True, slots=True)
 class BenchResult:
+    """One row. A value that does not apply to the row (the spread of one repetition, a
+    prediction for an unstreamed row, device memory on the CPU) is None: null in JSON, an
+    empty cell in CSV, "-" in the table."""
+
     model: str
     size_mib: float
     params_m: float
@@ -24,23 +28,26 @@ class BenchResult:
     n_tokens: int
     reps: int
     ts_mean: float  # tokens/s
-    ts_sd: float
+    ts_sd: float | None  # sample standard deviation (None with one repetition)
     ts_median: float
     launches: int  # kernel launches per forward pass of this test's graph
-    vram: str = ""  # --vram as asked (GiB), "" without a budget
+    vram: float | None = None  # --vram as asked (GiB), None without a budget
     weights_mib: float = 0.0  # weight bytes on the device: resident layers, the ring, the cache
     streamed_mb: float = 0.0  # weight megabytes copied to the device per forward pass
-    stream_gbs: float = 0.0  # achieved host-to-device rate while streaming
-    link_pct: float = 0.0  # ... as a share of the measured pinned link
-    predicted_ts: float = 0.0  # what engine.passes.offload.predict said of a streamed tg test (t/s)
-    vram_mib: float = 0.0  # device bytes at the peak: resident weights + the session's allocations
+    stream_gbs: float | None = None  # achieved host-to-device rate while streaming
+    link_pct: float | None = None  # ... as a share of the measured pinned link
+    predicted_ts: float | None = None  # what offload.predict said of a streamed tg test (t/s)
+    vram_mib: float | None = None  # device memory the configuration holds (None: no device)
     ttft_ms: float = 0.0  # time to first token (median): the prompt pass that gives its logits
-    p50_ms: float = 0.0  # per-token latency of generation, median over every token timed
-    p90_ms: float = 0.0  # ... 90th percentile
+    p50_ms: float | None = None  # per-token latency of generation, median over every token
+    p90_ms: float | None = None  # ... 90th percentile (None: a test that generates nothing)
 
 
-# Long by design: the column list and the row of each format side by side, so a column is
-# added in one place.
+def _num(value: float | None, spec: str, unit: str = "") -> str:
+    """A table cell: the value formatted, or "-" where it does not apply."""
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
 def format_results(results: list[BenchResult], fmt: str) -> str:
     if fmt == "json":
         return json.dumps([asdict(r) for r in results], indent=2)
@@ -60,7 +67,7 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
         "launches",
     ]
     streaming = any(r.streamed_mb for r in results)
-    device = any(r.vram_mib for r in results)
+    device = any(r.vram_mib is not None for r in results)
     cols += ["TTFT ms", "p50 ms", "p90 ms"] + (["VRAM"] if device else [])
     if streaming:
         cols += ["vram", "weights", "streamed", "GB/s", "link", "predicted"]
@@ -75,21 +82,21 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
             r.strategy,
             r.graphs,
             r.test,
-            f"{r.ts_mean:.2f} ± {r.ts_sd:.2f}",
+            f"{r.ts_mean:.2f}" + (f" ± {r.ts_sd:.2f}" if r.ts_sd is not None else ""),
             str(r.launches),
             f"{r.ttft_ms:.2f}",
-            f"{r.p50_ms:.2f}" if r.p50_ms else "-",
-            f"{r.p90_ms:.2f}" if r.p90_ms else "-",
+            _num(r.p50_ms, ".2f"),
+            _num(r.p90_ms, ".2f"),
         ]
-        + ([f"{r.vram_mib:.0f} MiB"] if device else [])
+        + ([_num(r.vram_mib, ".0f", " MiB")] if device else [])
         + (
             [
-                r.vram or "-",
+                _num(r.vram, "g"),
                 f"{r.weights_mib:.1f} MiB",
                 f"{r.streamed_mb:.1f} MB",
-                f"{r.stream_gbs:.1f}",
-                f"{r.link_pct:.0f}%",
-                f"{r.predicted_ts:.2f}" if r.predicted_ts else "-",
+                _num(r.stream_gbs, ".1f"),
+                _num(r.link_pct, ".0f", "%"),
+                _num(r.predicted_ts, ".2f"),
             ]
             if streaming
             else []
@@ -99,7 +106,7 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
     if fmt == "csv":
         head = ",".join(f.name for f in fields(BenchResult))
         lines = [head] + [
-            ",".join(str(getattr(r, f.name)) for f in fields(BenchResult)) for r in results
+            ",".join(_cell(getattr(r, f.name)) for f in fields(BenchResult)) for r in results
         ]
         return "\n".join(lines)
     widths = [
@@ -142,6 +149,11 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
     return "\n".join([line(cols), sep, *(line(r) for r in rows)])
 
 
+def _cell(value: object) -> str:
+    """A CSV cell: empty where the value does not apply."""
+    return "" if value is None else str(value)
+
+
 def plot(results: list[BenchResult], path: str) -> None:
     """The sweep as bars: tokens/s (mean, with the standard deviation, the value written on
     each bar) per configuration, one panel per test. Bars are labelled by what varies across
@@ -162,7 +174,7 @@ def plot(results: list[BenchResult], path: str) -> None:
         ax = fig.add_subplot(len(tests), 1, k + 1)
         rows = [r for r in results if r.test == test]
         means = [r.ts_mean for r in rows]
-        bars = ax.bar(range(len(rows)), means, yerr=[r.ts_sd for r in rows])
+        bars = ax.bar(range(len(rows)), means, yerr=[r.ts_sd or 0.0 for r in rows])
         ax.bar_label(bars, [f"{m:,.3g}" if m < 1000 else f"{m:,.0f}" for m in means], fontsize=7)
         if min(means) > 0 and max(means) / min(means) > 20:
             ax.set_yscale("log")
@@ -188,5 +200,5 @@ def _config(r: BenchResult, varies: Sequence[str]) -> str:
     if "graphs" in varies:
         parts.append(f"graphs {r.graphs}")
     if "strategy" in varies or "vram" in varies:
-        parts.append(r.strategy + (f" @{r.vram} GiB" if r.vram else ""))
+        parts.append(r.strategy + (f" @{r.vram:g} GiB" if r.vram is not None else ""))
     return " ".join(parts) or r.test

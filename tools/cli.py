@@ -16,11 +16,21 @@ weights) or random:ARCH (a built-in architecture with generated weights).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from backends import BackendError
+from engine.options import OptionsError
+from engine.passes.offload import PolicyError
+from graph.drawing import GraphvizMissing
 from graph.ops import GraphError
+from tools.args import UsageError
+
+USAGE = (UsageError, OptionsError, PolicyError)
+"""Errors in what the command line asks for (exit status 2)."""
+KNOWN = (GraphError, BackendError, ValueError, OSError, MemoryError, GraphvizMissing)
+"""Failures the engine reports in words (exit status 1); anything else is a bug, said so."""
 
 __all__ = ["main", "parser"]
 
@@ -56,7 +66,14 @@ def parser() -> argparse.ArgumentParser:
     from tools.args import run_flags
 
     p = argparse.ArgumentParser(
-        prog="streamgraph", description="A compute-graph engine for decoder LLMs."
+        prog="streamgraph",
+        description="A compute-graph engine for decoder LLMs. Exit status: 0 done, 1 the work "
+        "failed, 2 a usage error.",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, show the traceback too (or set STREAMGRAPH_DEBUG=1)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     b = sub.add_parser(
@@ -96,18 +113,41 @@ def parser() -> argparse.ArgumentParser:
     model_commands.add_generate(sub)
     model_commands.add_info(sub)
     model_commands.add_perplexity(sub)
+    for command in sub.choices.values():  # also after the command's name
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command: 0 on success; 2 for a usage error (a flag, a value, a file named that
+    does not exist: found before any work); 1 when the work fails (a broken model file, no
+    GPU, too little memory, a file that cannot be written). Either way one line on stderr;
+    ``--debug`` (or ``STREAMGRAPH_DEBUG``) shows the traceback as well."""
     args = parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (GraphError, BackendError, ValueError) as e:
-        print(f"streamgraph {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        print(f"streamgraph {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug or os.environ.get("STREAMGRAPH_DEBUG", "0") not in ("", "0"):
+            raise
+        status = 2 if isinstance(e, USAGE) else 1
+        what = "error" if isinstance(e, KNOWN) else f"internal error ({type(e).__name__})"
+        print(f"streamgraph {args.command}: {what}: {_one_line(e)}", file=sys.stderr)
+        return status
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (a library's may span several)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, MemoryError):
+        text = f"out of memory{': ' + text if text != 'MemoryError' else ''}"
+    return text
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 __all__ = ["add_generate", "add_info", "add_perplexity"]
@@ -30,26 +31,33 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace, command: str, **override: Any) -> tuple[Any, Any, Any]:
-    """The model file, its tokenizer and a session with the run flags' options."""
+def _open(args: argparse.Namespace, command: str, **override: Any) -> tuple[Any, Any, Any]:
+    """The run options (checked first), the model file's header and its tokenizer: what a
+    command needs before it decides whether its inputs fit, and before any weight is read."""
     from engine.model.gguf import open_gguf
-    from engine.model.session import Session
     from engine.model.tokenizer import Tokenizer
     from tools.args import ModelArg, options_from
 
     options = options_from(args, **override)  # checked before anything is loaded
     path = ModelArg.parse(args.model).need_file(command)
-    t0 = time.perf_counter()
     model = open_gguf(path)
-    tok = Tokenizer.from_gguf(model.reader)
+    return options, model, Tokenizer.from_gguf(model.reader)
+
+
+def _session(options: Any, model: Any) -> Any:
+    """A session of ``model`` with ``options``: its weights read (dequantized) and placed."""
+    from backends import get_backend
+    from engine.model.session import Session, check_memory, plan_for
+
+    t0 = time.perf_counter()
     cfg = model.config.replace(dtype=options.weight_dtype)
-    weights = model.weights(cfg.dtype)
-    sess = Session(cfg, weights, options=options)
+    check_memory(plan_for(cfg, options), get_backend(options.backend))  # before any weight
+    sess = Session(cfg, model.weights(cfg.dtype), options=options)
     where = sess.backend.name
     if sess.placement is not None:
         where += f", {options.offload}" + (f" in {options.vram:g} GiB" if options.vram else "")
-    _log(f"loaded {cfg.name} ({path.name}) on {where} in {time.perf_counter() - t0:.1f} s")
-    return model, tok, sess
+    _log(f"loaded {cfg.name} ({model.path.name}) on {where} in {time.perf_counter() - t0:.1f} s")
+    return sess
 
 
 # -- generate ------------------------------------------------------------------------------------
@@ -85,27 +93,32 @@ def add_generate(sub: Any) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from engine.model.sampling import Sampler, SamplerConfig
+    from tools.args import UsageError
 
     if args.n_predict < 0:
-        raise ValueError(f"-n must be >= 0, got {args.n_predict}")
+        raise UsageError(f"-n takes a count >= 0, not {args.n_predict}")
+    _utf8(args.prompt, "the prompt")
     if args.trace:
         from tools.timeline import check_path
 
         check_path(args.trace)  # before loading the model, not after the run
-    sampler = Sampler(
-        SamplerConfig(
+    try:
+        config = SamplerConfig(
             args.temp, args.top_k, args.top_p, args.repeat_penalty, args.repeat_last_n, args.seed
         )
-    )
-    _, tok, sess = _load(args, "generate")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    options, model, tok = _open(args, "generate")
     ids = tok.encode(args.prompt, add_bos=False if args.no_bos else None)
     if not ids:
-        raise ValueError("the prompt is empty and the model adds no BOS: nothing to start from")
-    if len(ids) + args.n_predict > sess.n_ctx:
-        raise ValueError(
+        raise UsageError("the prompt is empty and the model adds no BOS: nothing to start from")
+    if len(ids) + args.n_predict > options.n_ctx:
+        raise UsageError(
             f"prompt ({len(ids)} tokens) + -n {args.n_predict} exceed the context "
-            f"{sess.n_ctx}; raise -c"
+            f"{options.n_ctx}; raise -c"
         )
+    sess = _session(options, model)
+    sampler = Sampler(config)
     if args.trace:
         from engine.views.trace import Trace
 
@@ -179,20 +192,23 @@ def _perplexity(args: argparse.Namespace) -> int:
     (where the model adds one), cut into windows of ``-c`` tokens, each window's first token
     replaced by BOS, and the second half of each window scored."""
     from engine.model.perplexity import perplexity
+    from tools.args import UsageError
 
     if args.chunks == 0 or args.chunks < -1:
-        raise ValueError(f"--chunks takes a window count >= 1, or -1 for all; got {args.chunks}")
-    try:
-        with open(args.file, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read {args.file}: {e.strerror or e}") from None
-    _, tok, sess = _load(args, "perplexity", n_batch=args.ctx_size)
+        raise UsageError(f"--chunks takes a window count >= 1, or -1 for all; got {args.chunks}")
+    text = _read_text(args.file, "-f")
+    options, model, tok = _open(args, "perplexity", n_batch=args.ctx_size)
     ids = tok.encode(text)  # BOS first where the model adds one, as llama.cpp tokenizes
     bos = tok.bos_id if tok.add_bos else None
     n_ctx = args.ctx_size
+    if n_ctx < 4 or len(ids) < 2 * n_ctx:  # (before the weights are read)
+        raise UsageError(
+            f"-f {args.file} holds {len(ids)} tokens; perplexity with -c {n_ctx} needs at "
+            f"least {max(2 * n_ctx, 8)} (as llama.cpp) and -c >= 4: more text or a smaller -c"
+        )
+    sess = _session(options, model)
     _log(f"{len(ids)} tokens, windows of {n_ctx}, scoring the second half of each")
-    if args.chunks > 0 and len(ids) >= 2 * n_ctx:  # (too little text: perplexity() says so)
+    if args.chunks > 0:
         ids = ids[: max(args.chunks, 2) * n_ctx]
     t0 = time.perf_counter()
     last = None
@@ -206,3 +222,39 @@ def _perplexity(args: argparse.Namespace) -> int:
         secs = time.perf_counter() - t0
         print(f"Final estimate: PPL = {last.ppl:.4f} over {last.n_scored} tokens ({secs:.1f} s)")
     return 0
+
+
+def _utf8(text: str, what: str) -> None:
+    """Refuse text with bytes that are not UTF-8 (they reach Python as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        from tools.args import UsageError
+
+        bad = text[e.start].encode("utf-8", "surrogateescape")
+        raise UsageError(
+            f"{what} is not valid UTF-8 (byte 0x{bad.hex()} at character {e.start}); "
+            "give UTF-8 text"
+        ) from None
+
+
+def _read_text(path: str, flag: str) -> str:
+    """A UTF-8 text file's contents; a missing file is a usage error, an unreadable or
+    undecodable one a failure, each naming the file."""
+    from tools.args import UsageError
+
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{flag} {path}: no such file")
+    if p.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a text file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise OSError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None

@@ -296,14 +296,18 @@ def render_png(source: Trace | dict[str, Any] | str | Path, path: str | Path) ->
 def check_path(path: str | Path) -> Path:
     """The JSON path of ``--trace``, refused before a long run rather than after it: a ``.png``
     name (the PNG goes beside the JSON) or a folder that does not exist."""
+    from tools.args import UsageError
+
     path = Path(path)
     if path.suffix.lower() == ".png":
-        raise ValueError(
+        raise UsageError(
             f"--trace takes the JSON path ({path.with_suffix('.json')}); the PNG is written "
             "beside it"
         )
+    if path.is_dir():
+        raise UsageError(f"--trace {path} is a directory; give a .json file name")
     if not path.parent.is_dir():
-        raise ValueError(f"--trace {path}: folder {path.parent} does not exist")
+        raise UsageError(f"--trace {path}: folder {path.parent} does not exist")
     return path
 
 

@@ -11,6 +11,7 @@ on the untempered distribution), temperature, then a draw. ``temperature <= 0`` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,15 +30,36 @@ class SamplerConfig:
     seed: int | None = None  # None: a fresh random seed
 
     def __post_init__(self) -> None:
-        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0 or self.repeat_penalty <= 0:
-            raise ValueError(
-                f"bad sampling settings: top_k={self.top_k} (>= 0), top_p={self.top_p} (0..1], "
-                f"repeat_penalty={self.repeat_penalty} (> 0)"
-            )
+        """Each setting checked, the error naming its command-line flag (a negative
+        temperature, say, would otherwise quietly mean greedy)."""
+        checks = [
+            ("--temp", self.temperature, _finite(self.temperature) and self.temperature >= 0,
+             "a number >= 0 (0 is greedy)"),
+            ("--top-k", self.top_k, _int(self.top_k) and self.top_k >= 0, "a count >= 0 (0: off)"),
+            ("--top-p", self.top_p, _finite(self.top_p) and 0.0 < self.top_p <= 1.0,
+             "a number in (0, 1] (1: off)"),
+            ("--repeat-penalty", self.repeat_penalty,
+             _finite(self.repeat_penalty) and self.repeat_penalty > 0, "a number > 0 (1: off)"),
+            ("--repeat-last-n", self.repeat_last_n,
+             _int(self.repeat_last_n) and self.repeat_last_n >= 0, "a count >= 0"),
+            ("--seed", self.seed, self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**63),
+             "a whole number from 0 to 2**63 - 1"),
+        ]  # fmt: skip
+        for flag, value, ok, need in checks:
+            if not ok:
+                raise ValueError(f"{flag} takes {need}, not {value!r}")
 
     @classmethod
     def greedy(cls) -> SamplerConfig:
         return cls(temperature=0.0, top_k=0, top_p=1.0)
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class Sampler:

@@ -48,7 +48,7 @@ from graph.dtypes import dtype_of, f32
 from graph.models import FULL, STACKED, ModelConfig, weight_shapes
 from graph.ops import GraphError
 
-__all__ = ["Session", "GenerationStats", "KV_PAD", "plan_for"]
+__all__ = ["Session", "GenerationStats", "KV_PAD", "plan_for", "check_memory"]
 
 
 def plan_for(cfg: ModelConfig, options: Options, backend: str | Backend | None = None) -> ModelPlan:
@@ -62,6 +62,21 @@ def plan_for(cfg: ModelConfig, options: Options, backend: str | Backend | None =
     spec = device_spec(target)
     costs, source = costs_for(options, target if isinstance(target, Backend) else spec.backend)
     return plan_model(cfg, spec, options, costs, source)
+
+
+def check_memory(plan: ModelPlan, backend: Backend, there: int = 0) -> None:
+    """Refuse, before anything is allocated or read, a plan whose weights and KV caches the
+    backend's memory cannot hold (a ``-c`` of a billion tokens fails here, in a second, not
+    after the weights are loaded). ``there``: weight bytes already in that memory."""
+    from engine.passes.offload import human
+
+    if plan.split is not None:  # (a split's caches live on two backends; each part is small)
+        return
+    kv, weights = plan.kv_bytes, max(0, plan.device_weight_bytes - there)
+    what = (
+        f"{human(weights)} of weights and {human(kv)} of KV cache ({plan.options.n_ctx} positions)"
+    )
+    backend.check_fits(weights + kv, what)
 
 
 class Session:
@@ -106,6 +121,8 @@ class Session:
                 f"the plan was made for {plan.spec}, not this backend's {self.backend.spec}"
             )
         self.plan = mp = plan if plan is not None else plan_for(cfg, options, self.backend)
+        on_device = {id(w): w.nbytes for w in weights.values() if not isinstance(w, np.ndarray)}
+        check_memory(mp, self.backend, sum(on_device.values()))
         self.cfg, self.n_ctx, self.n_batch = mp.config, options.n_ctx, mp.n_batch
         self.placement = mp.placement
         self.split = mp.split

@@ -43,6 +43,7 @@ from graph.ir import Graph
 from graph.ops import GraphError
 
 __all__ = [
+    "PolicyError",
     "LayerPlacement",
     "Placement",
     "place",
@@ -55,6 +56,11 @@ GPU, STREAMED, HOST = "gpu", "streamed", "host"
 EMBEDDING = -1
 ARRANGEMENTS = ("first", "last", "spread")  # where auto puts its resident blocks (``_pick``)
 _STRATEGY = re.compile(r"^\*(\d+)\+(\d*)$")
+
+
+class PolicyError(GraphError):
+    """An offload policy a model cannot take (its grammar, or a layer count beyond the
+    model's): a usage error, found before any weight is read."""
 
 
 @dataclass(frozen=True)
@@ -187,20 +193,20 @@ def parse_policy(policy: str, n_layer: int, check_range: bool = True) -> tuple[s
         except ValueError:
             n = -1
         if n < 0:
-            raise GraphError(f"offload policy {policy!r}: ngl= takes a layer count >= 0")
+            raise PolicyError(f"offload policy {policy!r}: ngl= takes a layer count >= 0")
         return "ngl", n, 0
     m = _STRATEGY.match(p)
     if m:
         n, k = int(m.group(1)), int(m.group(2) or 0)
         if check_range and n > n_layer:
-            raise GraphError(
+            raise PolicyError(
                 f"offload policy {policy!r}: the model has {n_layer} blocks, so *N+K keeps at "
                 f"most N={n_layer} resident (the head stays resident when the budget holds it); "
                 "for everything on the device use all"
             )
         return "stream", n, k
     head = f"; {n_layer + 1} includes the head" if check_range else ""
-    raise GraphError(
+    raise PolicyError(
         f"unknown offload policy {policy!r}: use all, auto, ngl=N (n_gpu_layers{head}) or "
         "*N+K (N layers resident, the rest streamed K ahead)"
     )
@@ -297,7 +303,7 @@ def place(
     room = None if budget is None else budget - reserve
     if kind == "auto":
         if room is None:
-            raise GraphError("offload policy 'auto' needs a budget (--vram)")
+            raise PolicyError("offload policy 'auto' needs a budget (--vram)")
         return _auto(sizes, n_layer, room, costs, budget, copies, host)
     where: dict[int, str] = {}
     cause: dict[int, str] = {}
@@ -327,7 +333,7 @@ def place(
             cause[n_layer] = "head: resident (read every token, the budget holds it)"
     out = _finish(policy, budget, sizes, where, cause, k, costs, copies=copies, host=host)
     if room is not None and out.device_bytes > room:
-        raise GraphError(_too_small(out, room, reserve))
+        raise PolicyError(_too_small(out, room, reserve))
     return out
 
 

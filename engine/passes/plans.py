@@ -110,6 +110,14 @@ class ModelPlan:
         return next((s.first for s in self.segments if s.on_host), None)
 
     @property
+    def kv_bytes(self) -> int:
+        """Bytes of the KV caches (every layer's K and V, wherever its segment runs)."""
+        cfg = self.config
+        item = {"f32": 4, "f16": 2, "bf16": 2}[self.options.kv_type]
+        per_row = 2 * cfg.n_head_kv * cfg.head_dim * item
+        return sum(self.kv_rows[kind] * per_row for kind in cfg.layer_kinds)
+
+    @property
     def device_weight_bytes(self) -> int:
         """Weights the device holds: resident layers plus the ring (all of them unplaced)."""
         if self.placement is None:
