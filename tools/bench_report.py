@@ -189,7 +189,10 @@ def plot(results: list[BenchResult], path: str) -> None:
         ax.set_title(f"{rows[0].model} {rows[0].dtype} {test} ({rows[0].backend})", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from tools.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def _config(r: BenchResult, varies: Sequence[str]) -> str:

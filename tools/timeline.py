@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.views.trace import COPY, CPU, HOST, PASSES, Trace
+from tools.files import atomic_path, write_atomic
 
 __all__ = [
     "to_chrome",
@@ -183,7 +184,7 @@ def write_chrome(trace: Trace | dict[str, Any], path: str | Path) -> Path:
     doc = to_chrome(trace) if isinstance(trace, Trace) else trace
     validate(doc)
     path = Path(path)
-    path.write_text(json.dumps(doc, separators=(",", ":")), encoding="utf-8")
+    write_atomic(path, json.dumps(doc, separators=(",", ":")))
     return path
 
 
@@ -289,7 +290,8 @@ def render_png(source: Trace | dict[str, Any] | str | Path, path: str | Path) ->
     )
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, bbox_inches="tight", format="png")
     return path
 
 
