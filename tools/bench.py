@@ -48,7 +48,6 @@ from engine.model.weights import device_weights
 from engine.options import Options
 from engine.passes.plans import StepKey
 from engine.views.trace import Trace
-from graph.dtypes import f32
 from graph.ops import GraphError
 from tools import timeline
 from tools.args import ModelArg, UsageError, sweep_from
@@ -351,7 +350,7 @@ def _result(job: _Job, source: _Source, reps: int) -> BenchResult:
     cfg = sess.cfg
     return BenchResult(
         source.name,
-        round(_weight_bytes(cfg, o.stack) / 2**20, 2),
+        round(cfg.n_bytes(o.stack) / 2**20, 2),
         round(cfg.n_params() / 1e6, 2),
         c.backend.name,
         cfg.dtype.name,
@@ -376,15 +375,6 @@ def _result(job: _Job, source: _Source, reps: int) -> BenchResult:
         round(_percentile(steps, 50) * 1e3, 3) if steps else None,
         round(_percentile(steps, 90) * 1e3, 3) if steps else None,
     )
-
-
-def _weight_bytes(cfg: Any, stack: bool) -> int:
-    from graph.models import weight_shapes
-
-    shapes = weight_shapes(cfg, stack)
-    if cfg.tied_embeddings:
-        shapes.pop("output.weight", None)
-    return sum((cfg.dtype if len(s) == 2 else f32).nbytes(s) for s in shapes.values())
 
 
 def _generate(sess: Session, prompt: list[int], n: int) -> Sample:

@@ -121,7 +121,7 @@ class ModelPlan:
     def device_weight_bytes(self) -> int:
         """Weights the device holds: resident layers plus the ring (all of them unplaced)."""
         if self.placement is None:
-            return _all_weight_bytes(self.config, self.options.stack)
+            return self.config.n_bytes(self.options.stack)
         extra = self.ring.cache_bytes if self.ring is not None else 0
         return self.placement.device_bytes + extra
 
@@ -154,15 +154,6 @@ class ModelPlan:
         if self.ring is not None:
             lines.append(str(self.ring))
         return "\n".join(lines)
-
-
-def _all_weight_bytes(cfg: ModelConfig, stack: bool) -> int:
-    from graph.models import weight_shapes
-
-    shapes = weight_shapes(cfg, stack)
-    if cfg.tied_embeddings:
-        shapes.pop("output.weight", None)
-    return sum((cfg.dtype if len(s) == 2 else f32).nbytes(s) for s in shapes.values())
 
 
 def plan_model(

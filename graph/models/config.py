@@ -85,6 +85,14 @@ class ModelConfig:
             total += n
         return total
 
+    def n_bytes(self, stack: bool = False) -> int:
+        """Bytes of every weight as stored: matrices in ``dtype``, norm vectors in f32 (a tied
+        head counted once)."""
+        shapes = weight_shapes(self, stack)
+        if self.tied_embeddings:
+            shapes.pop("output.weight", None)
+        return sum((self.dtype if len(s) == 2 else f32).nbytes(s) for s in shapes.values())
+
 
 STACKED: dict[str, tuple[str, ...]] = {
     "attn_qkv": ("attn_q", "attn_k", "attn_v"),
