@@ -163,3 +163,12 @@ def test_random_command_lines_end_in_one_line_or_success(
         assert len(lines) == 1 and ": error: " in lines[0], (command, words, text)
     leftovers = [p.name for p in work.iterdir() if p.name.endswith((".part", ".tmp"))]
     assert not leftovers, leftovers
+
+
+def test_text_a_model_writes_cannot_drive_the_terminal() -> None:
+    """A crafted vocabulary's pieces may hold escape sequences: generate writes control
+    characters as visible escapes, newlines and tabs as they are."""
+    from tools.model_commands import _CONTROLS
+
+    assert "red\x1b[31m\x07\x9b\x00".translate(_CONTROLS) == "red\\x1b[31m\\x07\\x9b\\x00"
+    assert "two\nlines\tand é ✓".translate(_CONTROLS) == "two\nlines\tand é ✓"

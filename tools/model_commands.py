@@ -130,9 +130,9 @@ def _generate(args: argparse.Namespace) -> int:
     for token in sess.generate(ids, args.n_predict, sampler, stop=tok.eot_ids):
         text = stream.push(token)
         if text:
-            out.write(text)
+            out.write(text.translate(_CONTROLS))
             out.flush()
-    out.write(stream.flush() + "\n")
+    out.write(stream.flush().translate(_CONTROLS) + "\n")
     out.flush()
     s = sess.stats
     _log(
@@ -222,6 +222,13 @@ def _perplexity(args: argparse.Namespace) -> int:
         secs = time.perf_counter() - t0
         print(f"Final estimate: PPL = {last.ppl:.4f} over {last.n_scored} tokens ({secs:.1f} s)")
     return 0
+
+
+_CONTROLS = {
+    c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if chr(c) not in "\n\t"
+}
+"""Control characters (ESC starts terminal escape sequences) in text the model writes, which
+a crafted vocabulary could hold: written as visible escapes; newlines and tabs pass."""
 
 
 def _utf8(text: str, what: str) -> None:
