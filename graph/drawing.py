@@ -18,11 +18,18 @@ plus ``n_layer`` (the head's layer tag), ``edges`` ([src, dst] data dependencies
 ``waits`` ([producer step, waiting step, producer stream, waiting stream] event waits between
 streams), ``layers`` (per layer: where its weights live and why), ``summary`` and ``title``.
 Graphs display themselves in Jupyter through ``Graph._repr_svg_``, which uses this module.
+
+Every string of a document reaches DOT escaped for where it goes (a quoted string, an HTML-like
+label, a tooltip: ``_quoted``, ``_html``, ``_tip``), and every number is formatted as one
+(``_int``), so a document from a file cannot add attributes, links or markup to the picture;
+``graph.documents.check_dump`` checks such a document first.
 """
 
 from __future__ import annotations
 
 import html
+import operator
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -30,7 +37,16 @@ from typing import Any
 
 from graph.ops import VIEW_OPS, Op
 
-__all__ = ["FORMAT", "document", "to_dot", "render", "GraphvizMissing", "DEVICE_COLOURS"]
+__all__ = [
+    "FORMAT",
+    "document",
+    "to_dot",
+    "render",
+    "require_graphviz",
+    "GraphvizMissing",
+    "GraphvizFailed",
+    "DEVICE_COLOURS",
+]
 
 FORMAT = "streamgraph-dump/1"
 KINDS = {Op.INPUT: "input", Op.WEIGHT: "weight", Op.CONSTANT: "constant", Op.STATE: "state"}
@@ -47,10 +63,17 @@ INSTALL = (
     "Graphviz's `dot` is not installed: apt-get install graphviz (or brew install graphviz, "
     "conda install graphviz); .dot, .json and .html dumps work without it"
 )
+# characters XML 1.0 (so SVG) cannot hold, and lone surrogates, which no encoding can
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
 
 
 class GraphvizMissing(RuntimeError):
     """Rendering .svg/.png needs Graphviz's ``dot`` program."""
+
+
+class GraphvizFailed(OSError):
+    """Graphviz's ``dot`` ran and failed, or ran out of time: an external program's failure,
+    reported in one line as a failed write is."""
 
 
 def _layers(graph: Any) -> list[int | None]:
@@ -171,7 +194,7 @@ def to_dot(doc: Mapping[str, Any], offsets: bool = False, weights: bool = True) 
         "  rankdir=TB; nodesep=0.15; ranksep=0.25;",
         '  node [fontname="Helvetica", fontsize=10, margin="0.06,0.03", height=0.3];',
         '  edge [color="#777777", arrowsize=0.5];',
-        f'  graph [fontname="Helvetica", fontsize=12, labelloc=t, label="{_esc(_title(doc))}"];',
+        f'  graph [fontname="Helvetica", fontsize=12, labelloc=t, label="{_quoted(_title(doc))}"];',
     ]
     # a leaf read all over the graph (positions, cache indices, a tied embedding read again
     # by the head) is drawn again in each layer that reads it: one node with edges into every
@@ -186,7 +209,7 @@ def to_dot(doc: Mapping[str, Any], offsets: bool = False, weights: bool = True) 
             a, b = nodes[src], nodes[dst]
             if a["kind"] in LEAVES and (users[src] > 2 or a["layer"] != b["layer"]):
                 key = (src, b["layer"])
-                proxies.setdefault(key, f"n{src}_in{len(proxies)}")
+                proxies.setdefault(key, f"n{_int(src)}_in{len(proxies)}")
                 edge_src[(src, dst)] = proxies[key]
     proxied = {src for src, _ in proxies}
     drawn = {i: _drawn_layer(nodes, i) for i in shown}
@@ -220,9 +243,9 @@ def to_dot(doc: Mapping[str, Any], offsets: bool = False, weights: bool = True) 
                 label += f": {info['where']}" + (
                     f" slot {info['slot']}" if info.get("slot") is not None else ""
                 )
-            lines.append(f'  subgraph "cluster_layer_{layer}" {{')
+            lines.append(f'  subgraph "cluster_layer_{_int(layer)}" {{')
             lines.append(
-                f'    label="{_esc(label)}"; style="rounded"; color="#bbbbbb"; fontsize=11;'
+                f'    label="{_quoted(label)}"; style="rounded"; color="#bbbbbb"; fontsize=11;'
             )
             indent = "    "
         groups: dict[int, list[int]] = {}
@@ -240,9 +263,9 @@ def to_dot(doc: Mapping[str, Any], offsets: bool = False, weights: bool = True) 
         for i in loose:
             lines.append(indent + _node_line(nodes[i], offsets, multi))
         for anchor, members in groups.items():
-            lines.append(f'{indent}subgraph "cluster_fused_{anchor}" {{')
+            lines.append(f'{indent}subgraph "cluster_fused_{_int(anchor)}" {{')
             lines.append(
-                f'{indent}  label="fused: {_esc(nodes[members[0]]["fused"])}"; style="dotted";'
+                f'{indent}  label="fused: {_quoted(nodes[members[0]]["fused"])}"; style="dotted";'
                 ' fontsize=9; color="#555555";'
             )
             for i in members:
@@ -252,7 +275,7 @@ def to_dot(doc: Mapping[str, Any], offsets: bool = False, weights: bool = True) 
             lines.append("  }")
     for src, dst in doc["edges"]:
         if src in shown and dst in shown:
-            lines.append(f"  {edge_src.get((src, dst), f'n{src}')} -> n{dst};")
+            lines.append(f"  {edge_src.get((src, dst), f'n{_int(src)}')} -> n{_int(dst)};")
     # a layer's weights and inputs start below the layer before it: beside it, they would
     # make the two clusters share ranks and sit side by side, each layer drifting sideways
     order = sorted(k for k in by_layer if k is not None)
@@ -266,15 +289,16 @@ def to_dot(doc: Mapping[str, Any], offsets: bool = False, weights: bool = True) 
             continue
         for i in by_layer[k]:
             if isinstance(i, str) or nodes[i]["kind"] in LEAVES:
-                name = i if isinstance(i, str) else f"n{i}"
-                lines.append(f"  n{last_of[prev]} -> {name} [style=invis];")
+                name = i if isinstance(i, str) else f"n{_int(i)}"
+                lines.append(f"  n{_int(last_of[prev])} -> {name} [style=invis];")
     lines.append("  " + _legend(doc, multi))
     for w in doc.get("waits", []):
         src, dst = w[0], w[1]
         if src in shown and dst in shown:
             lines.append(
-                f'  n{src} -> n{dst} [style=dashed, color="#d62728", constraint=false, '
-                f'fontsize=8, fontcolor="#d62728", label="wait s{w[2]}→s{w[3]}"];'
+                f'  n{_int(src)} -> n{_int(dst)} [style=dashed, color="#d62728", '
+                f'constraint=false, fontsize=8, fontcolor="#d62728", '
+                f'label="wait s{_int(w[2])}→s{_int(w[3])}"];'
             )
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -286,7 +310,7 @@ def _legend(doc: Mapping[str, Any], multi: bool) -> str:
     names = {"gpu": "GPU", "cpu": "CPU backend", "streamed": "streamed", "host": "host memory"}
     cells = [f'<TD BGCOLOR="{DEVICE_COLOURS[d]}">{names[d]}</TD>' for d in names if d in used]
     if multi:
-        streams = sorted({n["stream"] for n in doc["nodes"] if n["stream"] is not None})
+        streams = sorted({_int(n["stream"]) for n in doc["nodes"] if n["stream"] is not None})
         cells += [
             f'<TD><FONT COLOR="{STREAM_COLOURS[k % len(STREAM_COLOURS)]}">stream {k}</FONT></TD>'
             for k in streams
@@ -311,27 +335,58 @@ def _title(doc: Mapping[str, Any]) -> str:
     return f"{title}\n{_summary_text(doc)}"
 
 
-def _esc(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _int(v: Any) -> int:
+    """``v`` if it is an int: a number written into DOT is a number, never text that might
+    hold quotes or markup (a ``TypeError`` for anything else)."""
+    return operator.index(v)
+
+
+def _text(v: Any) -> str:
+    """``v`` as text XML can carry: characters it cannot hold become U+FFFD."""
+    return _NOT_XML.sub("\ufffd", str(v))
+
+
+def _quoted(v: Any) -> str:
+    """``v`` inside a DOT quoted string (``label="..."``), shown as written: backslashes are
+    doubled (``\\N`` would be the node's name), quotes escaped, ``&`` written as an entity
+    (Graphviz reads entities in labels), line breaks as ``\\n``."""
+    text = _text(v).replace("\\", "\\\\").replace('"', '\\"').replace("&", "&amp;")
+    return text.replace("\r", "").replace("\n", "\\n")
+
+
+def _html(v: Any) -> str:
+    """``v`` inside an HTML-like label (``label=<...>``): markup escaped so that no text can
+    close the label or add an element (``<TABLE HREF=...>`` would be a link), backslashes
+    doubled as in quoted strings, line breaks as spaces."""
+    text = html.escape(_text(v), quote=True).replace("\\", "\\\\")
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def _tip(v: Any) -> str:
+    """``v`` inside a quoted tooltip: Graphviz reads a tooltip's escapes twice (``\\n`` there
+    is a line break), so its backslashes are doubled once more than a label's."""
+    return _quoted(_text(v).replace("\\", "\\\\"))
 
 
 def _node_line(n: Mapping[str, Any], offsets: bool, multi: bool, name: str | None = None) -> str:
-    shape = "x".join(map(str, n["shape"])) or "scalar"
-    head = html.escape(n["op"]) if n["kind"] == "compute" else html.escape(n["kind"])
-    rows = [f"<B>{head}</B> {html.escape(n['label'])}"]
-    rows.append(f"{shape} {n['dtype']} · {_bytes(n['bytes'])}")
+    shape = "x".join(str(_int(d)) for d in n["shape"]) or "scalar"
+    head = n["op"] if n["kind"] == "compute" else n["kind"]
+    rows = [f"<B>{_html(head)}</B> {_html(n['label'])}"]
+    rows.append(_html(f"{shape} {_text(n['dtype'])} · {_bytes(n['bytes'])}"))
     extra = []
     if multi and n["stream"] is not None:
-        extra.append(f"stream {n['stream']}")
+        extra.append(f"stream {_int(n['stream'])}")
     if n["kind"] == "weight" and n["device"]:
-        extra.append(n["device"] + (f" slot {n['slot']}" if n["slot"] is not None else ""))
+        slot = f" slot {_int(n['slot'])}" if n["slot"] is not None else ""
+        extra.append(_text(n["device"]) + slot)
     if offsets and n["offset"] is not None:
-        extra.append(f"@{n['offset']:#x}")
+        extra.append(f"@{_int(n['offset']):#x}")
     if extra:
-        rows.append(html.escape(" · ".join(extra)))
+        rows.append(_html(" · ".join(extra)))
     label = "<" + "<BR/>".join(rows) + ">"
-    fill = DEVICE_COLOURS.get(n["device"], "#ffffff")
-    attrs = [f"label={label}", f'fillcolor="{fill}"', f'tooltip="{_esc(_tooltip(n))}"']
+    fill = DEVICE_COLOURS.get(n["device"], "#ffffff") if isinstance(n["device"], str) else None
+    fill = fill or DEVICE_COLOURS[None]
+    attrs = [f"label={label}", f'fillcolor="{fill}"', f'tooltip="{_tip(_tooltip(n))}"']
     kind = n["kind"]
     if kind == "weight":
         attrs += ["shape=box", 'style="filled"', "fontsize=8"]
@@ -344,11 +399,11 @@ def _node_line(n: Mapping[str, Any], offsets: bool, multi: bool, name: str | Non
     else:
         attrs += ["shape=box", 'style="rounded,filled"']
     if multi and n["stream"] is not None:
-        colour = STREAM_COLOURS[n["stream"] % len(STREAM_COLOURS)]
+        colour = STREAM_COLOURS[_int(n["stream"]) % len(STREAM_COLOURS)]
         attrs += [f'color="{colour}"', "penwidth=2"]
     if name is not None:  # a leaf drawn again where it is read
         attrs.append("peripheries=2")
-    return f"{name or 'n' + str(n['id'])} [{', '.join(attrs)}];"
+    return f"{name or 'n' + str(_int(n['id']))} [{', '.join(attrs)}];"
 
 
 def _tooltip(n: Mapping[str, Any]) -> str:
@@ -359,16 +414,37 @@ def _tooltip(n: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def render(dot_text: str, fmt: str, timeout: float = 300.0) -> bytes:
-    """``dot_text`` rendered by Graphviz to ``fmt`` (svg, png, pdf...)."""
+def require_graphviz() -> str:
+    """The path of Graphviz's ``dot``, or ``GraphvizMissing`` saying how to install it: asked
+    before any work by those who will need it (``streamgraph dump -o x.svg``)."""
     exe = shutil.which("dot")
     if exe is None:
         raise GraphvizMissing(INSTALL)
-    done = subprocess.run(
-        [exe, f"-T{fmt}"], input=dot_text.encode(), capture_output=True, timeout=timeout
-    )
+    return exe
+
+
+def render(dot_text: str, fmt: str, timeout: float = 300.0) -> bytes:
+    """``dot_text`` rendered by Graphviz to ``fmt`` (svg, png, pdf...); ``GraphvizMissing``
+    without it, ``GraphvizFailed`` (one line, Graphviz's first complaint) when it fails."""
+    exe = require_graphviz()
+    try:
+        done = subprocess.run(
+            [exe, f"-T{fmt}"],
+            input=dot_text.encode("utf-8", "replace"),
+            capture_output=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise GraphvizFailed(
+            f"dot -T{fmt} took more than {timeout:g} s; draw fewer nodes "
+            "(--layers, --ops, --no-weights) or write .html"
+        ) from None
+    except OSError as e:
+        raise GraphvizFailed(f"dot -T{fmt} could not run: {e.strerror or e}") from None
     if done.returncode != 0:
-        raise RuntimeError(f"dot -T{fmt} failed: {done.stderr.decode(errors='replace')[:500]}")
+        said = done.stderr.decode(errors="replace").split("\n")
+        first = next((line.strip() for line in said if line.strip()), "no message")
+        raise GraphvizFailed(f"dot -T{fmt} failed (exit status {done.returncode}): {first[:300]}")
     return done.stdout
 
 
@@ -376,7 +452,7 @@ def svg_or_none(doc: Mapping[str, Any], **kw: Any) -> str | None:
     """SVG text for notebooks, or None where Graphviz is missing (they then show the text)."""
     try:
         return render(to_dot(doc, **kw), "svg").decode()
-    except (GraphvizMissing, RuntimeError, OSError, subprocess.TimeoutExpired):
+    except (GraphvizMissing, GraphvizFailed, OSError):
         return None
 
 

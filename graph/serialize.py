@@ -3,6 +3,10 @@
 Loading replays every node through the same checks the builder runs, so a file that is
 malformed, names an unknown op, reads a node that does not exist (a dangling reference or a
 cycle) or disagrees with shape inference raises ``GraphError`` with the node's position.
+Before that, the text's nesting is checked without recursion (``graph.documents.parse``), and
+sizes are bounded before anything is multiplied out: at most 32 dims, each within what a 64-bit
+index reaches, and no tensor, nor all of them together, larger than this machine can hold
+(``graph.documents.byte_limit``).
 """
 
 from __future__ import annotations
@@ -12,14 +16,18 @@ import dataclasses
 import json
 from typing import Any
 
-from graph.dtypes import DTYPES
+from graph import documents
+from graph.documents import DocumentError, count, human_bytes, show
+from graph.dtypes import DTYPES, DType
 from graph.ir import Graph, Node, make_node
-from graph.ops import PARAMS, GraphError, Op, Params, RopeMode
+from graph.ops import ALIAS_OPS, PARAMS, GraphError, Op, Params, RopeMode
 
 __all__ = ["to_dict", "from_dict", "to_json", "from_json", "FORMAT", "VERSION"]
 
 FORMAT = "streamgraph.graph"
 VERSION = 1
+MAX_DIMS = documents.MAX_DIMS  # ggml has 4; NumPy's arrays stop at 64
+MAX_INDEX = 2**63 - 1  # a dim, stride or offset beyond int64 indexes nothing any backend holds
 
 
 def _params_to_json(p: Params) -> dict[str, Any] | None:
@@ -73,6 +81,8 @@ def _params_from_json(op: Op, raw: Any, where: str) -> Params:
                     isinstance(e, int) and not isinstance(e, bool) for e in v
                 ):
                     raise TypeError(f"{k} must be a list of ints")
+                if len(v) > MAX_DIMS or any(abs(e) > MAX_INDEX for e in v):
+                    raise ValueError(f"{k} must be at most {MAX_DIMS} ints within ±(2**63-1)")
                 v = tuple(v)
             elif k in ("scale", "eps", "base", "freq_scale"):
                 if isinstance(v, bool) or not isinstance(v, int | float):
@@ -80,6 +90,8 @@ def _params_from_json(op: Op, raw: Any, where: str) -> Params:
                 v = float(v)
             elif isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{k} must be an int")
+            elif abs(v) > MAX_INDEX:
+                raise ValueError(f"{k} must lie within ±(2**63-1)")
             vals[k] = v
         return cls(**vals)
     except (KeyError, ValueError, TypeError) as e:
@@ -141,6 +153,7 @@ def from_dict(doc: Any) -> Graph:
         name = raw.get("name", "")
         if not isinstance(name, str):
             raise GraphError(f"{where}: name must be a string")
+        _check_extent(f"{where} ({name!r})", shape, DTYPES[raw["dtype"]])
         op = ops[raw["op"]]
         params = _params_from_json(op, raw.get("params"), f"{where} ('{name}')")
         try:
@@ -148,6 +161,7 @@ def from_dict(doc: Any) -> Graph:
         except GraphError as e:
             raise GraphError(f"{where}: {e}") from None
         nodes.append(node)
+    _check_total(nodes)
     for o in outputs:
         if not isinstance(o, int) or isinstance(o, bool) or not 0 <= o < len(nodes):
             raise GraphError(f"output {o!r} is not a node id (0..{len(nodes) - 1})")
@@ -159,13 +173,47 @@ def from_dict(doc: Any) -> Graph:
     return graph
 
 
+def _check_extent(where: str, shape: list[int], dtype: DType) -> None:
+    """A declared shape's dims and bytes within bounds, checked before any inference multiplies
+    them out: at most ``MAX_DIMS`` dims of at most ``MAX_INDEX`` each (so a product is at most
+    ~2000 bits, quick to compute) and bytes within ``byte_limit``. Negative dims and partial
+    quantized blocks are left to ``make_node``, which names them."""
+    if len(shape) > MAX_DIMS:
+        raise DocumentError(f"{where}: shape has {len(shape)} dims; at most {MAX_DIMS}")
+    for d in shape:
+        if d > MAX_INDEX:
+            raise DocumentError(f"{where}: dim {count(d)} exceeds 2**63-1, which nothing indexes")
+    if any(d < 0 for d in shape):
+        return
+    try:
+        nbytes = dtype.nbytes(tuple(shape))
+    except ValueError:
+        return
+    limit, what = documents.byte_limit()
+    if nbytes > limit:
+        raise DocumentError(
+            f"{where}: {show(tuple(shape))} {dtype.name} is {count(nbytes)} bytes "
+            f"({human_bytes(nbytes)}), more than {what}; is the file's shape right?"
+        )
+
+
+def _check_total(nodes: list[Node]) -> None:
+    """All the graph's tensors (leaves and computed values; views and in-place writes own no
+    bytes) together within ``byte_limit``: what running it could need with no reuse at all."""
+    total = sum(n.nbytes for n in nodes if n.op not in ALIAS_OPS)
+    limit, what = documents.byte_limit()
+    if total > limit:
+        raise DocumentError(
+            f"the graph's tensors hold {count(total)} bytes ({human_bytes(total)}) together, more "
+            f"than {what}; is the file's shape right?"
+        )
+
+
 def to_json(graph: Graph, indent: int | None = None) -> str:
     return json.dumps(to_dict(graph), indent=indent)
 
 
-def from_json(text: str | bytes) -> Graph:
-    try:
-        doc = json.loads(text)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, deep nesting
-        raise GraphError(f"graph JSON does not parse: {e}") from None
-    return from_dict(doc)
+def from_json(text: str | bytes, source: str = "graph JSON") -> Graph:
+    """The graph in ``text``; every problem is one ``GraphError`` (``source`` names the file
+    in messages about the text itself)."""
+    return from_dict(documents.parse(text, source))

@@ -180,3 +180,22 @@ def test_chromium_screenshot_is_a_picture(
     colours = np.unique((pixels * 255).round().astype(np.uint8).reshape(-1, 3), axis=0)
     assert len(colours) > 50 and pixels.std() > 0.05
     assert any(tuple(c) == CPU_FILL for c in colours), "no node drawn in the window"
+
+
+def test_chromium_writes_any_field_only_as_text(
+    chromium: str, tmp_path: Path, tiny: dict[str, Any]
+) -> None:
+    """The page escapes every value it writes into markup, the numeric fields' too: a document
+    that skipped ``graph.documents.check_dump`` (``to_html`` takes any) still adds no element.
+    Counts in the summary, a stream number and a layer tag went into the page raw."""
+    doc = copy.deepcopy(tiny)
+    bad = '<i class="pwned">x</i>'
+    doc["summary"].update(
+        edges=bad, steps=bad, fused_groups=bad, events=bad, predicted_ms=bad, streamed_bytes=bad
+    )
+    next(n for n in doc["nodes"] if n["stream"] is not None)["stream"] = bad  # the legend
+    weight = next(n for n in doc["nodes"] if n["kind"] == "weight")
+    weight["layer"] = '"><i class="pwned">'  # an attribute's value
+    dom = drawn(chromium, tmp_path, doc)
+    assert not re.search(r"<i\b[^>]*pwned", dom), "a document's value became an element"
+    assert "&lt;i class=" in dom  # shown, as text

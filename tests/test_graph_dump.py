@@ -5,10 +5,15 @@ problem. Rendering to .svg/.png needs Graphviz: those tests skip without it, exc
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -232,3 +237,185 @@ def test_dump_draws_the_plans_a_session_runs(opts: dict, prompt_len: int) -> Non
     doc = graph_dump.from_model("gemma3-tiny", options, prompt_len)
     assert doc["summary"]["launches"] == ex.n_launches
     assert doc["summary"]["costs"] == sess.plan.costs_source
+
+
+# ---- requests checked before work, files written whole, pictures that cannot be scripted ----
+
+
+def _no_planning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any planning fail the test: the checks below must come before it."""
+
+    def planned(*args: object, **kwargs: object) -> None:
+        raise AssertionError("planned before checking the request")
+
+    monkeypatch.setattr(graph_dump, "from_model", planned)
+    monkeypatch.setattr(graph_dump, "load", planned)
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_without_graphviz_dump_stops_before_planning(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    """No ``dot`` on PATH: one ``GraphvizMissing`` saying how to install it, raised before any
+    planning (it came at the bottom of a traceback, after the work)."""
+    from tools.cli import parser
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    _no_planning(monkeypatch)
+    out = tmp_path / "x.svg"
+    args = parser().parse_args(
+        ["dump", "-m", "gemma3-tiny", "-o", str(tmp_path / "x.dot"), "-o", str(out)]
+    )
+    with pytest.raises(drawing.GraphvizMissing) as info:
+        graph_dump.main(args)
+    assert "apt-get install graphviz" in str(info.value) and "\n" not in str(info.value)
+    assert not list(tmp_path.iterdir())  # not even the .dot, which needs no Graphviz
+    assert main(["dump", "-m", "gemma3-tiny", "-o", str(out)]) == 1
+    assert "apt-get install graphviz" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "name,fragment",
+    [
+        ("nodir/x.svg", "nodir does not exist"),
+        ("existing.svg", "it is a directory"),
+        ("file.txt/x.svg", "file.txt is not a directory"),
+        ("x.bmp", "use one of .json, .dot, .svg, .png, .html"),
+    ],
+)
+def test_outputs_are_checked_before_any_work(
+    name: str,
+    fragment: str,
+    tmp_path,
+    monkeypatch,
+    capsys,  # noqa: ANN001
+) -> None:
+    """A path that cannot be written is a usage error (exit status 2) naming the file, found
+    before planning; these were FileNotFoundError and IsADirectoryError tracebacks after it."""
+    (tmp_path / "existing.svg").mkdir()
+    (tmp_path / "file.txt").write_text("")
+    _no_planning(monkeypatch)
+    target = tmp_path / name
+    fine = tmp_path / "fine.json"
+    assert main(["dump", "-m", "gemma3-tiny", "-o", str(fine), "-o", str(target)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(target) in line and fragment in line
+    assert not fine.exists()
+
+
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path) -> None:  # noqa: ANN001
+    """A write that fails half-way (here the file-size limit; a full disk is the same) is one
+    line naming the file, and the file it would have replaced is untouched, with no temporary
+    file left beside it. The dump used to truncate the old file and leave half of the new."""
+    resource = pytest.importorskip("resource")
+    target = tmp_path / "g.json"
+    target.write_text("old contents\n")
+    code = (
+        "import resource, signal, sys\n"
+        "from tools.cli import main\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+        f"sys.exit(main(['dump', '-m', 'gemma3-tiny', '-o', {str(target)!r}]))\n"
+    )
+    assert resource.RLIMIT_FSIZE is not None
+    root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    line = _one_error_line(done.stderr)
+    assert f"cannot write {target}" in line and "too large" in line.lower()
+    assert target.read_text() == "old contents\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.json"]
+
+
+def test_write_errors_name_the_file_and_clean_up(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(graph_dump.OutputError, match=r"cannot write .*g\.dot: No space left"):
+        graph_dump.write(graph_dump.from_model("llama-tiny", NUMPY), tmp_path / "g.dot")
+    assert not list(tmp_path.iterdir())
+
+
+HOSTILE = [
+    '<a href="javascript:alert(1)">x</a>',
+    "</script><script>alert(2)</script>",
+    'f32>, URL="javascript:alert(3)", label=<z',  # closes an HTML-like label, adds a link
+    '" URL="javascript:alert(4)" x="',  # closes a quoted string
+    "& &amp; &lt; \\N \\ \x01",  # entities, escapes, a character XML cannot hold
+]
+
+
+def _hostile(doc: dict) -> dict:
+    """``doc`` with every string field of it holding markup, links, quotes and escapes."""
+    out = json.loads(json.dumps(doc))
+    for k, n in enumerate(out["nodes"]):
+        bad = HOSTILE[k % len(HOSTILE)]
+        for key in ("name", "label", "dtype", "cause", "fused"):
+            if key != "fused" or n[key] is not None:
+                n[key] = bad + f" {key}"
+        if n["kind"] == "compute":
+            n["op"] = bad
+        if n["kind"] == "weight":
+            n["device"] = bad
+    out["title"] = " ".join(HOSTILE)
+    for info in out["layers"].values():
+        info["where"], info["cause"] = HOSTILE[2], HOSTILE[0]
+    out["summary"].update(costs=HOSTILE[1], policy=HOSTILE[3], peak_bytes={HOSTILE[0]: 1})
+    return out
+
+
+def test_svg_shows_hostile_strings_only_as_text(tmp_path) -> None:  # noqa: ANN001
+    """Every string of a document reaches the SVG escaped for its context: no element, link
+    or attribute comes from one (a dtype became a ``javascript:`` link), and each is shown as
+    written."""
+    _graphviz()
+    placed = Options(backend="cupy", n_ctx=512, offload="*1+1")  # layers, devices, slots
+    for k, options in enumerate([placed, NUMPY.replace(streams=3, stack=False)]):  # waits
+        doc = graph_dump.from_model("gemma3-tiny", options, prompt_len=2)
+        clean = graph_dump.write(doc, tmp_path / f"clean{k}.svg").read_text()
+        svg = graph_dump.write(_hostile(doc), tmp_path / f"hostile{k}.svg").read_text()
+        _only_text(svg, clean)
+
+
+def _only_text(svg: str, clean: str) -> None:
+    """``svg`` has no element, link or handler that ``clean`` (the same document with its own
+    strings) lacks, and shows every hostile string as written."""
+    assert "<script" not in svg and "</script>" not in svg  # text's "<" is "&lt;"
+    assert not re.search(r"\bhref\s*=\s*[\"']", svg)  # an attribute, not escaped text
+    assert svg.count("<a ") == clean.count("<a ")  # Graphviz's own tooltip anchors, no more
+    texts, titles = [], []
+    for el in ET.fromstring(svg.encode()).iter():
+        tag = el.tag.rsplit("}", 1)[-1]
+        assert tag not in ("script", "foreignObject", "iframe"), tag
+        for attr, value in el.attrib.items():
+            name = attr.rsplit("}", 1)[-1]
+            assert name != "href" and not name.lower().startswith("on"), (attr, value)
+            if name == "title":
+                titles.append(value)
+        if tag == "text":
+            texts.append("".join(el.itertext()))
+    shown = "\n".join(texts)
+    for bad in HOSTILE[:4]:
+        assert bad in shown, bad  # shown as written
+    assert "& &amp; &lt; \\N \\ \ufffd" in shown
+    assert any(HOSTILE[0] in t for t in titles)  # tooltips too
+
+
+def test_a_crafted_dump_cannot_reach_the_picture(tmp_path, capsys) -> None:  # noqa: ANN001
+    """``dump --graph`` checks a dump document before drawing it: a dtype holding markup is
+    an error naming the field, and nothing is written."""
+    doc = graph_dump.from_model("llama-tiny", NUMPY)
+    doc["nodes"][3]["dtype"] = HOSTILE[2]
+    path = tmp_path / "crafted.json"
+    path.write_text(json.dumps(doc))
+    out = tmp_path / "x.dot"
+    assert main(["dump", "--graph", str(path), "-o", str(out)]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{path}: nodes[3].dtype" in line and "is not one of f32" in line
+    assert not out.exists()

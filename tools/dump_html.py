@@ -4,14 +4,16 @@ and collapsible layers, drawn by the browser, so no Graphviz is needed.
     page = tools.dump_html.to_html(doc)        # str: write it anywhere, open it from file://
     tools.dump_html.HtmlDump(doc)              # in Jupyter: the same page in an iframe
 
-``doc`` is a dump document (``graph.drawing``, ``engine.views.annotate``). The page embeds it as
-JSON and lays it out in JavaScript: ranks by longest path over the data edges, each layer a
-band of ranks under a labelled header (collapsing a layer re-lays-out the rest), a leaf read
-by other layers drawn again in each (as ``graph.drawing.to_dot`` does), barycenter sweeps
-against crossings. The URL hash sets the initial state, which is what screenshots use:
-``#collapse=all`` (or ``=3,4,in``), ``layers=2:5``, ``ops=MUL_MAT,ADD``, ``search=attn``,
-``offsets=1``, ``fit=1``. The page marks ``<body data-ready="1">`` once drawn and
-``data-error`` on a script error: the tests read both from headless Chromium.
+``doc`` is a dump document (``graph.drawing``, ``engine.views.annotate``; one read from a file
+is checked by ``graph.documents.check_dump`` first). The page embeds it as JSON that cannot end
+its script element, and its script writes every value of it into markup escaped, so that a
+label is only ever text. It lays the graph out in JavaScript: ranks by longest path over the
+data edges, each layer a band of ranks under a labelled header (collapsing a layer re-lays-out
+the rest), a leaf read by other layers drawn again in each (as ``graph.drawing.to_dot`` does),
+barycenter sweeps against crossings. The URL hash sets the initial state, which is what
+screenshots use: ``#collapse=all`` (or ``=3,4,in``), ``layers=2:5``, ``ops=MUL_MAT,ADD``,
+``search=attn``, ``offsets=1``, ``fit=1``. The page marks ``<body data-ready="1">`` once drawn
+and ``data-error`` on a script error: the tests read both from headless Chromium.
 
 The page itself (markup, styles, script) is ``dump_page.html`` beside this module, a template
 with three placeholders: ``%TITLE%``, ``%COUNT%`` and ``%DOC%``.
@@ -22,10 +24,11 @@ from __future__ import annotations
 import functools
 import html
 import json
-import math
 import re
 from importlib import resources
 from typing import Any
+
+from graph.documents import finite
 
 __all__ = ["to_html", "HtmlDump"]
 
@@ -62,18 +65,8 @@ def _json(doc: dict[str, Any]) -> str:
     try:
         text = json.dumps(doc, separators=(",", ":"), allow_nan=False)
     except ValueError:  # NaN/inf: JSON.parse rejects them
-        text = json.dumps(_finite(doc), separators=(",", ":"))
+        text = json.dumps(finite(doc), separators=(",", ":"))
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    return x
 
 
 def _ascii(text: str) -> str:

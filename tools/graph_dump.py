@@ -19,25 +19,51 @@ pan, zoom, search, hover details, collapsible layers; no Graphviz needed).
 Colours: fill by where a node computes or a weight lives (GPU blue, CPU orange, streamed
 green, host grey); border by stream; event waits are dashed red edges; each layer is a
 cluster labelled with its placement; fused groups are dotted sub-clusters.
+
+Failing cleanly: every ``-o`` is checked before any work (a writer's extension, an existing
+directory, not a directory itself: ``UsageError``), and Graphviz too where an output needs it
+(``drawing.GraphvizMissing``); a file read with ``--graph`` is checked in full
+(``graph.documents``: ``DocumentError`` naming the file and the field); each output is written
+whole or not at all (``OutputError`` naming the file when the disk refuses).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from engine.options import Options
-from graph import drawing
+from graph import documents, drawing
 from graph.ops import GraphError
-from tools.args import ModelArg, options_from
+from tools.args import ModelArg, UsageError, options_from
+from tools.files import write_atomic
 
-__all__ = ["from_model", "from_graph", "plans", "load", "select", "write", "add_arguments", "main"]
+__all__ = [
+    "from_model",
+    "from_graph",
+    "plans",
+    "load",
+    "select",
+    "write",
+    "check_output",
+    "OutputError",
+    "add_arguments",
+    "main",
+]
 
 WRITERS = (".json", ".dot", ".svg", ".png", ".html")
+RENDERED = (".svg", ".png")  # drawn by Graphviz's dot
+DUMP_FAMILY = drawing.FORMAT.split("/")[0]  # "streamgraph-dump", of any version
+
+
+class OutputError(OSError):
+    """An output file that could not be written (the disk, its permissions): the work failed,
+    and the message names the file. Nothing half-written is left behind."""
 
 
 def from_graph(graph: Any, options: Options | None = None, title: str = "") -> dict:
@@ -60,9 +86,9 @@ def plans(
     from engine.passes.plans import plan_step
 
     if prompt_len < 1:
-        raise GraphError(f"--prompt-len must be at least 1, got {prompt_len}")
+        raise UsageError(f"--prompt-len must be at least 1, got {prompt_len}")
     if prompt_len > min(options.n_batch, options.n_ctx):
-        raise GraphError(
+        raise UsageError(
             f"--prompt-len {prompt_len} exceeds what one pass takes "
             f"(-b {options.n_batch}, -c {options.n_ctx})"
         )
@@ -89,17 +115,41 @@ def from_model(model: str, options: Options, prompt_len: int = 1) -> dict[str, A
 
 def load(path: str | Path, options: Options | None = None) -> dict[str, Any]:
     """A dump document from a .json file: a dump's own, or a graph saved by ``to_json`` (planned
-    with ``options``)."""
+    with ``options``). Either is checked in full first (``graph.documents``): a malformed or
+    hostile file is one ``DocumentError`` naming the file and the field; a path that cannot be
+    opened is a ``UsageError``."""
     from graph.serialize import from_dict
 
     p = Path(path)
+    name = documents.one_line(str(p))
+    doc = documents.parse(_read(p), name)
+    if isinstance(doc, dict) and str(doc.get("format")).startswith(DUMP_FAMILY):
+        return documents.check_dump(doc, name)  # this version's, or an error saying which
     try:
-        doc = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise GraphError(f"cannot read {p}: {e}") from e
-    if isinstance(doc, dict) and doc.get("format") == drawing.FORMAT:
-        return doc
-    return from_graph(from_dict(doc), options, title=p.name)
+        graph = from_dict(doc)
+    except GraphError as e:
+        raise documents.DocumentError(f"{name}: {e}") from None
+    return from_graph(graph, options, title=p.name)
+
+
+def _read(p: Path) -> bytes:
+    """The file's bytes, at most ``MAX_DOCUMENT_BYTES`` of them (a device or a pipe named as a
+    file is read no further than that either)."""
+    name = documents.one_line(str(p))
+    limit = documents.MAX_DOCUMENT_BYTES
+    if p.is_dir():
+        raise UsageError(f"cannot read {name}: it is a directory; give a .json file")
+    try:
+        with p.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise UsageError(f"cannot read {name}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise documents.DocumentError(
+            f"cannot read {name}: larger than {documents.human_bytes(limit)}, more than any "
+            "graph or dump document is (a 7B model's dump is ~340 KB)"
+        )
+    return data
 
 
 def select(
@@ -117,7 +167,7 @@ def select(
         known = {n["op"] for n in doc["nodes"]}
         unknown = wanted - known
         if unknown:
-            raise GraphError(
+            raise UsageError(
                 f"no node has op {', '.join(sorted(unknown))}; this graph has "
                 f"{', '.join(sorted(known))}"
             )
@@ -131,31 +181,63 @@ def select(
     out["nodes"] = [n for n in doc["nodes"] if n["id"] in keep]
     out["edges"] = [e for e in doc["edges"] if e[0] in keep and e[1] in keep]
     out["waits"] = [w for w in doc.get("waits", []) if w[0] in keep and w[1] in keep]
+    out["outputs"] = [o for o in doc.get("outputs", []) if o in keep]
     out["summary"] = dict(doc["summary"], shown=len(out["nodes"]))
     return out
+
+
+def check_output(path: str | Path) -> Path:
+    """``path`` if a dump can be written there, else a ``UsageError`` saying why: its extension
+    names a writer, it is not a directory, and its directory exists. ``main`` checks every
+    ``-o`` before any work, so that a typo costs nothing."""
+    p = Path(path)
+    name = documents.one_line(str(p))
+    if p.suffix.lower() not in WRITERS:
+        raise UsageError(f"cannot write {name}: use one of {', '.join(WRITERS)}")
+    if p.is_dir():
+        raise UsageError(f"cannot write {name}: it is a directory; name a file inside it")
+    parent = p.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise UsageError(f"cannot write {name}: {documents.one_line(str(parent))} {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {name}: no permission to create files in its directory")
+    return p
 
 
 def write(
     doc: dict[str, Any], path: str | Path, offsets: bool = False, weights: bool = True
 ) -> Path:
-    """Write ``doc`` to ``path`` in the format its extension names."""
-    p = Path(path)
-    ext = p.suffix.lower()
-    if ext not in WRITERS:
-        raise GraphError(f"cannot write {p.name}: use one of {', '.join(WRITERS)}")
-    if ext == ".json":
-        p.write_text(json.dumps(doc, indent=1))
-    elif ext == ".html":
+    """Write ``doc`` to ``path`` in the format its extension names: whole or not at all (a
+    temporary file beside it, renamed over it), so a failure leaves no half-written file.
+    A path that cannot be written is a ``UsageError``; a write that fails, ``OutputError``."""
+    p = check_output(path)
+    _replace(p, _encoded(doc, p.suffix.lower(), offsets, weights))
+    return p
+
+
+def _encoded(doc: dict[str, Any], ext: str, offsets: bool, weights: bool) -> bytes:
+    """The file's bytes in the format ``ext`` names. JSON and the page are ASCII; DOT text is
+    UTF-8, the encoding Graphviz reads by default."""
+    if ext == ".json":  # NaN and infinities are not JSON: a dump must read back
+        return json.dumps(documents.finite(doc), indent=1).encode("ascii")
+    if ext == ".html":
         from tools.dump_html import to_html
 
-        p.write_text(to_html(doc))
-    else:
-        dot = drawing.to_dot(doc, offsets=offsets, weights=weights)
-        if ext == ".dot":
-            p.write_text(dot)
-        else:
-            p.write_bytes(drawing.render(dot, ext[1:]))
-    return p
+        return to_html(doc).encode("ascii")
+    dot = drawing.to_dot(doc, offsets=offsets, weights=weights)
+    if ext == ".dot":
+        return dot.encode("utf-8")
+    return drawing.render(dot, ext[1:])
+
+
+def _replace(p: Path, data: bytes) -> None:
+    """``data`` into ``p``, whole or not at all (``tools.files``); a write the disk refuses is
+    an ``OutputError`` naming the file."""
+    try:
+        write_atomic(p, data)
+    except OSError as e:
+        raise OutputError(f"cannot write {documents.one_line(str(p))}: {e.strerror or e}") from None
 
 
 def _layer_range(text: str) -> tuple[int, int]:
@@ -213,6 +295,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Check every output (and Graphviz, where one needs it), then plan, select and write.
+    Problems with the request are found before any work (``UsageError``, ``GraphvizMissing``)."""
+    outputs = [check_output(out) for out in args.output]
+    if any(p.suffix.lower() in RENDERED for p in outputs):
+        drawing.require_graphviz()
     options = options_from(args, n_ctx=args.ctx_size or 512)
     if args.graph:
         doc = load(args.graph, options)
@@ -221,7 +308,7 @@ def main(args: argparse.Namespace) -> int:
     ops = [o for o in args.ops.split(",") if o.strip()]
     doc = select(doc, args.layers, ops)
     summary = drawing._summary_text(doc)
-    for out in args.output:
+    for out in outputs:
         path = write(doc, out, offsets=args.offsets, weights=not args.no_weights)
         print(f"wrote {path} ({summary})", file=sys.stderr)
     return 0
