@@ -1,6 +1,8 @@
 """Element and storage types.
 
-Compute types (f32, f16, bf16, i32) map onto a NumPy dtype; bf16 comes from ``ml_dtypes``.
+Compute types (f32, f16, bf16, i32) map onto a NumPy dtype; bf16 comes from ``ml_dtypes``,
+imported when a bf16 dtype is first needed (importing it takes ~0.75 s, most of a command's
+start-up where no bf16 is involved).
 GGUF block types (q8_0, q4_k, ...) are *storage* types only: a weight may be declared with one
 so that placement and memory passes count its real bytes, but no kernel computes on it directly
 (the loader dequantizes into a compute type).
@@ -12,10 +14,10 @@ so that placement and memory passes count its real bytes, but no kernel computes
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
 __all__ = [
@@ -55,7 +57,7 @@ class DType:
         """The NumPy dtype of a compute type; storage-only block types have none."""
         if self.is_quantized:
             raise TypeError(f"{self.name} is a block-quantized storage type with no NumPy dtype")
-        return _NUMPY[self.name]
+        return _numpy(self.name)
 
     @property
     def itemsize(self) -> int:
@@ -96,12 +98,23 @@ q4_k = DType("q4_k", 256, 144, True, True)
 q5_k = DType("q5_k", 256, 176, True, True)
 q6_k = DType("q6_k", 256, 210, True, True)
 
-_NUMPY: dict[str, np.dtype] = {
+_PLAIN: dict[str, np.dtype] = {
     "f32": np.dtype(np.float32),
     "f16": np.dtype(np.float16),
-    "bf16": np.dtype(ml_dtypes.bfloat16),
     "i32": np.dtype(np.int32),
 }
+
+
+@functools.cache
+def _bfloat16() -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _numpy(name: str) -> np.dtype:
+    return _bfloat16() if name == "bf16" else _PLAIN[name]
+
 
 DTYPES: dict[str, DType] = {
     d.name: d
@@ -116,13 +129,17 @@ def dtype_of(x: str | np.dtype | DType | type) -> DType:
         return x
     if isinstance(x, str) and x in DTYPES:
         return DTYPES[x]
+    if isinstance(x, str) and x == "bfloat16":
+        return bf16
     try:
         nd = np.dtype(x)
     except TypeError as e:
         raise TypeError(f"unknown dtype {x!r}; known: {', '.join(DTYPES)}") from e
-    for name, npd in _NUMPY.items():
+    for name, npd in _PLAIN.items():
         if npd == nd:
             return DTYPES[name]
+    if nd.name == "bfloat16" and nd == _bfloat16():
+        return bf16
     raise TypeError(
         f"NumPy dtype {nd} has no streamgraph equivalent; use one of f32, f16, bf16, i32"
     )

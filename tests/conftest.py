@@ -1,6 +1,8 @@
 """Shared test set-up: the ``gpu`` marker skips cleanly where CUDA or CuPy is absent; the ``gpu``
 fixture is the CuPy backend, and ``close`` the GPU tests' comparison with the NumPy reference.
-The cache directory (``$STREAMGRAPH_CACHE``) is a temporary one for the whole run."""
+The cache directory (``$STREAMGRAPH_CACHE``) is a temporary one for the whole run; packaged
+models (``$STREAMGRAPH_MODELS``) stay where the user's own runs find them, so a 253 MB model is
+assembled once, not once per test run."""
 
 from __future__ import annotations
 
@@ -33,9 +35,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache_in_a_temporary_directory(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202
-    """Calibrations and downloads the tests cause land in a directory of the test run, never
-    in the user's cache (a test may override it with its own)."""
+    """Calibrations and derived entries the tests cause land in a directory of the test run,
+    never in the user's cache (a test may override it with its own). Packaged models are the
+    exception: they resolve to the models directory the user's runs use (read before the
+    redirect), where the first run assembles them and every later one finds them; assembly is
+    checked against the package's SHA-256 and atomic, so sharing it is safe."""
+    from engine.cache import models_dir
+
     mp = pytest.MonkeyPatch()
+    mp.setenv("STREAMGRAPH_MODELS", str(models_dir()))
     mp.setenv("STREAMGRAPH_CACHE", str(tmp_path_factory.mktemp("cache")))
     yield
     mp.undo()

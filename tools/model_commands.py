@@ -44,15 +44,15 @@ def _open(args: argparse.Namespace, command: str, **override: Any) -> tuple[Any,
     return options, model, Tokenizer.from_gguf(model.reader)
 
 
-def _session(options: Any, model: Any) -> Any:
-    """A session of ``model`` with ``options``: its weights read (dequantized) and placed."""
+def _session(options: Any, model: Any, t0: float) -> Any:
+    """A session of ``model`` with ``options``: its weights read (dequantized) and placed;
+    the log line times it from ``t0`` (the command's start of loading)."""
     from backends import get_backend
     from engine.model.session import Session, check_memory, plan_for
 
-    t0 = time.perf_counter()
     cfg = model.config.replace(dtype=options.weight_dtype)
     check_memory(plan_for(cfg, options), get_backend(options.backend))  # before any weight
-    sess = Session(cfg, model.weights(cfg.dtype), options=options)
+    sess = Session(cfg, model.weights(cfg.dtype, stack=options.stack), options=options)
     where = sess.backend.name
     if sess.placement is not None:
         where += f", {options.offload}" + (f" in {options.vram:g} GiB" if options.vram else "")
@@ -108,6 +108,7 @@ def _generate(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    t0 = time.perf_counter()
     options, model, tok = _open(args, "generate")
     ids = tok.encode(args.prompt, add_bos=False if args.no_bos else None)
     if not ids:
@@ -117,7 +118,7 @@ def _generate(args: argparse.Namespace) -> int:
             f"prompt ({len(ids)} tokens) + -n {args.n_predict} exceed the context "
             f"{options.n_ctx}; raise -c"
         )
-    sess = _session(options, model)
+    sess = _session(options, model, t0)
     sampler = Sampler(config)
     if args.trace:
         from engine.views.trace import Trace
@@ -197,6 +198,7 @@ def _perplexity(args: argparse.Namespace) -> int:
     if args.chunks == 0 or args.chunks < -1:
         raise UsageError(f"--chunks takes a window count >= 1, or -1 for all; got {args.chunks}")
     text = _read_text(args.file, "-f")
+    t0 = time.perf_counter()
     options, model, tok = _open(args, "perplexity", n_batch=args.ctx_size)
     ids = tok.encode(text)  # BOS first where the model adds one, as llama.cpp tokenizes
     bos = tok.bos_id if tok.add_bos else None
@@ -206,7 +208,7 @@ def _perplexity(args: argparse.Namespace) -> int:
             f"-f {args.file} holds {len(ids)} tokens; perplexity with -c {n_ctx} needs at "
             f"least {max(2 * n_ctx, 8)} (as llama.cpp) and -c >= 4: more text or a smaller -c"
         )
-    sess = _session(options, model)
+    sess = _session(options, model, t0)
     _log(f"{len(ids)} tokens, windows of {n_ctx}, scoring the second half of each")
     if args.chunks > 0:
         ids = ids[: max(args.chunks, 2) * n_ctx]

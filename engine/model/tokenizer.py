@@ -23,20 +23,24 @@ llama.cpp's and transformers':
 Control tokens (``<start_of_turn>``, ``<bos>`` ...) written in the text are matched whole by
 default, as llama.cpp and transformers do; sentencepiece never matches control pieces, so the text
 is cut at them first and each run between them is encoded by sentencepiece.
+
+The header is read by ``engine.model.gguf_file`` (pass ``GGUFModel.reader`` to read it once).
+Building the model for a 262,144-token vocabulary takes 0.2 s; the serialized model is kept in
+the derived cache (``engine.cache``, 5 MB for that vocabulary), keyed by the file's identity
+and checked when read, and reused by the next ``from_gguf`` of the same file.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import gguf
+from engine.model.gguf_file import Field, GGUFError, GGUFFile, printable
 
 __all__ = ["StreamDecoder", "Tokenizer", "TokenizerError"]
 
@@ -44,8 +48,13 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _KEY = "tokenizer.ggml."
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _REQUIRED = object()  # "no default": the key must be there
+_INTS = ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64")
+_FLOATS = ("FLOAT32", "FLOAT64")
 #: Control tokens that end a turn in the chat formats we know, besides ``eos``.
 EOT_PIECES = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>")
+#: Names the derived-cache entries of the serialized model; bump it when ``_model_proto``
+#: changes what it builds, so entries made by an older version are not used.
+CACHE_KIND = "spm-proto-1"
 
 
 class TokenizerError(ValueError):
@@ -68,63 +77,63 @@ class _Vocab:
     add_space_prefix: bool
 
 
-def _read_vocab(reader: gguf.GGUFReader, source: str) -> _Vocab:
-    """The checked vocabulary; every failure is a ``TokenizerError`` naming file and key."""
-    import gguf
-
-    T = gguf.GGUFValueType
-    ints = (T.UINT8, T.INT8, T.UINT16, T.INT16, T.UINT32, T.INT32, T.UINT64, T.INT64)
+def _getter(fields: Mapping[str, Field], source: str) -> Any:
+    """``get(key, kinds, array, default)``: a checked value of ``tokenizer.ggml.<key>``."""
 
     def error(key: str, what: str) -> TokenizerError:
         return TokenizerError(f"{source}: tokenizer metadata {_KEY}{key}: {what}")
 
     def get(key: str, kinds: tuple, array: bool = False, default: Any = _REQUIRED) -> Any:
-        field = reader.fields.get(_KEY + key)
+        field = fields.get(_KEY + key)
         if field is None:
             if default is _REQUIRED:
                 raise error(key, "missing")
             return default
-        types = list(field.types)
-        if (types[0] == T.ARRAY) != array or types[-1] not in kinds:
-            got = ("array of " if types[0] == T.ARRAY else "") + types[-1].name
-            want = ("array of " if array else "") + "/".join(k.name for k in kinds)
-            raise error(key, f"expected {want}, got {got}")
-        parts = [field.parts[i] for i in field.data]
-        if types[-1] != T.STRING:
-            values = np.concatenate(parts).tolist() if parts else []
-        else:
-            try:
-                values = [bytes(p).decode("utf-8") for p in parts]
-            except UnicodeDecodeError as e:
-                raise error(key, f"not UTF-8 ({e})") from None
-        return values if array else values[0]
+        kind = field.item_kind if field.is_array else field.kind
+        if field.is_array != array or kind not in kinds:
+            want = ("array of " if array else "") + "/".join(kinds)
+            raise error(key, f"expected {want}, got {field.type_name}")
+        if kind != "STRING":
+            return field.value.tolist() if array else field.value
+        try:
+            return field.value.decode() if array else field.text()
+        except UnicodeDecodeError as e:
+            raise error(key, f"not UTF-8 ({e})") from None
 
-    kind = get("model", (T.STRING,))
+    return get, error
+
+
+def _read_vocab(fields: Mapping[str, Field], source: str) -> _Vocab:
+    """The checked vocabulary; every failure is a ``TokenizerError`` naming file and key."""
+    get, error = _getter(fields, source)
+    kind = get("model", ("STRING",))
     if kind != "llama":
-        raise error("model", f"tokenizer kind {kind!r} is not supported: only 'llama' (SPM)")
-    tokens = get("tokens", (T.STRING,), array=True)
+        raise error(
+            "model", f"tokenizer kind '{printable(kind, 40)}' is not supported: only 'llama' (SPM)"
+        )
+    tokens = get("tokens", ("STRING",), array=True)
     n = len(tokens)
-    scores = get("scores", (T.FLOAT32, T.FLOAT64), array=True)
-    types = get("token_type", ints, array=True)
+    scores = get("scores", _FLOATS, array=True)
+    types = get("token_type", _INTS, array=True)
     for key, values in (("scores", scores), ("token_type", types)):
         if len(values) != n:
             raise error(key, f"{len(values)} entries for {n} tokens")
     bad = sorted(set(types) - {NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE})
     if bad:
         raise error("token_type", f"unknown token types {bad[:5]} (llama.cpp uses 1..6)")
-    for i, (t, ty) in enumerate(zip(tokens, types, strict=True)):
-        if ty == BYTE and not _BYTE_PIECE.fullmatch(t):
-            raise error("tokens", f"byte token {i} is {t!r}, not <0xXX>")
+    for i in _ids_of(types, BYTE):
+        if not _BYTE_PIECE.fullmatch(tokens[i]):
+            raise error("tokens", f"byte token {i} is '{printable(tokens[i], 40)}', not <0xXX>")
 
     def token_id(key: str, default: Any = _REQUIRED) -> Any:
-        value = get(key, ints, default=default)
+        value = get(key, _INTS, default=default)
         if value is not None and not 0 <= value < n:
             raise error(key, f"id {value} outside the vocabulary of {n}")
         return value
 
     unk = token_id("unknown_token_id", None)
     if unk is None:  # sentencepiece needs one: take the vocabulary's only UNKNOWN-type token
-        unknown = [i for i, ty in enumerate(types) if ty == UNKNOWN]
+        unknown = _ids_of(types, UNKNOWN)
         if len(unknown) != 1:
             raise error("unknown_token_id", "missing, and no single token of type unknown")
         unk = unknown[0]
@@ -136,10 +145,15 @@ def _read_vocab(reader: gguf.GGUFReader, source: str) -> _Vocab:
         eos=token_id("eos_token_id"),
         unk=unk,
         pad=token_id("padding_token_id", None),
-        add_bos=get("add_bos_token", (T.BOOL,), default=True),  # llama.cpp's default for SPM
-        add_eos=get("add_eos_token", (T.BOOL,), default=False),
-        add_space_prefix=get("add_space_prefix", (T.BOOL,), default=True),  # likewise
+        add_bos=get("add_bos_token", ("BOOL",), default=True),  # llama.cpp's default for SPM
+        add_eos=get("add_eos_token", ("BOOL",), default=False),
+        add_space_prefix=get("add_space_prefix", ("BOOL",), default=True),  # likewise
     )
+
+
+def _ids_of(types: list[int], kind: int) -> list[int]:
+    """Ids of the tokens of type ``kind`` (a vocabulary has few of each but NORMAL)."""
+    return np.flatnonzero(np.asarray(types) == kind).tolist()
 
 
 def _model_proto(v: _Vocab) -> bytes:
@@ -172,15 +186,17 @@ def _model_proto(v: _Vocab) -> bytes:
 class Tokenizer:
     """A GGUF model's SentencePiece tokenizer (build with ``Tokenizer.from_gguf``)."""
 
-    def __init__(self, vocab: _Vocab, source: str = "<memory>") -> None:
+    def __init__(self, vocab: _Vocab, source: str = "<memory>", proto: bytes | None = None) -> None:
+        """``proto``: the serialized model ``_model_proto(vocab)`` builds, where already made
+        (from the derived cache); None builds it."""
         import sentencepiece as spm
 
         self._v, self.source = vocab, source
         try:
-            self._sp = spm.SentencePieceProcessor(model_proto=_model_proto(vocab))
+            self._sp = spm.SentencePieceProcessor(model_proto=proto or _model_proto(vocab))
         except (RuntimeError, OSError) as e:
             raise TokenizerError(f"{source}: sentencepiece rejected the vocabulary: {e}") from e
-        specials = {i for i, ty in enumerate(vocab.types) if ty == CONTROL}
+        specials = set(_ids_of(vocab.types, CONTROL))
         specials |= {i for i in (vocab.bos, vocab.eos, vocab.unk, vocab.pad) if i is not None}
         #: ids that are rendered as their literal text (or dropped), never by sentencepiece
         self._special_ids = frozenset(specials)
@@ -189,27 +205,34 @@ class Tokenizer:
         self._special_start = re.compile("|".join(map(re.escape, firsts)) or "(?!)")
         self._special_lens = sorted({len(s) for s in self._special_text}, reverse=True)
         self._byte = {
-            i: int(_BYTE_PIECE.fullmatch(t).group(1), 16)  # type: ignore[union-attr]
-            for i, (t, ty) in enumerate(zip(vocab.tokens, vocab.types, strict=True))
-            if ty == BYTE
+            i: int(_BYTE_PIECE.fullmatch(vocab.tokens[i]).group(1), 16)  # type: ignore[union-attr]
+            for i in _ids_of(vocab.types, BYTE)
         }
 
     @classmethod
-    def from_gguf(cls, path_or_reader: str | Path | gguf.GGUFReader) -> Tokenizer:
-        """From a GGUF path or an open ``gguf.GGUFReader`` (so a model loader can share one:
-        opening the reader costs far more than building the tokenizer)."""
-        import gguf
-
-        if isinstance(path_or_reader, gguf.GGUFReader):
-            reader = path_or_reader
-            source = str(getattr(reader.data, "filename", None) or "<GGUFReader>")
-        else:
-            source = str(path_or_reader)
+    def from_gguf(cls, source: str | Path | GGUFFile | Any) -> Tokenizer:
+        """From a GGUF path, or a file already open: ``GGUFModel.reader`` (a
+        ``engine.model.gguf_file.GGUFFile``, so a model loader reads the header once), a
+        ``GGUFModel`` itself, or a ``gguf.GGUFReader`` (its file is read again, by the fast
+        reader). The sentencepiece model is taken from the derived cache (``engine.cache``)
+        where this file's was built before, and stored there when built."""
+        file = _open(source)
+        name = str(file.path)
+        vocab = _read_vocab(file.fields, name)
+        key = _cache_key(file)
+        proto = _cached_proto(key)
+        if proto is not None:
             try:
-                reader = gguf.GGUFReader(source)
-            except (OSError, ValueError) as e:
-                raise TokenizerError(f"{source}: cannot read as GGUF: {e}") from e
-        return cls(_read_vocab(reader, source), source)
+                return cls(vocab, name, proto)
+            except TokenizerError:
+                pass  # a valid entry sentencepiece refuses: rebuild it, below
+        proto = _model_proto(vocab)
+        tok = cls(vocab, name, proto)
+        if key is not None:
+            from engine.cache import store_derived
+
+            store_derived(CACHE_KIND, key, proto)
+        return tok
 
     @property
     def n_vocab(self) -> int:
@@ -312,6 +335,38 @@ class Tokenizer:
                 pos += 1
         if start < len(text):
             yield text[start:]
+
+
+def _open(source: str | Path | GGUFFile | Any) -> GGUFFile:
+    """The parsed header of whatever ``Tokenizer.from_gguf`` was given."""
+    if isinstance(source, GGUFFile):
+        return source
+    if isinstance(getattr(source, "reader", None), GGUFFile):  # a GGUFModel
+        return source.reader
+    path = source
+    if not isinstance(source, str | Path):  # a gguf.GGUFReader: its memory map knows the file
+        path = getattr(getattr(source, "data", None), "filename", None)
+        if path is None:
+            raise TypeError(f"from_gguf takes a path or an open GGUF file, not {type(source)}")
+    try:
+        return GGUFFile(path)
+    except GGUFError as e:
+        raise TokenizerError(str(e)) from None
+
+
+def _cache_key(file: GGUFFile) -> str | None:
+    from engine.cache import file_key
+
+    try:
+        return f"{file_key(file.path, file.header_digest())}"
+    except OSError:  # the file vanished since it was read: build without the cache
+        return None
+
+
+def _cached_proto(key: str | None) -> bytes | None:
+    from engine.cache import load_derived
+
+    return load_derived(CACHE_KIND, key) if key is not None else None
 
 
 class StreamDecoder:
