@@ -158,7 +158,8 @@ def _layer_name(layer: int | None, n_layer: int | None) -> str:
     return f"layer {layer}"
 
 
-def _summary_text(doc: Mapping[str, Any]) -> str:
+def summary_text(doc: Mapping[str, Any]) -> str:
+    """The document's summary in one line (nodes, streams, bytes per device, streamed)."""
     s = doc.get("summary", {})
     nodes = f"{s.get('nodes', 0)} nodes"
     if s.get("shown") is not None:
@@ -332,7 +333,7 @@ def _drawn_layer(nodes: Mapping[int, Mapping[str, Any]], i: int) -> Any:
 
 def _title(doc: Mapping[str, Any]) -> str:
     title = doc.get("title") or "graph"
-    return f"{title}\n{_summary_text(doc)}"
+    return f"{title}\n{summary_text(doc)}"
 
 
 def _int(v: Any) -> int:

@@ -156,3 +156,21 @@ class _HostArgmax(Sampler):
     @property
     def is_argmax(self) -> bool:
         return False
+
+
+@pytest.mark.parametrize("opts", [{}, {"offload": "*0+0"}, {"streams": 2, "stack": False}])
+def test_debug_prints_a_line_per_launch_in_every_mode(
+    opts: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """STREAMGRAPH_DEBUG=2 is an observer of the one launch loop: it watches streamed and
+    multi-stream runs too (it used to be silently off while streaming), and changes nothing."""
+    cfg = preset("llama-tiny")
+    w = random_weights(cfg, seed=3)
+    plain = Session(cfg, w, n_ctx=16, n_batch=4, **opts).prefill([1, 2, 3])
+    monkeypatch.setenv("STREAMGRAPH_DEBUG", "2")
+    sess = Session(cfg, w, n_ctx=16, n_batch=4, **opts)
+    got = sess.prefill([1, 2, 3])
+    lines = [x for x in capsys.readouterr().out.splitlines() if " us  %" in x]
+    ex = sess.executor(sess.step_key(3, 3))
+    assert len(lines) == ex.n_launches > 0
+    np.testing.assert_array_equal(got, plain)

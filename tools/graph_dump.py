@@ -307,7 +307,7 @@ def main(args: argparse.Namespace) -> int:
         doc = from_model(args.model, options, args.prompt_len or 1)
     ops = [o for o in args.ops.split(",") if o.strip()]
     doc = select(doc, args.layers, ops)
-    summary = drawing._summary_text(doc)
+    summary = drawing.summary_text(doc)
     for out in outputs:
         path = write(doc, out, offsets=args.offsets, weights=not args.no_weights)
         print(f"wrote {path} ({summary})", file=sys.stderr)

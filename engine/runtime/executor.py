@@ -451,6 +451,17 @@ class Executor:
         return outs
 
     @property
+    def streams(self) -> dict[int, Any]:
+        """The backend stream of each stream index the plan uses (0: the main one)."""
+        return {0: self._main, **self._side}
+
+    @property
+    def tokens_per_run(self) -> int | None:
+        """Tokens one run takes (the ``tokens`` input's length), None for a graph without."""
+        entry = self._inputs.get("tokens")
+        return None if entry is None else entry[0].numel
+
+    @property
     def input_names(self) -> frozenset[str]:
         """Inputs this graph reads (dead-code elimination may have dropped some a builder made)."""
         return self._input_names

@@ -52,12 +52,13 @@ class DebugObserver(Observer):
     def wrap(self, ex: Executor, op: BoundOp) -> Callable[[], None]:
         if op.kind != "launch":
             return op.fn
-        fn, node, be, side = op.fn, op.node, ex.backend, list(ex._side.values())
+        fn, node, be = op.fn, op.node, ex.backend
+        streams = list(ex.streams.values())
 
         def timed() -> None:
             t0 = time.perf_counter()
             fn()
-            for st in side:
+            for st in streams:
                 st.synchronize()
             be.synchronize()
             print(f"{(time.perf_counter() - t0) * 1e6:9.1f} us  {node}", flush=True)
@@ -77,8 +78,7 @@ class TraceObserver(Observer):
 
     def _recorder(self, ex: Executor) -> Recorder:
         if self._rec is None:
-            tracks = {id(ex._main): _track(ex, 0)}
-            tracks.update({id(st): _track(ex, k) for k, st in ex._side.items()})
+            tracks = {id(st): _track(ex, k) for k, st in ex.streams.items()}
             if ex.ring is not None:
                 tracks[id(ex.ring.copy_stream)] = COPY
             self._rec = Recorder(self.trace, ex.backend, tracks)
@@ -106,7 +106,7 @@ class TraceObserver(Observer):
         if kind == "ring fork":
             return _then(fn, rec, st, "wait fork (run start)", "wait")
         if kind == "join":
-            return _then(fn, rec, ex._main, f"wait join (stream {op.detail})", "wait")
+            return _then(fn, rec, ex.streams[0], f"wait join (stream {op.detail})", "wait")
         if kind == "ring end":
             return _then(fn, rec, st, "wait join (copy stream)", "wait")
         if kind == "ready":
@@ -132,11 +132,11 @@ class TraceObserver(Observer):
         self.trace.host_span(HOST, what, cat, t0, t1)
 
     def primed(self, ex: Executor) -> None:
-        self._recorder(ex).note(ex._main, "wait primed fetches", "wait")
+        self._recorder(ex).note(ex.streams[0], "wait primed fetches", "wait")
 
     def finish(self, ex: Executor, t0: float, t1: float) -> None:
-        tokens = ex._inputs.get("tokens")
-        name = "forward" if tokens is None else f"forward, {tokens[0].numel} token(s)"
+        n = ex.tokens_per_run
+        name = "forward" if n is None else f"forward, {n} token(s)"
         if ex.trace_label is not None:
             name += f" on {ex.trace_label}"
         self.trace.host_span(PASSES, name, "run", t0, t1, {"launches": ex.n_launches})
