@@ -124,24 +124,37 @@ TOKENS = st.sampled_from(
         "--ops", "--plot", "--trace", "auto", "all", "*1+0", "*x", "ngl=1", "on", "off", "f16",
         "q4_k", "numpy", "tpu", "0", "1", "2", "-1", "1e9", "inf", "nan", "3,2", "1-4*2", "",
         "\udcff", "\x1b[31m", "a" * 300, "out.json", "out.png", "nodir/out.svg", "0.0001",
+        "--graph", "g.json", "t.txt", "x.gguf",
     ]
 )  # fmt: skip
+PAYLOADS = st.one_of(
+    st.binary(max_size=300),
+    st.binary(max_size=200).map(lambda b: b"GGUF\x03\x00\x00\x00" + b),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+        max_leaves=20,
+    ).map(lambda v: json.dumps(v).encode()),
+)
 COMMANDS = st.sampled_from(["bench", "graph", "dump", "generate", "info", "perplexity"])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(command=COMMANDS, words=st.lists(TOKENS, max_size=6))
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(command=COMMANDS, words=st.lists(TOKENS, max_size=6), payload=PAYLOADS)
 def test_random_command_lines_end_in_one_line_or_success(
-    command: str, words: list[str], tmp_path_factory: pytest.TempPathFactory
+    command: str, words: list[str], payload: bytes, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """Random flags and values: each command either runs (fast: the values are tiny or
-    refused) or stops with status 1 or 2 and one line on stderr, never a traceback, and
-    leaves no partial output behind."""
+    """Random flags and values, and random bytes or JSON in the files they name (a model, a
+    text, a graph): each command either runs (fast: the values are tiny or refused) or stops
+    with status 1 or 2 and one line on stderr, never a traceback, and leaves no partial
+    output behind."""
     import contextlib
     import io
     import os
 
     work = tmp_path_factory.mktemp("fuzz")
+    for name in ("x.gguf", "t.txt", "g.json"):
+        (work / name).write_bytes(payload)
     here = Path.cwd()
     os.chdir(work)
     err = io.StringIO()
@@ -172,3 +185,29 @@ def test_text_a_model_writes_cannot_drive_the_terminal() -> None:
 
     assert "red\x1b[31m\x07\x9b\x00".translate(_CONTROLS) == "red\\x1b[31m\\x07\\x9b\\x00"
     assert "two\nlines\tand é ✓".translate(_CONTROLS) == "two\nlines\tand é ✓"
+
+
+@pytest.mark.parametrize(
+    "payload", [b"", b"GGUF", b"\x00" * 64, b"GGUF\x03\x00\x00\x00" + b"\xff" * 40]
+)
+def test_garbage_files_fail_in_one_line_and_leave_nothing(
+    payload: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, text, graph = tmp_path / "m.gguf", tmp_path / "t.txt", tmp_path / "g.json"
+    for f in (model, text, graph):
+        f.write_bytes(payload)
+    out = tmp_path / "o.json"
+    for argv in (
+        ["info", "-m", str(model)],
+        ["generate", "-m", str(model), "hi"],
+        ["perplexity", "-m", str(model), "-f", str(text)],
+        ["dump", "--graph", str(graph), "-o", str(out)],
+    ):
+        code, err = run(argv, capsys)
+        assert code == 1, (argv, err)
+        assert one_error_line(err).startswith(f"streamgraph {argv[0]}: error: ")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "g.json",
+        "m.gguf",
+        "t.txt",
+    ]
