@@ -179,3 +179,26 @@ def test_a_sweep_drops_each_session_before_building_the_next(
     three = [NUMPY.replace(streams=k) for k in (1, 2, 3)]
     bench.run_bench("llama-tiny", [4], [2], 1, three, log=print)
     assert alive_at_build == [0, 0, 0]
+
+
+def test_depth_fills_the_cache_before_each_timed_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """-d/--n-depth as llama-bench: every repetition fills the cache with d tokens, untimed,
+    then times the test on top of them; rows are named "pp4 @ d16"."""
+    calls: list[tuple[int, int]] = []  # (n_past when called, tokens) of each prefill
+
+    class Spy(bench.Session):
+        def prefill(self, tokens, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+            calls.append((self.n_past, len(tokens)))
+            return super().prefill(tokens, *a, **kw)
+
+    monkeypatch.setattr(bench, "Session", Spy)
+    rows = bench.run_bench("llama-tiny", [4], [2], 2, [NUMPY], depths=[0, 16], log=lambda s: None)
+    assert [(r.test, r.n_depth) for r in rows] == [
+        ("pp4", 0),
+        ("tg2", 0),
+        ("pp4 @ d16", 16),
+        ("tg2 @ d16", 16),
+    ]
+    deep = calls[calls.index((0, 16)) :]  # from the first fill on
+    assert deep[:2] == [(0, 16), (16, 4)]  # the fill, then the prompt at position 16
+    assert (16, 1) in deep  # tg's one-token prompt after the fill

@@ -69,6 +69,7 @@ def run_bench(
     trace: Trace | None = None,
     pg: Sequence[tuple[int, int]] = (),
     interleave: bool = False,
+    depths: Sequence[int] = (0,),
 ) -> list[BenchResult]:
     """Every test of every configuration in ``sweep`` (``Options``; default: one, on the
     best backend); ``trace``: record one extra, untimed run of each test into it.
@@ -81,7 +82,7 @@ def run_bench(
     stream count gains over another; interleaved, the drift falls on every row alike."""
     if reps < 1:
         raise ValueError(f"-r/--repetitions must be at least 1, got {reps}")
-    tests = _Tests(tuple(n_prompt), tuple(n_gen), tuple(pg))
+    tests = _Tests(tuple(n_prompt), tuple(n_gen), tuple(pg), tuple(depths) or (0,))
     sweep = [_sized(o, tests.n_ctx, tests.n_batch) for o in sweep or [Options(backend="auto")]]
     run = _Sweep(_Source(ModelArg.parse(model), seed, log), tests, reps, len(sweep), log, trace)
     if interleave:  # every session at once, the repetitions round by round across all of them
@@ -100,16 +101,18 @@ def run_bench(
 
 @dataclass(frozen=True)
 class _Tests:
-    """What each configuration runs: pp<N>, tg<N> and pp<N>+tg<M> tests."""
+    """What each configuration runs: pp<N>, tg<N> and pp<N>+tg<M> tests, at each depth."""
 
     n_prompt: tuple[int, ...]
     n_gen: tuple[int, ...]
     pg: tuple[tuple[int, int], ...]
+    depths: tuple[int, ...] = (0,)
 
     @property
     def n_ctx(self) -> int:
-        """The context every test fits in."""
-        return max([*self.n_prompt, 0, *(a + b for a, b in self.pg)]) + max([*self.n_gen, 0]) + 1
+        """The context every test fits in, on top of the deepest fill."""
+        longest = max([*self.n_prompt, 0, *(a + b for a, b in self.pg)]) + max([*self.n_gen, 0])
+        return max(self.depths) + longest + 1
 
     @property
     def n_batch(self) -> int:
@@ -148,7 +151,7 @@ class _Sweep:
             self.skipped.append(e)
             return []
         t = self.tests
-        jobs = _jobs(c, t.n_prompt, t.n_gen, t.pg, self.prompts)
+        jobs = _jobs(c, t, self.prompts)
         for job in jobs:
             self.log(f"{job.test} {c.label}: warm-up + {self.reps} repetitions")
             for _ in range(job.warm):
@@ -269,6 +272,7 @@ class _Job:
     warm: int  # untimed runs first
     key: StepKey  # the forward pass whose launches the table counts
     passes: int  # forward passes a run makes (streamed bytes are per pass)
+    depth: int = 0  # tokens in the cache before the timed part (llama-bench's -d)
     launches: int = 0
     vram_mib: float | None = None  # what the device holds once warm (None: no device)
     samples: list[Sample] = field(default_factory=list)
@@ -284,51 +288,59 @@ class Sample:
     steps: list[float]
 
 
-def _jobs(
-    c: _Config,
-    n_prompt: Sequence[int],
-    n_gen: Sequence[int],
-    pg: Sequence[tuple[int, int]],
-    rng: np.random.Generator,
-) -> list[_Job]:
-    """The configuration's tests: pp, tg, then pp+tg."""
+def _jobs(c: _Config, tests: _Tests, rng: np.random.Generator) -> list[_Job]:
+    """The configuration's tests at each depth: pp, tg, then pp+tg. At depth d (llama-bench's
+    ``-d``) every repetition first fills the cache with d tokens, untimed, then times the test
+    on top of them."""
     sess, jobs = c.session, []
     vocab = sess.cfg.n_vocab
-    for n in n_prompt:
-        if n == 0:
-            continue
-        prompt = [int(t) for t in rng.integers(0, vocab, n)]
+    for d in tests.depths:
+        fill = [int(t) for t in rng.integers(0, vocab, d)]
+        at = f" @ d{d}" if d else ""
 
-        def pp(prompt: list[int] = prompt) -> Sample:
+        def filled(fill: list[int] = fill) -> None:
             sess.reset()
-            t0 = time.perf_counter()
-            sess.prefill(prompt)  # the first token's logits come with the prompt pass
-            took = time.perf_counter() - t0
-            return Sample(took, took, [])
+            if fill:
+                sess.prefill(fill, "none")
 
-        key = sess.step_key(n, n, "last")
-        jobs.append(_Job(c, f"pp{n}", n, pp, 2, key, -(-n // sess.n_batch)))
-    for n in n_gen:
-        if n == 0:
-            continue
+        for n in tests.n_prompt:
+            if n == 0:
+                continue
+            prompt = [int(t) for t in rng.integers(0, vocab, n)]
 
-        def tg(n: int = n) -> Sample:
-            sess.reset()
-            return _generate(sess, [1], n)
+            def pp(prompt: list[int] = prompt, filled: Callable[[], None] = filled) -> Sample:
+                filled()
+                t0 = time.perf_counter()
+                sess.prefill(prompt)  # the first token's logits come with the prompt pass
+                took = time.perf_counter() - t0
+                return Sample(took, took, [])
 
-        key = sess.step_key(1, n + 1, "argmax")
-        jobs.append(_Job(c, f"tg{n}", n, tg, 1, key, n))  # graph mode captures on run 2
-    for n_pp, n_tg in pg:
-        prompt = [int(t) for t in rng.integers(0, vocab, n_pp)]
+            key = sess.step_key(min(n, sess.n_batch), d + n, "last")
+            passes = -(-n // sess.n_batch)
+            jobs.append(_Job(c, f"pp{n}{at}", n, pp, 2, key, passes, d))
+        for n in tests.n_gen:
+            if n == 0:
+                continue
 
-        def both(prompt: list[int] = prompt, n: int = n_tg) -> Sample:
-            sess.reset()
-            x = _generate(sess, prompt, n)
-            return Sample(x.ttft + x.total, x.ttft, x.steps)  # prompt and generation
+            def tg(n: int = n, filled: Callable[[], None] = filled) -> Sample:
+                filled()
+                return _generate(sess, [1], n)
 
-        key = sess.step_key(1, n_pp + n_tg, "argmax")
-        passes = -(-n_pp // sess.n_batch) + n_tg
-        jobs.append(_Job(c, f"pp{n_pp}+tg{n_tg}", n_pp + n_tg, both, 2, key, passes))
+            key = sess.step_key(1, d + n + 1, "argmax")
+            jobs.append(_Job(c, f"tg{n}{at}", n, tg, 1, key, n, d))  # graph mode: run 2 captures
+        for n_pp, n_tg in tests.pg:
+            prompt = [int(t) for t in rng.integers(0, vocab, n_pp)]
+
+            def both(
+                prompt: list[int] = prompt, n: int = n_tg, filled: Callable[[], None] = filled
+            ) -> Sample:
+                filled()
+                x = _generate(sess, prompt, n)
+                return Sample(x.ttft + x.total, x.ttft, x.steps)  # prompt and generation
+
+            key = sess.step_key(1, d + n_pp + n_tg, "argmax")
+            passes = -(-n_pp // sess.n_batch) + n_tg
+            jobs.append(_Job(c, f"pp{n_pp}+tg{n_tg}{at}", n_pp + n_tg, both, 2, key, passes, d))
     return jobs
 
 
@@ -359,6 +371,7 @@ def _result(job: _Job, source: _Source, reps: int) -> BenchResult:
         "on" if o.mode == "graph" else "off",
         job.test,
         n,
+        job.depth,
         reps,
         statistics.fmean(rates),
         statistics.stdev(rates) if len(rates) > 1 else None,
@@ -421,6 +434,7 @@ def main(args: argparse.Namespace) -> int:
         trace=trace,
         pg=args.prompt_gen,
         interleave=args.interleave,
+        depths=args.n_depth,
     )
     print(format_results(results, args.output))
     if args.plot:

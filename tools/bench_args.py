@@ -122,6 +122,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a prompt then a generation as one test, llama-bench's pp+tg (e.g. 512,128)",
     )
     p.add_argument(
+        "-d",
+        "--n-depth",
+        type=_ints,
+        default=[0],
+        help="tokens already in the cache before each test, e.g. 0,4096,16384 (llama-bench's "
+        "depth: each repetition fills the cache untimed, then times the test on top)",
+    )
+    p.add_argument(
         "-r", "--repetitions", type=int, default=3, help="timed repetitions per test (default 3)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the generated weights")

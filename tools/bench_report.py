@@ -24,8 +24,9 @@ class BenchResult:
     streams: str  # --streams as asked: a count or "auto"
     strategy: str  # weight placement (engine.passes.offload): all, auto, *N+K
     graphs: str  # "on": CUDA-graph replay of each forward pass; "off": eager launches
-    test: str
+    test: str  # pp512, tg128, pp512+tg128; " @ d4096" at a depth, as llama-bench names them
     n_tokens: int
+    n_depth: int  # tokens already in the cache when the timed part starts
     reps: int
     ts_mean: float  # tokens/s
     ts_sd: float | None  # sample standard deviation (None with one repetition)
