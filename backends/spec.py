@@ -17,7 +17,7 @@ for other facts (its arena would hold the wrong scratch sizes).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 from graph.ir import Node
 from graph.ops import Op
@@ -88,9 +88,6 @@ class DeviceSpec:
         """Bytes of temporary memory ``node``'s kernel needs on this device (planned in the
         arena); none by default."""
         return 0
-
-    def with_costs(self, costs: Costs) -> DeviceSpec:
-        return replace(self, costs=costs)
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -23,6 +23,7 @@ __all__ = ["Options", "OptionsError", "BACKENDS", "MODES", "FLOAT_TYPES", "MAX_S
 
 BACKENDS = ("auto", "numpy", "cupy")
 MODES = ("graph", "eager")
+"""graph: each forward pass captured once and replayed; eager: one launch per node per run."""
 FLOAT_TYPES = ("f32", "f16", "bf16")
 MAX_STREAMS = 8
 """More compute streams than this never helped (the scheduler's ``auto`` tops out here too)."""

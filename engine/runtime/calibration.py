@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import Backend, BackendError, DeviceSpec, get_backend
+from backends import Backend, BackendError, device_spec, get_backend
 from backends.spec import Costs
 from engine.cache import cache_dir
 from engine.options import Options
@@ -160,21 +160,12 @@ def costs_for(options: Options, backend: str | Backend) -> tuple[Costs, str]:
     """The costs a session with ``options`` on ``backend`` plans with, and where they came
     from: the device's calibration (measured on first use, then cached) where the placement
     is timed and the backend runs here; otherwise the nominal costs of its device spec."""
-    if isinstance(backend, str):
-        try:
-            backend = get_backend(backend)
-        except BackendError:
-            backend = backend  # planning for a device this machine lacks
-    spec: DeviceSpec = backend.spec if isinstance(backend, Backend) else _nominal(backend)
+    spec = device_spec(backend)  # the backend's own where it loads here, else the nominal one
     if not needs_timing(options):
         return spec.costs, f"nominal for {spec.name or spec.backend} (the placement is not timed)"
-    if not isinstance(backend, Backend):
+    try:
+        be = get_backend(backend)
+    except BackendError:  # planning for a device this machine lacks
         return spec.costs, f"nominal for {spec.name} (no such device here to calibrate)"
     path = cache_dir() / "calibration.json"
-    return calibrate(backend), f"calibrated on {backend.describe()} (cached in {path})"
-
-
-def _nominal(name: str) -> DeviceSpec:
-    from backends import device_spec
-
-    return device_spec(name)
+    return calibrate(be), f"calibrated on {be.describe()} (cached in {path})"

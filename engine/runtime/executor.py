@@ -39,10 +39,7 @@ from engine.views.trace import Trace
 from graph.ir import Graph, Node
 from graph.ops import ALIAS_OPS, GraphError, Op
 
-__all__ = ["Executor", "BoundOp", "run", "MODES"]
-
-MODES = ("eager", "graph")
-"""eager: one launch per node per run; graph: the run captured once and replayed."""
+__all__ = ["Executor", "BoundOp", "run"]
 
 Array = Any
 
