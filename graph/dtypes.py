@@ -26,6 +26,7 @@ __all__ = [
     "f16",
     "bf16",
     "i32",
+    "u8",
     "q4_0",
     "q4_1",
     "q5_0",
@@ -86,6 +87,7 @@ f32 = DType("f32", 1, 4, True)
 f16 = DType("f16", 1, 2, True)
 bf16 = DType("bf16", 1, 2, True)
 i32 = DType("i32", 1, 4, False)
+u8 = DType("u8", 1, 1, False)  # raw bytes: the storage of a block-quantized weight's rows
 # GGUF block types: (elements per block, bytes per block), as ggml defines them.
 q4_0 = DType("q4_0", 32, 18, True, True)
 q4_1 = DType("q4_1", 32, 20, True, True)
@@ -102,6 +104,7 @@ _PLAIN: dict[str, np.dtype] = {
     "f32": np.dtype(np.float32),
     "f16": np.dtype(np.float16),
     "i32": np.dtype(np.int32),
+    "u8": np.dtype(np.uint8),
 }
 
 
@@ -118,7 +121,7 @@ def _numpy(name: str) -> np.dtype:
 
 DTYPES: dict[str, DType] = {
     d.name: d
-    for d in (f32, f16, bf16, i32, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k)
+    for d in (f32, f16, bf16, i32, u8, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k)
 }
 FLOAT_DTYPES: tuple[DType, ...] = (f32, f16, bf16)
 

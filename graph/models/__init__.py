@@ -18,6 +18,7 @@ from graph.models.config import (
     SWA,
     ModelConfig,
     preset,
+    stacked_parts,
     weight_layers,
     weight_shapes,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "weight_shapes",
     "weight_layers",
     "STACKED",
+    "stacked_parts",
     "FULL",
     "SWA",
 ]

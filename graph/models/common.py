@@ -96,7 +96,7 @@ class Forward:
         """The weight ``name`` (created on first use, with its GGUF shape and layer tag)."""
         if name not in self._weights:
             shape = self.shapes[name]
-            dtype = self.cfg.dtype if len(shape) == 2 else f32  # norms stay f32, as in GGUF files
+            dtype = self.cfg.weight_dtype(name)  # norms stay f32, as in GGUF files
             self._weights[name] = self.g.weight(name, shape, dtype, layer=self.layers[name])
         return self._weights[name]
 
@@ -163,7 +163,7 @@ class Forward:
         names = [f"{prefix}{m}.weight" for m in STACKED[stacked]]
         rows = [weight_shapes(self.cfg)[name][0] for name in names]
         dims = split or [(r,) for r in rows]
-        if not self.stack:
+        if f"{prefix}{stacked}.weight" not in self.shapes:  # not stacked (in this layer)
             return [
                 g.reshape(g.mul_mat(self.w(nm), x), (n, *d))
                 for nm, d in zip(names, dims, strict=True)

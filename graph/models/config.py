@@ -9,6 +9,7 @@ placement can still put the head on the GPU while the embedding stays in host me
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 from graph.dtypes import DType, f32
@@ -21,6 +22,7 @@ __all__ = [
     "weight_shapes",
     "weight_layers",
     "STACKED",
+    "stacked_parts",
     "FULL",
     "SWA",
 ]
@@ -52,6 +54,9 @@ class ModelConfig:
     tied_embeddings: bool = False
     dtype: DType = f32  # storage type of the weight matrices
     name: str = ""
+    # Storage of single matrices where it differs from ``dtype``: a GGUF file's own types
+    # (Q4_K_M mixes Q4_K and Q6_K), kept where the backend computes on them.
+    weight_types: tuple[tuple[str, DType], ...] = ()
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:
@@ -73,6 +78,50 @@ class ModelConfig:
     def replace(self, **changes: object) -> ModelConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
+    @functools.cached_property
+    def _types(self) -> dict[str, DType]:
+        return dict(self.weight_types)
+
+    @functools.cached_property
+    def _matrices(self) -> frozenset[str]:
+        return frozenset(n for n, s in _weight_shapes(self).items() if len(s) == 2)
+
+    def weight_dtype(self, name: str) -> DType:
+        """How weight ``name`` is stored: its entry in ``weight_types``, else ``dtype`` for a
+        matrix and f32 for a norm vector. A stacked matrix (``STACKED``) has its parts' type, a
+        tied head the embedding's."""
+        found = self._types.get(name)
+        if found is not None:
+            return found
+        if name == "output.weight" and self.tied_embeddings:  # the embedding's own array
+            return self.weight_dtype("token_embd.weight")
+        parts = stacked_parts(name)
+        if parts:
+            return self.weight_dtype(parts[0])
+        return self.dtype if name in self._matrices else f32
+
+    def stacks(self, layer: int, group: str) -> bool:
+        """Whether the parts of ``STACKED[group]`` in ``layer`` can be one matrix: only rows of
+        one storage type stack (a Q4_K_M file stores some layers' V in Q6_K, Q and K in Q4_K)."""
+        types = {self.weight_dtype(f"blk.{layer}.{m}.weight") for m in STACKED[group]}
+        return len(types) == 1
+
+    @property
+    def storage(self) -> str:
+        """The matrices' storage in a word: ``bf16``, or a file's own types (``q4_k+q6_k``)."""
+        if not self.weight_types:
+            return self.dtype.name
+        return "+".join(sorted({t.name for _, t in self.weight_types}))
+
+    def dequantized(self, dtype: DType = f32) -> ModelConfig:
+        """The same model with every matrix stored as ``dtype``."""
+        return self.replace(dtype=dtype, weight_types=())
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether any weight is stored in a GGUF block type."""
+        return self.dtype.is_quantized or any(t.is_quantized for _, t in self.weight_types)
+
     def n_params(self) -> int:
         shapes = weight_shapes(self)
         if self.tied_embeddings:
@@ -86,12 +135,11 @@ class ModelConfig:
         return total
 
     def n_bytes(self, stack: bool = False) -> int:
-        """Bytes of every weight as stored: matrices in ``dtype``, norm vectors in f32 (a tied
-        head counted once)."""
+        """Bytes of every weight as stored (``weight_dtype``; a tied head counted once)."""
         shapes = weight_shapes(self, stack)
         if self.tied_embeddings:
             shapes.pop("output.weight", None)
-        return sum((self.dtype if len(s) == 2 else f32).nbytes(s) for s in shapes.values())
+        return sum(self.weight_dtype(n).nbytes(s) for n, s in shapes.items())
 
 
 STACKED: dict[str, tuple[str, ...]] = {
@@ -102,10 +150,20 @@ STACKED: dict[str, tuple[str, ...]] = {
 a graph is built with ``stack=True``: one matrix product instead of three (or two)."""
 
 
+def stacked_parts(name: str) -> tuple[str, ...]:
+    """The GGUF names a stacked weight name stands for (``blk.3.attn_qkv.weight`` ->
+    ``blk.3.attn_q.weight``, ...); empty for any other name."""
+    parts = name.split(".")
+    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in STACKED:
+        return ()
+    return tuple(f"blk.{parts[1]}.{m}.weight" for m in STACKED[parts[2]])
+
+
 def weight_shapes(cfg: ModelConfig, stack: bool = False) -> dict[str, tuple[int, ...]]:
     """Every weight the builders read, by GGUF name, with its NumPy shape.
 
-    With ``stack`` the stacked projections of ``STACKED`` replace their parts.
+    With ``stack`` the stacked projections of ``STACKED`` replace their parts, in each layer
+    where they share a storage type (``ModelConfig.stacks``).
     """
     shapes = _weight_shapes(cfg)
     if not stack:
@@ -115,7 +173,7 @@ def weight_shapes(cfg: ModelConfig, stack: bool = False) -> dict[str, tuple[int,
         parts = name.split(".")
         if len(parts) == 4 and parts[0] == "blk":
             for stacked, members in STACKED.items():
-                if parts[2] in members:
+                if parts[2] in members and cfg.stacks(int(parts[1]), stacked):
                     key = f"blk.{parts[1]}.{stacked}.weight"
                     rows = sum(shapes[f"blk.{parts[1]}.{m}.weight"][0] for m in members)
                     out[key] = (rows, shape[1])
