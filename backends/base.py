@@ -26,7 +26,17 @@ from graph.dtypes import DType
 from graph.ir import Node
 from graph.ops import LEAF_OPS, VIEW_OPS, Op
 
-__all__ = ["Backend", "Kernel", "Stream", "Event", "FusedGroup", "BackendError", "COMPUTE_OPS"]
+__all__ = [
+    "Backend",
+    "Kernel",
+    "Stream",
+    "Event",
+    "FusedGroup",
+    "BackendError",
+    "COMPUTE_OPS",
+    "Quantized",
+    "dequantize",
+]
 
 Array = Any  # a backend array: numpy.ndarray here, cupy.ndarray on the GPU
 Kernel = Callable[..., None]
@@ -37,6 +47,49 @@ COMPUTE_OPS: frozenset[Op] = frozenset(Op) - LEAF_OPS - VIEW_OPS
 
 class BackendError(RuntimeError):
     """A backend that cannot be used here (missing library, no device) or cannot run an op."""
+
+
+class Quantized:
+    """A weight kept in a GGUF block type: ``data``, a backend's uint8 array of the file's
+    bytes, shape (rows, row bytes), with the logical ``shape`` (rows, K) and block ``dtype``
+    they encode. It goes wherever an array goes (weights, ring slots, pinned host memory);
+    kernels read ``dtype`` to pick their block decoder, and the executor checks ``shape`` and
+    ``dtype`` as it checks any weight's. A uint8 array alone could not say its type: Q5_0 and
+    Q5_K both take 11 bits for every 16 elements."""
+
+    __slots__ = ("data", "dtype", "shape")
+
+    def __init__(self, data: Any, dtype: DType, shape: tuple[int, ...]) -> None:
+        if not dtype.is_quantized:
+            raise TypeError(f"Quantized holds a block type, not {dtype.name}")
+        want = (*shape[:-1], dtype.nbytes((shape[-1],)))
+        if tuple(data.shape) != want or str(data.dtype) != "uint8":
+            raise ValueError(
+                f"{dtype.name} {shape} is stored as uint8 {want}, "
+                f"not {data.dtype} {tuple(data.shape)}"
+            )
+        self.data, self.dtype, self.shape = data, dtype, tuple(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def with_data(self, data: Any) -> Quantized:
+        """The same weight over other bytes (a copy on the device, a ring slot, pinned pages)."""
+        return Quantized(data, self.dtype, self.shape)
+
+    def __repr__(self) -> str:
+        return f"Quantized({self.dtype.name}, {self.shape}, {type(self.data).__module__})"
+
+
+def dequantize(w: Quantized, rows: Any = None) -> np.ndarray:
+    """f32 values of a host ``Quantized`` (of ``rows`` only, where given): the ``gguf``
+    package's dequantization, the reference every block kernel is checked against."""
+    from gguf import GGMLQuantizationType, quants
+
+    raw = np.asarray(w.data if rows is None else w.data[rows])
+    kind = GGMLQuantizationType[w.dtype.name.upper()]
+    return np.asarray(quants.dequantize(raw, kind), np.float32).reshape(*raw.shape[:-1], -1)
 
 
 class Event(Protocol):
@@ -103,6 +156,18 @@ class Backend(ABC):
     @abstractmethod
     def to_host(self, arr: Array) -> np.ndarray:
         """A host copy of a backend array (outputs)."""
+
+    def weight_from_host(self, w: Any) -> Any:
+        """A backend copy of a host weight: an array, or a ``Quantized`` (its bytes copied)."""
+        if isinstance(w, Quantized):
+            return w.with_data(self.from_host(np.ascontiguousarray(w.data)))
+        return self.from_host(w)
+
+    def weight_to_host(self, w: Any) -> Any:
+        """A host copy of a backend weight (``Quantized`` stays ``Quantized``)."""
+        if isinstance(w, Quantized):
+            return w.with_data(self.to_host(w.data))
+        return self.to_host(w)
 
     @abstractmethod
     def copy_from_host(self, dst: Array, host: np.ndarray) -> None:

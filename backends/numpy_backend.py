@@ -13,13 +13,14 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from backends.base import Array, Backend, BackendError, Kernel
+from backends.base import Array, Backend, BackendError, Kernel, Quantized, dequantize
 from backends.cuda_matmul import GEMV_MAX_M
 from backends.spec import DeviceSpec
-from graph.dtypes import DType
+from graph.dtypes import DTYPES, DType
 from graph.ir import Node
 from graph.ops import AttentionParams, Op, RmsNormParams, RopeMode, RopeParams, ScaleParams
 
@@ -44,12 +45,15 @@ def k_cast(node: Node, out: np.ndarray, x: np.ndarray) -> None:
     out[...] = _f32(x)
 
 
-def k_get_rows(node: Node, out: np.ndarray, table: np.ndarray, idx: np.ndarray) -> None:
+def k_get_rows(node: Node, out: np.ndarray, table: Any, idx: np.ndarray) -> None:
     n_rows = table.shape[0]
     if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
         raise IndexError(
             f"row index out of range 0..{n_rows - 1}: {idx[(idx < 0) | (idx >= n_rows)][:8]}"
         )
+    if isinstance(table, Quantized):  # only the rows asked for are decoded
+        out[...] = dequantize(table, idx)
+        return
     out[...] = _f32(table[idx])
 
 
@@ -83,8 +87,11 @@ def k_rms_norm(
     _store(out, r)
 
 
-def k_mul_mat(node: Node, out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    np.matmul(_f32(b), _f32(a).T, out=out)
+def k_mul_mat(node: Node, out: np.ndarray, a: Any, b: np.ndarray) -> None:
+    # a block-quantized weight is decoded whole for each product: the reference, not a fast path
+    # (sessions on this backend dequantize once at load)
+    w = dequantize(a) if isinstance(a, Quantized) else _f32(a)
+    np.matmul(_f32(b), w.T, out=out)
 
 
 def rope_angles(pos: np.ndarray, p: RopeParams) -> tuple[np.ndarray, np.ndarray]:
@@ -332,6 +339,9 @@ SPEC = DeviceSpec(
     # the same arena alignment, so the CPU tests exercise the GPU's plans
     matvec_max_rows=GEMV_MAX_M,
     sm_count=0,
+    # every block type, by the gguf package's dequantization on each use: the reference the
+    # GPU's block kernels are checked against (sessions here dequantize once at load instead)
+    block_types=frozenset(d.name for d in DTYPES.values() if d.is_quantized),
     name="CPU (NumPy)",
 )
 

@@ -81,6 +81,11 @@ class DeviceSpec:
     matvec_max_rows: int  # products with at most this many rows are matrix-vector ones
     sm_count: int  # multiprocessors: attention splits its keys to fill them (its scratch)
     alignment: int = ALIGN
+    # GGUF block types (graph.dtypes names) its matrix products and row gathers read as stored
+    block_types: frozenset[str] = frozenset()
+    # whether a GGUF runs in its own types here unless --dtype asks otherwise: on a GPU, the
+    # block kernels move a third of the bytes; the CPU reference dequantizes once at load
+    keeps_block_types: bool = False
     costs: Costs = field(default_factory=Costs, compare=False)
     name: str = field(default="", compare=False)  # "NVIDIA H200 (nominal)", from describe()
 
@@ -98,6 +103,7 @@ class DeviceSpec:
             "alignment": self.alignment,
             "matvec_max_rows": self.matvec_max_rows,
             "sm_count": self.sm_count,
+            "block_types": sorted(self.block_types),
         }
 
     def __str__(self) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from backends import Backend, get_backend
+from backends.base import Quantized, dequantize
 from engine.options import Options
 from engine.passes.fusion import Fusion
 from engine.passes.steps import StepPlan, plan_graph
@@ -42,6 +43,10 @@ from graph.ops import ALIAS_OPS, GraphError, Op
 __all__ = ["Executor", "BoundOp", "run"]
 
 Array = Any
+
+
+def _types(spec: Any) -> str:
+    return ", ".join(("f32", "f16", "bf16", *spec.block_types))
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -156,11 +161,19 @@ class Executor:
                     f"weight {n.name} has shape {_shape_text(shape)}, "
                     f"the graph expects {_shape_text(n.shape)}"
                 )
-            if n.dtype.is_quantized:
-                raise GraphError(
-                    f"weight {n.name} is {n.dtype.name}: backend {self.backend.name} computes on "
-                    "f32/f16/bf16; dequantize it at load"
-                )
+            if isinstance(w, Quantized) or n.dtype.is_quantized:
+                if not isinstance(w, Quantized) or w.dtype != n.dtype:
+                    have = w.dtype.name if isinstance(w, Quantized) else str(w.dtype)
+                    raise GraphError(f"weight {n.name} is {have}, the graph expects {n.dtype.name}")
+                if n.dtype.name not in self.backend.spec.block_types:
+                    raise GraphError(
+                        f"weight {n.name} is {n.dtype.name}, which backend {self.backend.name} "
+                        f"does not compute on (it reads {_types(self.backend.spec)}); "
+                        "dequantize it at load (--dtype f16, bf16 or f32)"
+                    )
+                on_host = isinstance(w.data, np.ndarray)
+                self.weights[n.name] = self.backend.weight_from_host(w) if on_host else w
+                continue
             host = w if isinstance(w, np.ndarray) else None
             if host is not None:
                 if host.dtype != n.dtype.numpy or not host.flags.c_contiguous:
@@ -263,8 +276,10 @@ class Executor:
         for g, t, idx in self.plan.gathers:
             stage, copy = be.input_stage(arrays[g])
             table = weights[nodes[t].name]
-            if not isinstance(table, np.ndarray):
-                raise GraphError(f"host table {nodes[t].name} must be a NumPy array")
+            if not isinstance(table, (np.ndarray, Quantized)):
+                raise GraphError(
+                    f"host table {nodes[t].name} must be a NumPy array or quantized blocks"
+                )
             self._gather_stages.append((stage, table, nodes[idx].name, copy))
         copies = [copy for _, _, copy in self._inputs.values()]
         copies += [copy for *_, copy in self._gather_stages]
@@ -340,9 +355,11 @@ class Executor:
             host[...] = np.asarray(value)
         for stage, table, idx_name, _ in self._gather_stages:
             idx = np.asarray(inputs[idx_name]).reshape(-1)
-            if idx.size and (idx.min() < 0 or idx.max() >= len(table)):
-                raise GraphError(f"row index out of range 0..{len(table) - 1} for the host table")
-            stage[...] = table[idx].reshape(stage.shape)
+            n_rows = table.shape[0]
+            if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
+                raise GraphError(f"row index out of range 0..{n_rows - 1} for the host table")
+            rows = dequantize(table, idx) if isinstance(table, Quantized) else table[idx]
+            stage[...] = rows.reshape(stage.shape)
 
     def run(self, inputs: Mapping[str, Any], copy: bool = True) -> list[np.ndarray]:
         """Run once; returns host copies of the outputs in the graph's output order.
