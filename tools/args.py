@@ -304,16 +304,19 @@ class ModelArg:
         """How tables and titles name it: the file's name, or random:ARCH."""
         return self.path.name if self.path is not None else f"{RANDOM}{self.arch}"
 
-    def config(self) -> Any:
-        """The model's config (a file's from its header alone)."""
+    def config(self, options: Any = None) -> Any:
+        """The model's config (a file's from its header alone); with ``options``, a file's
+        in the types a run with them stores its matrices in (``engine.model.gguf.config_for``).
+        """
         if self.arch is not None:
             from graph.models import preset
 
             return preset(self.arch)
-        from engine.model.gguf import open_gguf
+        from engine.model.gguf import config_for, open_gguf
 
         assert self.path is not None
-        return open_gguf(self.path).config
+        model = open_gguf(self.path)
+        return config_for(model, options) if options is not None else model.config
 
     def need_file(self, command: str) -> Path:
         """The GGUF path, or the error a command that needs real weights gives."""

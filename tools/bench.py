@@ -210,12 +210,26 @@ class _Source:
         self.name = model.name
         self._file: Any = None
         self._loaded: dict[str, dict[str, Any]] = {}
-        self.cfg = model.config()
+        if model.arch is not None:
+            self.cfg = model.config()
+        else:
+            from engine.model.gguf import open_gguf
+
+            self._file = open_gguf(model.path)  # type: ignore[arg-type]
+            self.cfg = self._file.config
+
+    def config(self, options: Options) -> Any:
+        """The model as a run with ``options`` stores it (a file in its own types on a GPU)."""
+        if self._file is None:
+            return self.cfg
+        from engine.model.gguf import config_for
+
+        return config_for(self._file, options)
 
     def open(self, options: Options) -> _Config:
         be = get_backend(options.backend)
         options = options.replace(backend=be.name)
-        mp = plan_for(self.cfg, options, be)  # refused here if the budget cannot hold it
+        mp = plan_for(self.config(options), options, be)  # refused here if it cannot fit
         gc.collect()
         used_before = be.memory_in_use()
         weights = self._weights(mp, be)
@@ -227,15 +241,12 @@ class _Source:
 
     def _weights(self, mp: Any, be: Any) -> dict[str, Any]:
         cfg = mp.config
-        if self.model.arch is None:  # a GGUF file's own weights, dequantized once per type
-            dtype = cfg.dtype.name
-            if dtype not in self._loaded:
-                from engine.model.gguf import open_gguf
-
-                self.log(f"loading {self.name} as {dtype} ...")
-                self._file = self._file or open_gguf(self.model.path)  # type: ignore[arg-type]
-                self._loaded = {dtype: self._file.weights(cfg.dtype)}
-            return self._loaded[dtype]
+        if self._file is not None:  # a GGUF file's own weights, read once per storage
+            storage = cfg.storage
+            if storage not in self._loaded:
+                self.log(f"loading {self.name} as {storage} ...")
+                self._loaded = {storage: self._file.weights_as(cfg)}
+            return self._loaded[storage]
         off = mp.streamed | mp.host_tables | mp.host_weights
         self.log(
             f"generating {cfg.n_params() / 1e6:.2f}M {cfg.dtype.name} weights for "
@@ -365,7 +376,7 @@ def _result(job: _Job, source: _Source, reps: int) -> BenchResult:
         round(cfg.n_bytes(o.stack) / 2**20, 2),
         round(cfg.n_params() / 1e6, 2),
         c.backend.name,
-        cfg.dtype.name,
+        cfg.storage,
         str(o.streams),
         o.offload or "all",
         "on" if o.mode == "graph" else "off",

@@ -92,7 +92,7 @@ def plans(
             f"--prompt-len {prompt_len} exceeds what one pass takes "
             f"(-b {options.n_batch}, -c {options.n_ctx})"
         )
-    mp = plan_for(ModelArg.parse(model).config(), options)
+    mp = plan_for(ModelArg.parse(model).config(options), options)
     n_end = options.n_ctx if prompt_len == 1 else prompt_len
     return mp, plan_step(mp, mp.step_key(prompt_len, n_end, logits))
 
@@ -104,7 +104,7 @@ def from_model(model: str, options: Options, prompt_len: int = 1) -> dict[str, A
 
     mp, steps = plans(model, options, prompt_len)
     what = "decode step" if prompt_len == 1 else f"{prompt_len}-token prompt"
-    title = f"{ModelArg.parse(model).name} {mp.config.dtype.name}: {what}"
+    title = f"{ModelArg.parse(model).name} {mp.config.storage}: {what}"
     if options.offload:
         vram = options.vram
         title += f", {options.offload}" + (f" in {vram:g} GiB" if vram is not None else "")

@@ -45,14 +45,16 @@ def _open(args: argparse.Namespace, command: str, **override: Any) -> tuple[Any,
 
 
 def _session(options: Any, model: Any, t0: float) -> Any:
-    """A session of ``model`` with ``options``: its weights read (dequantized) and placed;
-    the log line times it from ``t0`` (the command's start of loading)."""
+    """A session of ``model`` with ``options``: its weights read (in the file's own types on
+    a GPU, else dequantized: ``config_for``) and placed; the log line times it from ``t0``
+    (the command's start of loading)."""
     from backends import get_backend
+    from engine.model.gguf import config_for
     from engine.model.session import Session, check_memory, plan_for
 
-    cfg = model.config.replace(dtype=options.weight_dtype)
+    cfg = config_for(model, options)
     check_memory(plan_for(cfg, options), get_backend(options.backend))  # before any weight
-    sess = Session(cfg, model.weights(cfg.dtype, stack=options.stack), options=options)
+    sess = Session(cfg, model.weights_as(cfg, stack=options.stack), options=options)
     where = sess.backend.name
     if sess.placement is not None:
         where += f", {options.offload}" + (f" in {options.vram:g} GiB" if options.vram else "")

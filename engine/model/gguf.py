@@ -25,18 +25,19 @@ into f32 (or the requested f16/bf16).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from backends.base import Quantized
 from engine.model.dequant import NonFinite, TensorJob, dequantize_many
 from engine.model.gguf_file import Field, GGUFError, GGUFFile, printable
-from engine.model.weights import tie_output
-from graph.dtypes import DTYPES, DType, dtype_of, f32
-from graph.models import STACKED, ModelConfig, weight_shapes
+from engine.model.weights import concat_rows, tie_output
+from graph.dtypes import DTYPES, DType, dtype_of, f16, f32
+from graph.models import STACKED, ModelConfig, stacked_parts, weight_shapes
 
 __all__ = [
     "GGUFError",
@@ -311,13 +312,38 @@ class GGUFModel:
             raise self.error(f"tensor {printable(name, 100)} is missing")
         return self._decode([self._job(name, dtype_of(dtype))])[name]
 
+    def stored_config(
+        self, readable: Collection[str] | None = None, fallback: DType = f16
+    ) -> ModelConfig:
+        """The config with every matrix in the file's own type (``ModelConfig.weight_types``),
+        what a backend that reads block types runs (``weights_as`` gives its weights). A block
+        type not in ``readable`` (None: all are) is dequantized to ``fallback`` instead."""
+        matrices = [n for n, s in weight_shapes(self.config).items() if len(s) == 2]
+        types = []
+        for n in matrices:
+            if n in self.tensors:
+                t = self.tensors[n].dtype
+                keep = not t.is_quantized or readable is None or t.name in readable
+                types.append((n, t if keep else fallback))
+        return self.config.replace(weight_types=tuple(types))
+
+    def _stored(self, name: str) -> Any:
+        """A matrix as the file stores it, without a copy: a ``Quantized`` over the mapped
+        block bytes, or a view of F32/F16/BF16 values."""
+        info = self.tensors[name]
+        raw = self.reader.tensor_bytes(self.reader.tensors[name])
+        if info.dtype.is_quantized:
+            rows = raw.reshape(*info.shape[:-1], info.dtype.nbytes((info.shape[-1],)))
+            return Quantized(rows, info.dtype, info.shape)
+        return raw.view(info.dtype.numpy).reshape(info.shape)
+
     def weights(
         self,
         dtype: DType | str | None = None,
         progress: Callable[[str, int, int], None] | None = None,
         *,
         stack: bool = False,
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[str, Any]:
         """Every weight the graph needs: matrices in ``dtype`` (default f32), norms in f32;
         dequantized on every core, each checked for NaN/Inf. ``progress(name, done, total)``
         follows the file's tensors.
@@ -343,6 +369,35 @@ class GGUFModel:
         arrays = self._decode(jobs, step)
         out = {n: a for n, a in arrays.items() if n not in rows} | stacked
         return tie_output(self.config, out)
+
+    def weights_as(
+        self,
+        cfg: ModelConfig,
+        progress: Callable[[str, int, int], None] | None = None,
+        *,
+        stack: bool = False,
+    ) -> dict[str, Any]:
+        """Every weight the graph needs, stored as ``cfg`` says (``ModelConfig.weight_dtype``;
+        ``stored_config`` makes such a config): a matrix kept in the file's type is handed out
+        as stored (``_stored``: no copy, nothing decoded), any other decoded into its type.
+        With ``stack``, groups whose parts share a type (``ModelConfig.stacks``) are copies of
+        their parts' rows."""
+        shapes = weight_shapes(cfg)
+        names = [n for n in shapes if n in self.tensors]
+        kept = [n for n in names if cfg.weight_dtype(n) == self.tensors[n].dtype]
+        jobs = [self._job(n, cfg.weight_dtype(n)) for n in names if n not in kept]
+        out: dict[str, Any] = self._decode(jobs)
+        for i, n in enumerate(names):
+            if n in kept:
+                out[n] = self._stored(n)
+            if progress is not None:
+                progress(n, i + 1, len(names))
+        if stack:
+            for name in weight_shapes(cfg, stack=True):
+                parts = stacked_parts(name)
+                if parts and name not in out:
+                    out[name] = concat_rows([out.pop(p) for p in parts])
+        return tie_output(cfg, out)
 
     def _stacked(self, dtype: DType) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """({part: its rows of the stacked matrix}, {stacked name: matrix}) for each group of
@@ -392,6 +447,19 @@ class GGUFModel:
 
 _REQUIRED = object()
 _INT_TYPES = ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64")
+
+
+def config_for(model: GGUFModel, options: Any) -> ModelConfig:
+    """The config a run of ``model`` with ``options`` uses: the file's own types where the
+    backend reads them and no ``--dtype`` is asked for (``DeviceSpec.keeps_block_types``;
+    types it cannot read become f16), else every matrix dequantized to ``--dtype`` (f32 by
+    default)."""
+    from backends import device_spec
+
+    spec = device_spec(options.backend)
+    if options.dtype is None and spec.keeps_block_types:
+        return model.stored_config(spec.block_types)
+    return model.config.replace(dtype=options.weight_dtype)
 
 
 def open_gguf(path: str | Path) -> GGUFModel:

@@ -36,15 +36,16 @@ from typing import Any
 import numpy as np
 
 from backends import Backend, get_backend
+from backends.base import Quantized
 from engine.model.sampling import Sampler, SamplerConfig
-from engine.model.weights import tie_output
+from engine.model.weights import concat_rows, tie_output, widened
 from engine.options import Options
 from engine.passes.plans import KV_PAD, ModelPlan, StepKey, plan_model, plan_step
 from engine.runtime.calibration import costs_for
 from engine.runtime.executor import Executor
 from engine.runtime.streaming import WeightRing
 from engine.views.trace import CPU, Trace
-from graph.dtypes import dtype_of, f32
+from graph.dtypes import dtype_of
 from graph.models import FULL, STACKED, ModelConfig, weight_shapes
 from graph.ops import GraphError
 
@@ -161,33 +162,49 @@ class Session:
         missing = sorted(set(shapes) - set(weights))
         if missing:
             raise GraphError(f"missing {len(missing)} weight(s): {', '.join(missing[:6])}")
-        widen = any(s.on_host and s.dtype != self.cfg.dtype.name for s in mp.segments)
+        widen = any(s.on_host and s.dtype != self.cfg.storage for s in mp.segments)
         out: dict[str, Any] = {}
         uploaded: dict[int, Any] = {}  # id(host array) -> backend array: tied weights upload once
         for name, shape in shapes.items():
             w = weights[name]
-            want = (self.cfg.dtype if len(shape) == 2 else f32).numpy
+            stored = self.cfg.weight_dtype(name)
             if tuple(w.shape) != shape:
                 raise GraphError(
                     f"weight {name} has shape {tuple(w.shape)}, the graph expects {shape}"
                 )
+            if isinstance(w, Quantized) != stored.is_quantized or (
+                isinstance(w, Quantized) and w.dtype != stored
+            ):
+                have = w.dtype.name if isinstance(w, Quantized) else str(w.dtype)
+                raise GraphError(f"weight {name} is {have}, the model stores it as {stored.name}")
             if name in mp.streamed or name in mp.host_tables or name in mp.host_weights:
-                out[name] = w if isinstance(w, np.ndarray) else self.backend.to_host(w)
+                out[name] = self._host(w)
                 if name in mp.host_weights and widen and len(shape) == 2:
                     # the CPU backend widens half-precision matrices to f32 for every product,
                     # which costs more than the product: widen the host's layers once instead
-                    out[name] = np.asarray(out[name]).astype(np.float32)
+                    out[name] = widened(out[name])
                 continue
             if id(w) not in uploaded:
-                if isinstance(w, np.ndarray):
-                    host = np.ascontiguousarray(w.astype(want, copy=False))
+                if isinstance(w, Quantized):
+                    on_host = isinstance(w.data, np.ndarray)
+                    uploaded[id(w)] = self.backend.weight_from_host(w) if on_host else w
+                elif isinstance(w, np.ndarray):
+                    host = np.ascontiguousarray(w.astype(stored.numpy, copy=False))
                     uploaded[id(w)] = self.backend.from_host(host)
-                elif w.dtype != want:  # already on the device (generated there): use as is
-                    raise GraphError(f"weight {name} is {w.dtype} on the device, expected {want}")
+                elif w.dtype != stored.numpy:  # already on the device (generated there): as is
+                    raise GraphError(
+                        f"weight {name} is {w.dtype} on the device, expected {stored.name}"
+                    )
                 else:
                     uploaded[id(w)] = w
             out[name] = uploaded[id(w)]
         return out
+
+    def _host(self, w: Any) -> Any:
+        """A weight as a host value (arrays and ``Quantized`` alike)."""
+        if isinstance(w, Quantized):
+            return w if isinstance(w.data, np.ndarray) else self.backend.weight_to_host(w)
+        return w if isinstance(w, np.ndarray) else self.backend.to_host(w)
 
     def _stack(self, weights: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
         out = dict(weights)
@@ -209,8 +226,10 @@ class Session:
                     raise GraphError(
                         f"weight {n} has shape {tuple(w.shape)}, the graph expects {separate[n]}"
                     )
-            if all(isinstance(w, np.ndarray) for w in parts):
-                want = self.cfg.dtype.numpy
+            if any(isinstance(w, Quantized) for w in parts):
+                out[name] = concat_rows([self._host(w) for w in parts])
+            elif all(isinstance(w, np.ndarray) for w in parts):
+                want = self.cfg.weight_dtype(name).numpy
                 out[name] = np.concatenate([w.astype(want, copy=False) for w in parts])
             else:
                 out[name] = self.backend.concat_rows(parts)

@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from backends.base import Quantized, dequantize
 from graph.dtypes import DType, dtype_of, f32
 from graph.ir import contiguous_strides
 from graph.models.config import ModelConfig, weight_shapes
 
-__all__ = ["random_weights", "device_weights", "tie_output"]
+__all__ = ["random_weights", "device_weights", "tie_output", "concat_rows", "widened"]
 
 
 def random_weights(
@@ -80,3 +81,20 @@ def tie_output(cfg: ModelConfig, weights: dict[str, Any]) -> dict[str, Any]:
     if cfg.tied_embeddings and "output.weight" not in weights and "token_embd.weight" in weights:
         weights["output.weight"] = weights["token_embd.weight"]
     return weights
+
+
+def concat_rows(parts: list[Any]) -> Any:
+    """Host matrices stacked by rows, ``Quantized`` ones by their rows of blocks (one type)."""
+    if all(isinstance(p, Quantized) for p in parts):
+        types = {p.dtype for p in parts}
+        if len(types) != 1:
+            raise ValueError(f"cannot stack rows of {', '.join(t.name for t in types)}")
+        data = np.concatenate([np.asarray(p.data) for p in parts])
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        return Quantized(data, parts[0].dtype, shape)
+    return np.concatenate([np.asarray(p) for p in parts])
+
+
+def widened(w: Any) -> np.ndarray:
+    """A host matrix in f32 (a ``Quantized`` one decoded)."""
+    return dequantize(w) if isinstance(w, Quantized) else np.asarray(w).astype(np.float32)

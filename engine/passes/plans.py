@@ -142,7 +142,7 @@ class ModelPlan:
     def __str__(self) -> str:
         cfg = self.config
         lines = [
-            f"ModelPlan: {cfg.name or cfg.arch} {cfg.dtype.name} on {self.spec.backend} "
+            f"ModelPlan: {cfg.name or cfg.arch} {cfg.storage} on {self.spec.backend} "
             f"({self.spec.name or self.spec.device}); {self.options}",
             f"  costs: {self.costs_source}",
         ]
@@ -169,7 +169,7 @@ def plan_model(
         costs = spec.costs
         costs_source = costs_source or f"nominal for {spec.name or spec.backend}"
     if options.dtype is not None:
-        cfg = cfg.replace(dtype=options.weight_dtype)
+        cfg = cfg.dequantized(options.weight_dtype)
     n_batch = min(options.n_batch, options.n_ctx)
     plan = dict(
         config=cfg,
@@ -180,7 +180,7 @@ def plan_model(
         kv_rows=kv_slots(cfg, options.n_ctx, n_batch),
         n_batch=n_batch,
     )
-    whole = Segment(0, cfg.n_layer + 1, spec.backend, cfg.dtype.name)
+    whole = Segment(0, cfg.n_layer + 1, spec.backend, cfg.storage)
     if options.offload is None:
         return ModelPlan(
             **plan,  # type: ignore[arg-type]
@@ -220,7 +220,7 @@ def _split(
     """The segments ``placement`` splits the model into (layers from the first host one on,
     the head among them, run on the CPU backend) and the weights the host computes with."""
     host = sorted(p.layer for p in placement.layers if p.where == HOST and p.layer >= 0)
-    whole = Segment(0, cfg.n_layer + 1, spec.backend, cfg.dtype.name)
+    whole = Segment(0, cfg.n_layer + 1, spec.backend, cfg.storage)
     if not host:
         return (whole,), frozenset()
     if host != list(range(host[0], cfg.n_layer + 1)):
@@ -230,10 +230,10 @@ def _split(
         )
     split = host[0]
     # the CPU backend widens half-precision matrices to f32 for every product, which costs
-    # more than the product: the host's layers are widened once, at load
-    half = cfg.dtype.name in ("f16", "bf16")
-    on_host = Segment(split, cfg.n_layer + 1, "numpy", "f32" if half else cfg.dtype.name, True)
-    device = Segment(0, split, spec.backend, cfg.dtype.name)
+    # more than the product, and decodes block types: the host's layers are widened once, at load
+    wide = cfg.storage != "f32"
+    on_host = Segment(split, cfg.n_layer + 1, "numpy", "f32" if wide else cfg.storage, True)
+    device = Segment(0, split, spec.backend, cfg.storage)
     names = frozenset(
         n.name for n in probe.weights if n.layer >= split or (split == 0 and n.layer == -1)
     )
@@ -249,7 +249,7 @@ def plan_step(mp: ModelPlan, key: StepKey) -> tuple[StepPlan, ...]:
     out = []
     for seg in mp.segments:
         whole = seg.first == 0 and seg.end == cfg.n_layer + 1
-        seg_cfg = cfg if seg.dtype == cfg.dtype.name else cfg.replace(dtype=f32)
+        seg_cfg = cfg if seg.dtype == cfg.storage else cfg.dequantized(f32)
         graph = build(
             seg_cfg,
             key.n_tokens,

@@ -32,8 +32,11 @@ from typing import Any
 import numpy as np
 
 from backends import Backend
-from engine.passes.ring import FetchPlan, RingPlan
+from backends.base import Quantized
+from engine.passes.ring import FetchPlan, RingPlan, RingWeight
 from engine.views.trace import COPY, HOST, Recorder, Trace
+from graph.dtypes import u8
+from graph.ir import contiguous_strides
 from graph.ops import GraphError
 
 __all__ = ["WeightRing", "CacheStats"]
@@ -102,11 +105,11 @@ class WeightRing:
             copies = []
             for w in f.weights:
                 host = _host(be, weights, w.name, w.shape)
-                pinned = be.pinned(np.ascontiguousarray(host.astype(w.dtype.numpy)))
+                pinned = be.pinned(_storage(host, w))
                 self._keep.append(pinned)
-                view = be.view(self.buffers[f.slot], w.offset, w.shape, w.dtype, w.strides)
+                view = _slot_view(be, self.buffers[f.slot], w)
                 self.arrays[w.name] = view
-                copies.append(be.copy_launch(view, pinned, copy_stream))
+                copies.append(be.copy_launch(_bytes_of(view), pinned, copy_stream))
             self.fetches.append(_Fetch(f, copies, be.event()))
         self.streamed_bytes = plan.streamed_bytes
         self.cache = CacheStats(plan.cache_capacity, plan.cache_bytes, len(plan.cached))
@@ -115,9 +118,9 @@ class WeightRing:
         for f in plan.cached:  # copied once, kept for good
             buf = be.alloc(max(1, f.span))
             for w in f.weights:
-                view = be.view(buf, w.offset, w.shape, w.dtype, w.strides)
+                view = _slot_view(be, buf, w)
                 host = _host(be, weights, w.name, w.shape)
-                be.copy_from_host(view, np.ascontiguousarray(host.astype(w.dtype.numpy)))
+                be.copy_from_host(_bytes_of(view), _storage(host, w))
                 self.arrays[w.name] = view
             self.cache_buffers.append(buf)
         be.synchronize()
@@ -248,12 +251,40 @@ class WeightRing:
         self._join.wait(self._main)
 
 
+def _slot_view(be: Backend, buf: Any, w: RingWeight) -> Any:
+    """Weight ``w``'s place in a slot: an array, or a ``Quantized`` over its bytes."""
+    if w.dtype.is_quantized:
+        rows = (*w.shape[:-1], w.dtype.nbytes((w.shape[-1],)))
+        data = be.view(buf, w.offset, rows, u8, contiguous_strides(rows))
+        return Quantized(data, w.dtype, w.shape)
+    return be.view(buf, w.offset, w.shape, w.dtype, w.strides)
+
+
+def _bytes_of(view: Any) -> Any:
+    return view.data if isinstance(view, Quantized) else view
+
+
+def _storage(host: Any, w: RingWeight) -> np.ndarray:
+    """The host bytes a fetch copies: a ``Quantized`` weight's blocks as they are, an array in
+    the planned type."""
+    if isinstance(host, Quantized):
+        if host.dtype != w.dtype:
+            raise GraphError(
+                f"weight {w.name} is {host.dtype.name}, the plan expects {w.dtype.name}"
+            )
+        return np.ascontiguousarray(host.data)
+    return np.ascontiguousarray(host.astype(w.dtype.numpy))
+
+
 def _host(be: Backend, weights: Mapping[str, Any], name: str, shape: tuple[int, ...]) -> Any:
-    """A streamed weight as a host array, checked against the plan's shape."""
+    """A streamed weight as a host value, checked against the plan's shape."""
     if name not in weights:
         raise GraphError(f"missing weight {name} (streamed)")
     host = weights[name]
-    host = host if isinstance(host, np.ndarray) else be.to_host(host)
+    if isinstance(host, Quantized):
+        host = host if isinstance(host.data, np.ndarray) else be.weight_to_host(host)
+    else:
+        host = host if isinstance(host, np.ndarray) else be.to_host(host)
     if tuple(host.shape) != shape:
         raise GraphError(f"weight {name} has shape {tuple(host.shape)}, the plan expects {shape}")
     return host
