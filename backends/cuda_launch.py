@@ -22,13 +22,16 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from backends.base import BackendError
+from backends.base import BackendError, Quantized
 from backends.spec import ALIGN
 from graph.dtypes import DType, dtype_of
 from graph.ir import Node
 from graph.ops import Op, RmsNormParams, RopeMode, RopeParams, ScaleParams
 
 CTYPE = {"f32": "float", "f16": "half_t", "bf16": "bf16_t"}
+QT_ID = {"q4_0": 2, "q5_0": 6, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+"""GGUF block types the CUDA kernels read as stored, by their ``enum ggml_type`` ids (the
+template argument of the quant_kernels.cu kernels)."""
 MAXD = 6
 THREADS = 256
 
@@ -196,10 +199,22 @@ def _binary(code: int) -> Callable[..., Callable[[], None]]:
 
 def _c_get_rows(job: Job) -> Callable[[], None]:
     be, node, out, srcs, scratch, fixed = job
-    need_contiguous(node, srcs, (0, 1))
     table, idx = srcs
-    row = math.prod(table.shape[1:])
     n = idx.shape[0]
+    if isinstance(table, Quantized):  # rows decoded as the CPU reference decodes them
+        need_contiguous(node, srcs, (1,))
+        n_table, k = table.shape
+        qt = QT_ID.get(table.dtype.name)
+        if qt is None:
+            raise BackendError(
+                f"GET_ROWS {node.label}: no CUDA kernel reads {table.dtype.name} blocks; "
+                "run with --dtype f16 to dequantize at load"
+            )
+        f = be.fn(f"k_get_rows_q<{qt}>")
+        args = (ptr(table.data), ptr(idx), ptr(out), np.int64(n), np.int32(k), np.int64(n_table))
+        return prepare_launch(be, f, (blocks(n * (k // 32)),), (THREADS,), args)
+    need_contiguous(node, srcs, (0, 1))
+    row = math.prod(table.shape[1:])
     f = be.fn(f"k_get_rows<{CTYPE[dtype_of_array(table).name]}>")
     return prepare_launch(
         be,

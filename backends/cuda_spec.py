@@ -47,5 +47,7 @@ def nominal(sm_count: int = H200_SMS, name: str = "NVIDIA H200 (nominal)") -> Cu
         fused_patterns=frozenset(FUSED_COMPILERS),
         matvec_max_rows=cuda_matmul.GEMV_MAX_M,
         sm_count=sm_count,
+        block_types=cuda_matmul.BLOCK_TYPES,
+        keeps_block_types=True,
         name=name,
     )

@@ -40,7 +40,7 @@ import cupy as cp  # ImportError here: the registry turns it into a one-line Bac
 import numpy as np
 
 from backends import cuda_attention, cuda_launch, cuda_matmul, cuda_spec
-from backends.base import Backend, BackendError, FusedGroup
+from backends.base import Backend, BackendError, FusedGroup, Quantized
 from backends.cuda_blas import Cublas
 from backends.cuda_driver import DriverLauncher, load_driver
 from backends.cuda_fused import FUSED_COMPILERS
@@ -103,7 +103,11 @@ class CupyBackend(Backend):
         self._blas = {self.compute_stream.ptr: Cublas(self.compute_stream.ptr)}
         # every byte this backend took from the device: arenas, caches, weights, workspaces
         self.bytes_allocated = 32 << 20
-        self._source = (Path(__file__).with_name("kernels.cu")).read_text()
+        # one source: the kernels, then the GGUF block decoders and the kernels that use them
+        here = Path(__file__).parent
+        self._source = "\n".join(
+            (here / f).read_text() for f in ("kernels.cu", "quant_blocks.cuh", "quant_kernels.cu")
+        )
         self._functions: dict[str, Any] = {}
         self._keep: list[Any] = []  # device metadata arrays bound into launches
         self.kernels = {op: self._unsupported for op in COMPILERS}
@@ -387,8 +391,8 @@ class CupyBackend(Backend):
         offset = 0
         if node.op not in STRIDED_OPS:
             for i, s in enumerate(srcs):
-                if s.flags.c_contiguous:
-                    continue
+                if isinstance(s, Quantized) or s.flags.c_contiguous:
+                    continue  # block weights are whole rows of the file, dense by construction
                 dense = cp.ndarray(s.shape, s.dtype, memptr=scratch.data + offset)
                 fixed[i] = False  # the copy is written by a kernel of this run
                 offset += aligned(s.nbytes)

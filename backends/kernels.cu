@@ -564,7 +564,13 @@ __device__ __forceinline__ void cvt8(const uint4& u, const bf16_t*, float* f) {
     }
 }
 
-template <int PRE>
+// SW: element k of a row is stored at xs_index<SW>(k) (see k_matvec_q)
+template <bool SW>
+__device__ __forceinline__ int xs_index(int k) {
+    return SW ? ((k & ~31) | ((((k >> 2) ^ (k >> 5)) & 7) << 2) | (k & 3)) : k;
+}
+
+template <int PRE, bool SW = false>
 __device__ __forceinline__ void build_input(float* xs, const float* a, const float* b,
                                             const float* w1, const float* w2, float* v_out,
                                             int M, int K, i64 a_rs, i64 b_rs, float eps1,
@@ -578,7 +584,7 @@ __device__ __forceinline__ void build_input(float* xs, const float* a, const flo
         if (PRE >= 3) {
             for (int k = tid; k < K; k += nt) {
                 const float g = ar[k];
-                x[k] = PRE == 5 ? g : (PRE == 3 ? gelu_tanh(g) : silu(g)) * br[k];
+                x[xs_index<SW>(k)] = PRE == 5 ? g : (PRE == 3 ? gelu_tanh(g) : silu(g)) * br[k];
             }
             continue;
         }
@@ -611,7 +617,7 @@ __device__ __forceinline__ void build_input(float* xs, const float* a, const flo
             }
             for (int k = tid + PRE_REGS * nt; k < K; k += nt) {
                 const float v = ar[k] * s1 * w1[k] + br[k];
-                x[k] = v;
+                x[xs_index<SW>(k)] = v;
                 ss += v * v;
             }
         } else {
@@ -622,7 +628,7 @@ __device__ __forceinline__ void build_input(float* xs, const float* a, const flo
             }
             for (int k = tid + PRE_REGS * nt; k < K; k += nt) {
                 const float v = PRE == 2 ? ar[k] + br[k] : ar[k];
-                x[k] = v;
+                x[xs_index<SW>(k)] = v;
                 ss += v * v;
             }
         }
@@ -632,12 +638,12 @@ __device__ __forceinline__ void build_input(float* xs, const float* a, const flo
             const int k = tid + e * nt;
             if (k < K) {
                 if (PRE >= 1 && write_v) v_out[(i64)r * K + k] = av[e];
-                x[k] = av[e] * s2 * w2v[e];
+                x[xs_index<SW>(k)] = av[e] * s2 * w2v[e];
             }
         }
         for (int k = tid + PRE_REGS * nt; k < K; k += nt) {
-            if (PRE >= 1 && write_v) v_out[(i64)r * K + k] = x[k];
-            x[k] = x[k] * s2 * w2[k];
+            if (PRE >= 1 && write_v) v_out[(i64)r * K + k] = x[xs_index<SW>(k)];
+            x[xs_index<SW>(k)] = x[xs_index<SW>(k)] * s2 * w2[k];
         }
     }
 }

@@ -1,0 +1,302 @@
+// Kernels that read GGUF block types as stored. Appended, as text, after kernels.cu and
+// quant_blocks.cuh (the block decoders), so everything there is in scope.
+//
+// k_matvec_q   decode: out = build(a, b, ...) @ dequant(w).T for up to 8 rows, k_matvec's
+//              input prologues (norm, GeGLU, ...) with the weight read in its blocks
+// k_get_rows_q row gathers (token embeddings) from a block table, exact as the CPU reference
+// k_dequant_q  rows of a block matrix into f16/bf16 scratch, for cuBLAS prompt products
+//
+// Dequantizing in registers. Each lane owns 32-element pieces (QBlock's unit): it loads a
+// piece's bytes, turns its quants into exact integer-valued floats, and takes their dot with the
+// input once per input row; the piece's scales multiply the partial sums, not each element:
+//     sum_l (d q_l - m) x_l = d * sum_l q_l x_l - m * sum_l x_l
+// (Q6_K has two scales per piece, one per 16 elements; Q4_K/Q5_K's "- m" uses the input's
+// piece sums, computed once per block). Quants become floats without a conversion instruction
+// (a quarter of the FMA rate): a byte q placed under the exponent of 2^23 reads 2^23 + q, and
+// one exact subtraction leaves q (minus the type's offset). Per element that is one byte
+// permute, one add and one FMA per input row.
+//
+// Shared memory: a lane reads its piece's 32 inputs as 8 float4s while the other lanes read
+// theirs, 32 floats apart: without care all 32 lanes hit the same banks. The input is stored
+// swizzled (xs_index<true>): chunk c of piece g sits at chunk (c ^ g) & 7, so the 8 lanes of
+// a quarter-warp read 8 different chunks, all 32 banks once.
+
+#define QV_PIECES 4  // pieces per lane per row per pass, divided by R
+
+// the quant q (a byte of v, 0..255) minus bias, as an exact float
+__device__ __forceinline__ float q_b2f(unsigned v, int byte, float bias) {
+    return __int_as_float(__byte_perm(v, 0x4Bu, 0x4550 + byte)) - (8388608.f + bias);
+}
+// bits 0..3 of x to bit 4 of bytes 0..3
+__device__ __forceinline__ unsigned q_spread4(unsigned x) {
+    return (((x & 0xFu) * 0x00204081u) & 0x01010101u) << 4;
+}
+
+// A piece as integer-valued floats q[32] and its scales: y_l = (l < 16 ? d0 : d1) * q_l - mn
+struct QPiece {
+    float q[32];
+    float d0, d1, mn;
+};
+
+template <int T>
+__device__ __forceinline__ void q_words(const typename QBlock<T>::Raw& r, int g, QPiece& p);
+
+__device__ __forceinline__ void q_from_words(const unsigned* w, float bias, QPiece& p) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) p.q[4 * i + b] = q_b2f(w[i], b, bias);
+}
+
+template <>
+__device__ __forceinline__ void q_words<QT_Q4_0>(const QBlock<QT_Q4_0>::Raw& r, int, QPiece& p) {
+    unsigned w[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        w[i] = r.qs[i] & 0x0F0F0F0Fu;
+        w[i + 4] = (r.qs[i] >> 4) & 0x0F0F0F0Fu;
+    }
+    q_from_words(w, 8.f, p);
+    p.d0 = p.d1 = qh2f(r.d);
+    p.mn = 0.f;
+}
+
+template <>
+__device__ __forceinline__ void q_words<QT_Q5_0>(const QBlock<QT_Q5_0>::Raw& r, int, QPiece& p) {
+    unsigned w[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        w[i] = (r.qs[i] & 0x0F0F0F0Fu) | q_spread4(r.qh >> (4 * i));
+        w[i + 4] = ((r.qs[i] >> 4) & 0x0F0F0F0Fu) | q_spread4(r.qh >> (16 + 4 * i));
+    }
+    q_from_words(w, 16.f, p);
+    p.d0 = p.d1 = qh2f(r.d);
+    p.mn = 0.f;
+}
+
+template <>
+__device__ __forceinline__ void q_words<QT_Q8_0>(const QBlock<QT_Q8_0>::Raw& r, int, QPiece& p) {
+    unsigned w[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) w[i] = r.qs[i] ^ 0x80808080u;  // int8 q + 128
+    q_from_words(w, 128.f, p);
+    p.d0 = p.d1 = qh2f(r.d);
+    p.mn = 0.f;
+}
+
+template <>
+__device__ __forceinline__ void q_words<QT_Q4_K>(const QBlock<QT_Q4_K>::Raw& r, int g, QPiece& p) {
+    const int s = g & 7, shift = 4 * (s & 1);
+    unsigned w[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) w[i] = (r.qs[i] >> shift) & 0x0F0F0F0Fu;
+    q_from_words(w, 0.f, p);
+    unsigned sc, m;
+    q_scale_min_k4(r.sc, s, sc, m);
+    p.d0 = p.d1 = qh2f((unsigned short)(r.dm & 0xFFFFu)) * (float)sc;
+    p.mn = qh2f((unsigned short)(r.dm >> 16)) * (float)m;
+}
+
+template <>
+__device__ __forceinline__ void q_words<QT_Q5_K>(const QBlock<QT_Q5_K>::Raw& r, int g, QPiece& p) {
+    const int s = g & 7, shift = 4 * (s & 1);
+    unsigned w[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+        w[i] = ((r.qs[i] >> shift) & 0x0F0F0F0Fu) | (((r.qh[i] >> s) & 0x01010101u) << 4);
+    q_from_words(w, 0.f, p);
+    unsigned sc, m;
+    q_scale_min_k4(r.sc, s, sc, m);
+    p.d0 = p.d1 = qh2f((unsigned short)(r.dm & 0xFFFFu)) * (float)sc;
+    p.mn = qh2f((unsigned short)(r.dm >> 16)) * (float)m;
+}
+
+template <>
+__device__ __forceinline__ void q_words<QT_Q6_K>(const QBlock<QT_Q6_K>::Raw& r, int g, QPiece& p) {
+    const int k = g & 3, lo = 4 * (k >> 1), hi = 2 * k;
+    unsigned w[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+        w[i] = ((r.ql[i] >> lo) & 0x0F0F0F0Fu) | (((r.qh[i] >> hi) & 0x03030303u) << 4);
+    q_from_words(w, 32.f, p);
+    const float d = qh2f(r.d);
+    p.d0 = d * (float)(signed char)(r.sc & 0xFFu);
+    p.d1 = d * (float)(signed char)(r.sc >> 8);
+    p.mn = 0.f;
+}
+
+template <int T>
+struct QHasMin { static const bool v = false; };
+template <> struct QHasMin<QT_Q4_K> { static const bool v = true; };
+template <> struct QHasMin<QT_Q5_K> { static const bool v = true; };
+
+// the piece's dot with one input row: xp is the row's piece g (swizzled), xsum its sum
+template <bool MIN>
+__device__ __forceinline__ float q_dot(const QPiece& p, const float* xp, int g, float xsum) {
+    const float4* x4 = reinterpret_cast<const float4*>(xp);
+    float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+        const float4 v = x4[(c ^ g) & 7];
+        float& s = c < 4 ? s0 : s1;
+        s = fmaf(p.q[4 * c], v.x, s);
+        s = fmaf(p.q[4 * c + 1], v.y, s);
+        s = fmaf(p.q[4 * c + 2], v.z, s);
+        s = fmaf(p.q[4 * c + 3], v.w, s);
+    }
+    const float r = p.d0 * s0 + p.d1 * s1;
+    return MIN ? r - p.mn * xsum : r;
+}
+
+template <int QT, int R, int PRE, int MM>
+__global__ void __launch_bounds__(MV_WARPS * 32)
+    k_matvec_q(const unsigned char* w, const float* a, const float* b, const float* w1,
+               const float* w2, float* v_out, float* out, int M, int N, int K, i64 a_rs, i64 b_rs,
+               float eps1, float eps2, int early) {
+    PDL_LAUNCH();
+    typedef QBlock<QT> B;
+    constexpr int T = QV_PIECES / R;
+    constexpr bool MIN = QHasMin<QT>::v;
+    extern __shared__ float xs[];  // M rows of K (swizzled), then M rows of K / 32 piece sums
+    __shared__ float red[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int rows_per_block = MV_WARPS * R;
+    const int P = K >> 5;  // pieces per row
+    const i64 row_bytes = (i64)(K / B::QK) * B::BYTES;
+    float* xsum = xs + (i64)M * K;
+    typename B::Raw raw[R][T];
+    int row0 = blockIdx.x * rows_per_block + warp * R;
+    for (int pass = 0; pass < 2; ++pass) {
+        if (pass == 1) PDL_WAIT();
+        if ((pass == 0) != (early != 0)) continue;
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int t = 0; t < T; ++t) {
+                const int p = lane + 32 * t;
+                if (row0 + r < N && p < P) raw[r][t] = B::load(w + (i64)(row0 + r) * row_bytes, p);
+            }
+    }
+    build_input<PRE, true>(xs, a, b, w1, w2, v_out, M, K, a_rs, b_rs, eps1, eps2, red);
+    __syncthreads();
+    if (MIN) {
+        for (int i = threadIdx.x; i < M * P; i += blockDim.x) {
+            const float4* x4 = reinterpret_cast<const float4*>(xs + (i64)i * 32);
+            float s = 0.f;
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {  // in swizzled order: neighbours read other banks
+                const float4 v = x4[(c ^ i) & 7];
+                s += (v.x + v.y) + (v.z + v.w);
+            }
+            xsum[i] = s;
+        }
+        __syncthreads();
+    }
+    bool loaded = true;
+    for (int base = blockIdx.x * rows_per_block; base < N; base += gridDim.x * rows_per_block) {
+        row0 = base + warp * R;
+        float acc[MM][R];
+#pragma unroll
+        for (int m = 0; m < MM; ++m)
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+        for (int p0 = 0; p0 < P; p0 += 32 * T) {
+            if (!loaded) {
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+#pragma unroll
+                    for (int t = 0; t < T; ++t) {
+                        const int p = p0 + lane + 32 * t;
+                        if (row0 + r < N && p < P)
+                            raw[r][t] = B::load(w + (i64)(row0 + r) * row_bytes, p);
+                    }
+            }
+            loaded = false;
+#pragma unroll
+            for (int t = 0; t < T; ++t) {
+                const int p = p0 + lane + 32 * t;
+                if (p >= P) break;
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    if (row0 + r >= N) continue;
+                    QPiece q;
+                    q_words<QT>(raw[r][t], p, q);
+#pragma unroll
+                    for (int m = 0; m < MM; ++m)
+                        if (m < M)
+                            acc[m][r] += q_dot<MIN>(q, xs + (i64)m * K + p * 32, p,
+                                                    MIN ? xsum[m * P + p] : 0.f);
+                }
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < MM; ++m)
+            if (m < M)
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const float s = warp_sum(acc[m][r]);
+                    if (lane == 0 && row0 + r < N) out[(i64)m * N + row0 + r] = s;
+                }
+    }
+}
+
+// one thread per (gathered row, piece): decode exactly as the CPU reference
+template <int QT>
+__global__ void k_get_rows_q(const unsigned char* table, const int* idx, float* out, i64 n, int K,
+                             i64 n_table) {
+    PDL_ENTRY();
+    typedef QBlock<QT> B;
+    const int P = K >> 5;
+    const i64 row_bytes = (i64)(K / B::QK) * B::BYTES;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n * P;
+         i += (i64)gridDim.x * blockDim.x) {
+        const i64 r = i / P;
+        const int g = (int)(i - r * P);
+        const i64 t = idx[r];
+        float y[32];
+        if (t >= 0 && t < n_table) {
+            B::decode(B::load(table + t * row_bytes, g), g, y);
+        } else {  // out of range: NaN, visibly wrong instead of a fault (as k_get_rows)
+#pragma unroll
+            for (int l = 0; l < 32; ++l) y[l] = __int_as_float(0x7fc00000);
+        }
+        float4* o = reinterpret_cast<float4*>(out + r * K + g * 32);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) o[c] = make_float4(y[4 * c], y[4 * c + 1], y[4 * c + 2], y[4 * c + 3]);
+    }
+}
+
+// rows [0, n) of a block matrix of K columns into out (n, K) of TO, one thread per piece
+template <int QT, typename TO>
+__global__ void k_dequant_q(const unsigned char* w, TO* out, i64 n, int K) {
+    PDL_ENTRY();
+    typedef QBlock<QT> B;
+    const int P = K >> 5;
+    const i64 row_bytes = (i64)(K / B::QK) * B::BYTES;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n * P;
+         i += (i64)gridDim.x * blockDim.x) {
+        const i64 r = i / P;
+        const int g = (int)(i - r * P);
+        float y[32];
+        B::decode(B::load(w + r * row_bytes, g), g, y);
+        TO* o = out + r * K + g * 32;
+#pragma unroll
+        for (int l = 0; l < 32; ++l) st(o, l, y[l]);
+    }
+}
+
+// an f32 activation as two f16 halves, x = hi + lo / 2048: the prompt products multiply both
+// by the f16 weight tile (two cuBLAS calls, the second scaled by 1/2048 and accumulating), so
+// that only the weight is rounded. lo is scaled up so that small activations (|x| < 0.1 after
+// GeGLU) keep their bits instead of becoming f16 subnormals. |x| beyond 65504: hi is inf and
+// lo 0, so the product is inf, visibly.
+__global__ void k_split_f16(const float* x, half_t* hi, half_t* lo, i64 n) {
+    PDL_ENTRY();
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        const unsigned short h = f2h(v);
+        const float hf = h2f(h);
+        hi[i].x = h;
+        lo[i].x = isfinite(hf) ? f2h((v - hf) * 2048.f) : (unsigned short)0;
+    }
+}

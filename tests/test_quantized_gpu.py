@@ -1,0 +1,162 @@
+"""The CUDA kernels that read GGUF block types as stored, against ``gguf.quants.dequantize``
+followed by NumPy (the NumPy backend dequantizes with it), ``gpu`` marker: skipped without CUDA.
+
+Decode products (``k_matvec_q``, up to 8 rows, f32 arithmetic) are held to f32 tolerance; longer
+products decode tiles into f16 for cuBLAS and are held to f16's. Row gathers are exact. Every
+graph runs eagerly, is captured, then replayed: the replay must equal the eager run bitwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from backends.base import Quantized, dequantize
+from backends.cuda_matmul import MAX_INPUT_FLOATS_Q, _q_smem
+from engine.model.gguf import config_for, open_gguf
+from engine.model.session import Session
+from engine.options import Options
+from engine.runtime.executor import Executor
+from graph import GraphBuilder, f32
+from graph.dtypes import DTYPES, i32
+from tests.conftest import close
+from tests.gguf_fixtures import GEMMA3, GEMMA3_TYPES, LLAMA, LLAMA_TYPES, encode, write_model
+
+pytestmark = pytest.mark.gpu
+
+TYPES = ["q4_0", "q5_0", "q8_0", "q4_k", "q5_k", "q6_k"]
+PROMPT = [1, 5, 9, 2, 33, 7, 18, 4, 60, 11, 3, 3, 8, 40, 2, 19, 27]
+
+
+def _blocks(name: str, n: int, k: int, seed: int) -> Quantized:
+    """An (n, k) matrix of ``name`` blocks: quantized normal values, or (K types) random
+    blocks with small finite scales."""
+    rng = np.random.default_rng(seed)
+    raw = encode(rng.standard_normal((n, k)).astype(np.float32), T[name.upper()], rng)
+    return Quantized(np.ascontiguousarray(raw.reshape(n, -1)), DTYPES[name], (n, k))
+
+
+def _runs(graph, weights, inputs, gpu, runs: int = 3):  # noqa: ANN001, ANN202
+    """NumPy's outputs, and the GPU's of every run (eager, capture, replays)."""
+    want = Executor(graph, weights, "numpy").run(inputs)
+    dev = Executor(graph, weights, gpu, options=Options(mode="graph"))
+    got = [dev.run(inputs) for _ in range(runs)]
+    return want, got, dev
+
+
+def _tol(name: str, rows: int, k: int) -> float:
+    """f32 tolerance where ``k_matvec_q`` runs (rows and shared memory permitting), else f16's."""
+    decode = rows <= 8 and _q_smem(rows, k, DTYPES[name]) <= MAX_INPUT_FLOATS_Q * 4
+    return 2e-5 * np.sqrt(k) if decode else 3e-3
+
+
+def _replays_equal_eager(got: list[list[np.ndarray]]) -> None:
+    for later in got[1:]:
+        for a, b in zip(got[0], later, strict=True):
+            assert np.array_equal(a, b, equal_nan=True), "a replay differs from the eager run"
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+@pytest.mark.parametrize(("n_out", "k"), [(37, 256), (1000, 768), (300, 4096), (129, 11008)])
+def test_block_products(gpu, name: str, rows: int, n_out: int, k: int) -> None:  # noqa: ANN001
+    g = GraphBuilder()
+    x = g.input("x", (rows, k), f32)
+    w = g.weight("w", (n_out, k), name, layer=0)
+    graph = g.build([g.mul_mat(w, x)])
+    weights = {"w": _blocks(name, n_out, k, seed=k + rows)}
+    inputs = {"x": np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)}
+    want, got, _ = _runs(graph, weights, inputs, gpu)
+    close(got[0][0], want[0], _tol(name, rows, k), f"{name} {rows}x{k} @ {n_out}")
+    _replays_equal_eager(got)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_block_product_at_one_block_and_16k(gpu, name: str) -> None:  # noqa: ANN001
+    """K from one block to 16384 (beyond shared memory at 8 rows: the tiled path)."""
+    qk = 256 if name.endswith("_k") else 32
+    for k, rows in ((qk, 1), (qk, 8), (16384, 1), (16384, 8)):
+        g = GraphBuilder()
+        x = g.input("x", (rows, k), f32)
+        w = g.weight("w", (5, k), name, layer=0)
+        graph = g.build([g.mul_mat(w, x)])
+        weights = {"w": _blocks(name, 5, k, seed=k)}
+        inputs = {"x": np.random.default_rng(k).standard_normal((rows, k)).astype(np.float32)}
+        want, got, _ = _runs(graph, weights, inputs, gpu)
+        close(got[0][0], want[0], _tol(name, rows, k), f"{name} {rows}x{k}")
+        _replays_equal_eager(got)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_block_row_gathers_are_exact(gpu, name: str) -> None:  # noqa: ANN001
+    k = 512
+    table = _blocks(name, 301, k, seed=3)
+    g = GraphBuilder()
+    idx = g.input("i", (7,), i32)
+    graph = g.build([g.get_rows(g.weight("t", (301, k), name, layer=0), idx)])
+    rows = np.array([0, 300, 17, 17, 299, 1, 150], np.int32)
+    want = dequantize(table, rows)
+    dev = Executor(graph, {"t": table}, gpu, options=Options(mode="graph"))
+    for _ in range(3):
+        (got,) = dev.run({"i": rows})
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["q4_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_block_fused_groups(gpu, name: str, rows: int) -> None:  # noqa: ANN001
+    """Norm into the product and GeGLU into the down projection read blocks too."""
+    k, ff = 1024, 2816
+    g = GraphBuilder()
+    a = g.input("a", (rows, k), f32)
+    b = g.input("b", (rows, k), f32)
+    nw = g.weight("nw", (k,), f32, layer=0)
+    up = g.weight("up", (ff, k), name, layer=0)
+    gate = g.weight("gate", (ff, k), name, layer=0)
+    down = g.weight("down", (k, ff), name, layer=0)
+    h = g.rms_norm(g.add(a, b), nw, 1e-6)
+    y = g.mul_mat(down, g.geglu(g.mul_mat(gate, h), g.mul_mat(up, h)))
+    graph = g.build([y])
+    rng = np.random.default_rng(rows)
+    weights = {
+        "nw": rng.standard_normal(k).astype(np.float32),
+        "up": _blocks(name, ff, k, 1),
+        "gate": _blocks(name, ff, k, 2),
+        "down": _blocks(name, k, ff, 3),
+    }
+    inputs = {x: rng.standard_normal((rows, k)).astype(np.float32) for x in ("a", "b")}
+    want, got, dev = _runs(graph, weights, inputs, gpu)
+    patterns = sorted(f.pattern for f in dev.fused)
+    assert "norm_matvec" in patterns and "glu_matvec" in patterns, patterns
+    close(got[0][0], want[0], 1e-4 * np.sqrt(ff), name)
+    _replays_equal_eager(got)
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def model_file(request, tmp_path_factory):  # noqa: ANN001, ANN201
+    cfg, types = {"llama": (LLAMA, LLAMA_TYPES), "gemma3": (GEMMA3, GEMMA3_TYPES)}[request.param]
+    path = tmp_path_factory.mktemp("qgpu") / f"{request.param}.gguf"
+    write_model(path, cfg, types)
+    return open_gguf(path)
+
+
+def test_models_in_their_block_types(gpu, model_file) -> None:  # noqa: ANN001
+    """A GGUF on the GPU runs in its own types (those the kernels read; others f16) and gives
+    the NumPy reference's logits on the same bytes; streamed layers equal resident ones."""
+    opts = Options(backend="cupy", n_ctx=64, n_batch=16, mode="graph")
+    cfg = config_for(model_file, opts)
+    assert cfg.is_quantized
+    weights = model_file.weights_as(cfg)
+    want_pre = Session(cfg, weights, "numpy", opts.replace(backend="numpy")).prefill(PROMPT)
+    resident = Session(cfg, weights, gpu, opts)
+    got_pre = resident.prefill(PROMPT)
+    close(got_pre, want_pre, 1e-2, "prefill logits")  # prompt products in f16 tiles
+    ref = Session(cfg, weights, "numpy", opts.replace(backend="numpy"))
+    ref.prefill(PROMPT)
+    steps = [resident.decode(t) for t in (3, 9, 14)]
+    for t, got in zip((3, 9, 14), steps, strict=True):
+        close(got, ref.decode(t), 1e-2, f"decode {t}")
+    streamed = Session(cfg, weights, gpu, opts.replace(offload="*1+0"))
+    assert np.array_equal(streamed.prefill(PROMPT), got_pre)
+    assert np.array_equal(streamed.decode(3), steps[0])
