@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--kv", default="f32", help="KV cache type (--cache-type)")
+    ap.add_argument("--only-graph", action="store_true", help="the fused graph mode alone")
     args = ap.parse_args()
     import cupy as cp
 
@@ -96,14 +98,20 @@ def main() -> None:
     print(be.describe())
     print(f"{args.model} {args.dtype}: {wbytes / 1e6:.1f} MB of weights")
     prompt = list(range(2, 2 + args.prompt))
-    for mode, fusion, pdl in (
-        ("graph", True, True),
-        ("graph", True, False),
-        ("graph", False, True),
-        ("eager", True, True),
-    ):
+    modes = [("graph", True, True), ("graph", True, False), ("graph", False, True)]
+    modes.append(("eager", True, True))
+    for mode, fusion, pdl in modes[:1] if args.only_graph else modes:
         be.pdl = pdl and be._driver is not None
-        sess = Session(cfg, w, be, n_ctx=args.ctx, n_batch=args.prompt, mode=mode, fusion=fusion)
+        sess = Session(
+            cfg,
+            w,
+            be,
+            n_ctx=args.ctx,
+            n_batch=args.prompt,
+            mode=mode,
+            fusion=fusion,
+            kv_type=args.kv,
+        )
         pp = []
         for _ in range(5):
             sess.reset()

@@ -1,0 +1,125 @@
+"""The block-type kernels alone on the 7B shape's matrices, against the measured HBM bandwidth.
+
+    python benchmarks/block_kernels.py [--types q4_k,q8_0] [--rows 1,4] [--prompt 512]
+
+For each GGUF block type and each Llama-2-7B matrix (4096x4096, the 11008x4096 gate and up,
+the 4096x11008 down projection, the 32000x4096 head): ``k_matvec_q`` at 1..8 rows in µs and in
+GB/s of the blocks' bytes, as a share of a device-to-device copy's bandwidth (read + write
+counted); the bf16 ``k_matvec`` on the same shape beside it; and the prompt path (tiles decoded
+to bf16, cuBLAS per tile) at ``--prompt`` rows in TFLOP/s, beside one bf16 cuBLAS product.
+Each figure is the median of CUDA-graph replays timed with events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shapes_7b import gemm, timed  # noqa: E402
+
+from backends import get_backend  # noqa: E402
+from backends.base import Quantized  # noqa: E402
+from backends.cuda_launch import Job  # noqa: E402
+from backends.cuda_matmul import PRE_COPY, _mul_mat_q, _q_scratch, matvec  # noqa: E402
+from graph.dtypes import DTYPES  # noqa: E402
+
+SHAPES = {"wq": (4096, 4096), "gate": (11008, 4096), "down": (4096, 11008), "head": (32000, 4096)}
+F16_FIELDS = {
+    "q4_0": (0,),
+    "q5_0": (0,),
+    "q8_0": (0,),
+    "q4_k": (0, 2),
+    "q5_k": (0, 2),
+    "q6_k": (208,),
+}
+
+
+def blocks(name: str, n: int, k: int) -> np.ndarray:
+    """Random blocks with small finite f16 scales: the bytes a kernel reads are all that
+    matters for its speed."""
+    dt = DTYPES[name]
+    per = dt.block_bytes
+    raw = np.random.default_rng(0).integers(0, 256, (n, dt.nbytes((k,))), dtype=np.uint8)
+    view = raw.reshape(-1, per)
+    for at in F16_FIELDS[name]:
+        view[:, at : at + 2] = np.array([1e-3], np.float16).view(np.uint8)
+    return raw
+
+
+class _Node:  # what _mul_mat_q reads of a node
+    label = "bench"
+
+
+def main() -> None:
+    import cupy as cp
+    import ml_dtypes
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--types", default="q4_0,q5_0,q8_0,q4_k,q5_k,q6_k")
+    ap.add_argument("--rows", default="1,2,4,8")
+    ap.add_argument("--prompt", type=int, default=512)
+    args = ap.parse_args()
+    be = get_backend("cupy")
+    print(be.describe())
+    src = cp.zeros(1 << 30, cp.uint8)
+    dst = cp.empty_like(src)
+
+    def copy() -> None:
+        with be.compute_stream:
+            dst[...] = src
+
+    hbm = 2 * src.nbytes / timed(be, copy, 10) / 1e6
+    src = dst = None  # give the 2 GiB back
+    print(f"device copy: {hbm:.0f} GB/s (read + write: the HBM traffic it sustains)\n")
+    rows = [int(r) for r in args.rows.split(",")]
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    print("| type | matrix | rows | µs | GB/s | share of copy |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, (n, k) in SHAPES.items():
+        w = cp.asarray(np.random.default_rng(1).standard_normal((n, k)).astype(bf16))
+        for m in rows:
+            x = cp.asarray(np.random.default_rng(2).standard_normal((m, k)).astype(np.float32))
+            y = cp.empty((m, n), np.float32)
+            fn = matvec(be, w, y, PRE_COPY, x, x, early=True)
+            if fn is None:
+                continue
+            ms = timed(be, fn, 50)
+            gbs = w.nbytes / ms / 1e6
+            print(f"| bf16 | {name} | {m} | {ms * 1e3:.1f} | {gbs:.0f} | {gbs / hbm:.0%} |")
+    for t in args.types.split(","):
+        for name, (n, k) in SHAPES.items():
+            w = Quantized(cp.asarray(blocks(t, n, k)), DTYPES[t], (n, k))
+            for m in rows:
+                x = cp.asarray(np.random.default_rng(2).standard_normal((m, k)).astype(np.float32))
+                y = cp.empty((m, n), np.float32)
+                fn = matvec(be, w, y, PRE_COPY, x, x, early=True)
+                if fn is None:
+                    print(f"| {t} | {name} | {m} | - | - | - |")
+                    continue
+                ms = timed(be, fn, 50)
+                gbs = w.nbytes / ms / 1e6
+                print(f"| {t} | {name} | {m} | {ms * 1e3:.1f} | {gbs:.0f} | {gbs / hbm:.0%} |")
+    m = args.prompt
+    print("\n| type | matrix | rows | ms | TFLOP/s | bf16 cuBLAS ms |")
+    print("|---|---|---:|---:|---:|---:|")
+    for t in args.types.split(","):
+        for name, (n, k) in SHAPES.items():
+            w = Quantized(cp.asarray(blocks(t, n, k)), DTYPES[t], (n, k))
+            x = cp.asarray(np.random.default_rng(2).standard_normal((m, k)).astype(np.float32))
+            y = cp.empty((m, n), np.float32)
+            scratch = cp.empty(_q_scratch(m, n, k), cp.uint8)
+            fn = _mul_mat_q(Job(be, _Node(), y, [w, x], scratch, [True, False]))
+            ms = timed(be, fn, 10)
+            wb = cp.asarray(np.random.default_rng(1).standard_normal((n, k)).astype(bf16))
+            xb = x.astype(bf16)
+            ref = timed(be, gemm(be, wb, xb, y, n, m, k, "f32"), 10)
+            tf = 2 * m * n * k / ms / 1e9
+            print(f"| {t} | {name} | {m} | {ms:.3f} | {tf:.0f} | {ref:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
