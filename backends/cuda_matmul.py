@@ -280,7 +280,7 @@ def _mul_mat_q(job: Job) -> Callable[[], None]:
     row_bytes = w.data.shape[1]
     decode, products = [], []
     blas, h16, f32_id = be.blas, CUDA_DTYPE["f16"], CUDA_DTYPE["f32"]
-    f = be.fn(f"k_dequant_q<{QT_ID[w.dtype.name]}, half_t>")
+    f = be.fn(f"k_dequant_f16<{QT_ID[w.dtype.name]}>")
     for n0 in range(0, n_out, tile_rows):
         rows = min(tile_rows, n_out - n0)
         pieces = rows * (k // 32)

@@ -4,7 +4,7 @@
 // k_matvec_q   decode: out = build(a, b, ...) @ dequant(w).T for up to 8 rows, k_matvec's
 //              input prologues (norm, GeGLU, ...) with the weight read in its blocks
 // k_get_rows_q row gathers (token embeddings) from a block table, exact as the CPU reference
-// k_dequant_q  rows of a block matrix into f16/bf16 scratch, for cuBLAS prompt products
+// k_dequant_f16 rows of a block matrix into f16 scratch, for cuBLAS prompt products
 //
 // Dequantizing in registers. Each lane owns 32-element pieces (QBlock's unit): it loads a
 // piece's bytes, turns its quants into exact integer-valued floats, and takes their dot with the
@@ -148,6 +148,20 @@ __device__ __forceinline__ float q_dot(const QPiece& p, const float* xp, int g, 
     return MIN ? r - p.mn * xsum : r;
 }
 
+// the same with the piece's input already in registers (one input row: loaded once per piece,
+// used for every row R of the warp)
+template <bool MIN>
+__device__ __forceinline__ float q_dot_regs(const QPiece& p, const float* x, float xsum) {
+    float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+    for (int l = 0; l < 16; ++l) {
+        s0 = fmaf(p.q[l], x[l], s0);
+        s1 = fmaf(p.q[l + 16], x[l + 16], s1);
+    }
+    const float r = p.d0 * s0 + p.d1 * s1;
+    return MIN ? r - p.mn * xsum : r;
+}
+
 template <int QT, int R, int PRE, int MM>
 __global__ void __launch_bounds__(MV_WARPS * 32)
     k_matvec_q(const unsigned char* w, const float* a, const float* b, const float* w1,
@@ -216,6 +230,27 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
             for (int t = 0; t < T; ++t) {
                 const int p = p0 + lane + 32 * t;
                 if (p >= P) break;
+                if (MM == 1) {  // one input row: its piece in registers, shared by the R rows
+                    float x[32];
+                    const float4* x4 = reinterpret_cast<const float4*>(xs + p * 32);
+#pragma unroll
+                    for (int c = 0; c < 8; ++c) {
+                        const float4 v = x4[(c ^ p) & 7];
+                        x[4 * c] = v.x;
+                        x[4 * c + 1] = v.y;
+                        x[4 * c + 2] = v.z;
+                        x[4 * c + 3] = v.w;
+                    }
+                    const float xsm = MIN ? xsum[p] : 0.f;
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        if (row0 + r >= N) continue;
+                        QPiece q;
+                        q_words<QT>(raw[r][t], p, q);
+                        acc[0][r] += q_dot_regs<MIN>(q, x, xsm);
+                    }
+                    continue;
+                }
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
                     if (row0 + r >= N) continue;
@@ -266,9 +301,11 @@ __global__ void k_get_rows_q(const unsigned char* table, const int* idx, float* 
     }
 }
 
-// rows [0, n) of a block matrix of K columns into out (n, K) of TO, one thread per piece
-template <int QT, typename TO>
-__global__ void k_dequant_q(const unsigned char* w, TO* out, i64 n, int K) {
+// rows [0, n) of a block matrix of K columns into f16 out (n, K), one thread per piece: its 32
+// values packed in pairs and written as four 16-byte stores (2-byte stores, one per value,
+// made the first version 10x slower than its bytes)
+template <int QT>
+__global__ void k_dequant_f16(const unsigned char* w, half_t* out, i64 n, int K) {
     PDL_ENTRY();
     typedef QBlock<QT> B;
     const int P = K >> 5;
@@ -279,9 +316,12 @@ __global__ void k_dequant_q(const unsigned char* w, TO* out, i64 n, int K) {
         const int g = (int)(i - r * P);
         float y[32];
         B::decode(B::load(w + r * row_bytes, g), g, y);
-        TO* o = out + r * K + g * 32;
+        unsigned h[16];
 #pragma unroll
-        for (int l = 0; l < 32; ++l) st(o, l, y[l]);
+        for (int e = 0; e < 16; ++e) h[e] = (unsigned)f2h(y[2 * e]) | ((unsigned)f2h(y[2 * e + 1]) << 16);
+        uint4* o = reinterpret_cast<uint4*>(out + r * K + g * 32);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) o[c] = make_uint4(h[4 * c], h[4 * c + 1], h[4 * c + 2], h[4 * c + 3]);
     }
 }
 

@@ -111,12 +111,13 @@ def test_block_fused_groups(gpu, name: str, rows: int) -> None:  # noqa: ANN001
     g = GraphBuilder()
     a = g.input("a", (rows, k), f32)
     b = g.input("b", (rows, k), f32)
+    c = g.input("c", (rows, k), f32)
     nw = g.weight("nw", (k,), f32, layer=0)
     up = g.weight("up", (ff, k), name, layer=0)
     gate = g.weight("gate", (ff, k), name, layer=0)
     down = g.weight("down", (k, ff), name, layer=0)
-    h = g.rms_norm(g.add(a, b), nw, 1e-6)
-    y = g.mul_mat(down, g.geglu(g.mul_mat(gate, h), g.mul_mat(up, h)))
+    u = g.mul_mat(up, g.rms_norm(g.add(a, b), nw, 1e-6))  # the norm's one reader: fused
+    y = g.mul_mat(down, g.geglu(g.mul_mat(gate, c), u))
     graph = g.build([y])
     rng = np.random.default_rng(rows)
     weights = {
@@ -125,7 +126,7 @@ def test_block_fused_groups(gpu, name: str, rows: int) -> None:  # noqa: ANN001
         "gate": _blocks(name, ff, k, 2),
         "down": _blocks(name, k, ff, 3),
     }
-    inputs = {x: rng.standard_normal((rows, k)).astype(np.float32) for x in ("a", "b")}
+    inputs = {x: rng.standard_normal((rows, k)).astype(np.float32) for x in ("a", "b", "c")}
     want, got, dev = _runs(graph, weights, inputs, gpu)
     patterns = sorted(f.pattern for f in dev.fused)
     assert "norm_matvec" in patterns and "glu_matvec" in patterns, patterns
