@@ -52,9 +52,9 @@ GEMV_MAX_M = 8  # rows up to which the GEMV kernel beats cuBLAS (decode, short c
 PRE_NORM, PRE_NORM_RES, PRE_ADD, PRE_GEGLU, PRE_SWIGLU, PRE_COPY = range(6)  # k_matvec's PRE
 MATVEC_WARPS = 4  # kernels.cu MV_WARPS
 MAX_INPUT_FLOATS = 11 * 1024  # the built input in shared memory: 44 KiB of a block's 48 KiB
-MAX_INPUT_FLOATS_Q = 40 * 1024  # k_matvec_q: input and its piece sums, 160 KiB (opted in
-# beyond the default 48 KiB per block: 8 rows of 4096 need 132 KiB; without it every product of
-# 2..8 rows at the 7B shape decoded its whole weight into tiles)
+MAX_INPUT_FLOATS_Q = 50 * 1024  # the block decode kernels' shared memory: 200 KiB, opted in
+# beyond the default 48 KiB per block (one row of 11008 takes 71 KiB in the int16 variant);
+# a product that does not fit decodes its weight into tiles instead
 DEFAULT_SMEM = 48 * 1024 - 1024  # dynamic shared memory a block gets without opting in
 _LO_SCALE = np.array([1.0 / 2048], np.float32)  # k_split_f16's lo half is scaled by 2048
 
@@ -167,9 +167,15 @@ def _inputs_fit(out: Any, a: Any, b: Any, w1: Any, w2: Any, v_out: Any, k: int) 
     return v_out is None or (v_out.flags.c_contiguous and dtype_of_array(v_out) == f32)
 
 
-def _q_smem(m: int, k: int, qtype: DType) -> int:
-    """``k_matvec_q``'s shared memory: the input rows, and their piece sums where the type
-    subtracts a minimum (Q4_K, Q5_K)."""
+MATVEC_Q_VARIANTS = ("int16", "float")  # quant_kernels.cu: k_matvec_q16, k_matvec_q
+
+
+def _q_smem(m: int, k: int, qtype: DType, variant: str = "int16") -> int:
+    """Shared memory of the decode kernels: the input rows (f32); ``int16``: also the input
+    as int16 and 16 bytes per piece; ``float``: the piece sums where the type subtracts a
+    minimum (Q4_K, Q5_K)."""
+    if variant == "int16":
+        return m * k * 6 + m * (k // 32) * 16
     sums = m * (k // 32) if qtype.name in ("q4_k", "q5_k") else 0
     return (m * k + sums) * 4
 
@@ -188,10 +194,13 @@ def _matvec_q(
     eps2: float,
     early: bool,
 ) -> Callable[[], None] | None:
-    """``k_matvec_q``: ``matvec`` on a weight in a GGUF block type (see quant_kernels.cu)."""
+    """``matvec`` on a weight in a GGUF block type: ``k_matvec_q16`` (int16 input, integer
+    dot products) or ``k_matvec_q`` (f32), as ``be.matvec_q`` says (see quant_kernels.cu)."""
     n_out, k = w.shape
     m = a.size // k if k else 0
-    smem = _q_smem(m, k, w.dtype)
+    variant = getattr(be, "matvec_q", "int16")
+    kernel = {"int16": "k_matvec_q16", "float": "k_matvec_q"}[variant]
+    smem = _q_smem(m, k, w.dtype, variant)
     if not 0 < m <= GEMV_MAX_M or n_out == 0 or smem > MAX_INPUT_FLOATS_Q * 4:
         return None
     if w.dtype.name not in QT_ID or out.size != m * n_out:
@@ -200,7 +209,7 @@ def _matvec_q(
         return None
     qt = QT_ID[w.dtype.name]
     for r in (1, 2, 4):  # rows per warp: the fewest that make every block resident
-        f = be.fn(f"k_matvec_q<{qt}, {r}, {pre}, {1 if m == 1 else GEMV_MAX_M}>")
+        f = be.fn(f"{kernel}<{qt}, {r}, {pre}, {1 if m == 1 else GEMV_MAX_M}>")
         if smem > DEFAULT_SMEM and f.max_dynamic_shared_size_bytes < smem:
             f.max_dynamic_shared_size_bytes = smem
         resident = _resident_blocks(be, f, smem)

@@ -125,6 +125,9 @@ class CupyBackend(Backend):
         # a decode step 19% slower); at its blocks' exit they gain a little
         self.pdl_trigger_at_start = False
         self.defines: tuple[str, ...] = ()  # extra kernels.cu macros (experiments, profiling)
+        # decode products on block weights: "int16" (the input quantized per 32 elements to
+        # int16, integer dot products) or "float" (f32 throughout); see quant_kernels.cu
+        self.matvec_q = "int16"
         self.pdl_kernels: tuple[str, ...] | None = (
             None  # name prefixes launched with PDL; None: all
         )

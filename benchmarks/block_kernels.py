@@ -2,7 +2,7 @@
 
     python benchmarks/block_kernels.py [--types q4_k,q8_0] [--rows 1,4] [--prompt 512]
 
-For each GGUF block type and each Llama-2-7B matrix (4096x4096, the 11008x4096 gate and up,
+For each GGUF block type, each decode variant (int16 input, f32) and each Llama-2-7B matrix (4096x4096, the 11008x4096 gate and up,
 the 4096x11008 down projection, the 32000x4096 head): ``k_matvec_q`` at 1..8 rows in µs and in
 GB/s of the blocks' bytes, as a share of a device-to-device copy's bandwidth (read + write
 counted); the bf16 ``k_matvec`` on the same shape beside it; and the prompt path (tiles decoded
@@ -24,7 +24,13 @@ from shapes_7b import gemm, timed  # noqa: E402
 from backends import get_backend  # noqa: E402
 from backends.base import Quantized  # noqa: E402
 from backends.cuda_launch import Job  # noqa: E402
-from backends.cuda_matmul import PRE_COPY, _mul_mat_q, _q_scratch, matvec  # noqa: E402
+from backends.cuda_matmul import (  # noqa: E402
+    MATVEC_Q_VARIANTS,
+    PRE_COPY,
+    _mul_mat_q,
+    _q_scratch,
+    matvec,
+)
 from graph.dtypes import DTYPES  # noqa: E402
 
 SHAPES = {"wq": (4096, 4096), "gate": (11008, 4096), "down": (4096, 11008), "head": (32000, 4096)}
@@ -96,13 +102,17 @@ def main() -> None:
             for m in rows:
                 x = cp.asarray(np.random.default_rng(2).standard_normal((m, k)).astype(np.float32))
                 y = cp.empty((m, n), np.float32)
-                fn = matvec(be, w, y, PRE_COPY, x, x, early=True)
-                if fn is None:
-                    print(f"| {t} | {name} | {m} | - | - | - |")
-                    continue
-                ms = timed(be, fn, 50)
-                gbs = w.nbytes / ms / 1e6
-                print(f"| {t} | {name} | {m} | {ms * 1e3:.1f} | {gbs:.0f} | {gbs / hbm:.0%} |")
+                for variant in MATVEC_Q_VARIANTS:
+                    be.matvec_q = variant
+                    label = f"| {t} {variant} | {name} | {m} |"
+                    fn = matvec(be, w, y, PRE_COPY, x, x, early=True)
+                    if fn is None:
+                        print(f"{label} - | - | - |")
+                        continue
+                    ms = timed(be, fn, 50)
+                    gbs = w.nbytes / ms / 1e6
+                    print(f"{label} {ms * 1e3:.1f} | {gbs:.0f} | {gbs / hbm:.0%} |")
+    be.matvec_q = MATVEC_Q_VARIANTS[0]
     m = args.prompt
     print("\n| type | matrix | rows | ms | TFLOP/s | bf16 cuBLAS ms |")
     print("|---|---|---:|---:|---:|---:|")

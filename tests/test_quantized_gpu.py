@@ -57,10 +57,18 @@ def _replays_equal_eager(got: list[list[np.ndarray]]) -> None:
             assert np.array_equal(a, b, equal_nan=True), "a replay differs from the eager run"
 
 
+@pytest.fixture(params=["int16", "float"])
+def variant(gpu, request):  # noqa: ANN001, ANN201
+    """Both decode kernels: int16 input with integer dots, and f32 throughout."""
+    saved, gpu.matvec_q = gpu.matvec_q, request.param
+    yield request.param
+    gpu.matvec_q = saved
+
+
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])
 @pytest.mark.parametrize(("n_out", "k"), [(37, 256), (1000, 768), (300, 4096), (129, 11008)])
-def test_block_products(gpu, name: str, rows: int, n_out: int, k: int) -> None:  # noqa: ANN001
+def test_block_products(gpu, variant, name: str, rows: int, n_out: int, k: int) -> None:  # noqa: ANN001
     g = GraphBuilder()
     x = g.input("x", (rows, k), f32)
     w = g.weight("w", (n_out, k), name, layer=0)
@@ -73,7 +81,7 @@ def test_block_products(gpu, name: str, rows: int, n_out: int, k: int) -> None: 
 
 
 @pytest.mark.parametrize("name", TYPES)
-def test_block_product_at_one_block_and_16k(gpu, name: str) -> None:  # noqa: ANN001
+def test_block_product_at_one_block_and_16k(gpu, variant, name: str) -> None:  # noqa: ANN001
     """K from one block to 16384 (beyond shared memory at 8 rows: the tiled path)."""
     qk = 256 if name.endswith("_k") else 32
     for k, rows in ((qk, 1), (qk, 8), (16384, 1), (16384, 8)):
@@ -105,7 +113,7 @@ def test_block_row_gathers_are_exact(gpu, name: str) -> None:  # noqa: ANN001
 
 @pytest.mark.parametrize("name", ["q4_k", "q6_k", "q8_0"])
 @pytest.mark.parametrize("rows", [1, 4])
-def test_block_fused_groups(gpu, name: str, rows: int) -> None:  # noqa: ANN001
+def test_block_fused_groups(gpu, variant, name: str, rows: int) -> None:  # noqa: ANN001
     """Norm into the product and GeGLU into the down projection read blocks too."""
     k, ff = 1024, 2816
     g = GraphBuilder()
