@@ -2,11 +2,12 @@
 
     python benchmarks/block_kernels.py [--types q4_k,q8_0] [--rows 1,4] [--prompt 512]
 
-For each GGUF block type, each decode variant (int16 input, f32) and each Llama-2-7B matrix (4096x4096, the 11008x4096 gate and up,
-the 4096x11008 down projection, the 32000x4096 head): ``k_matvec_q`` at 1..8 rows in µs and in
-GB/s of the blocks' bytes, as a share of a device-to-device copy's bandwidth (read + write
-counted); the bf16 ``k_matvec`` on the same shape beside it; and the prompt path (tiles decoded
-to bf16, cuBLAS per tile) at ``--prompt`` rows in TFLOP/s, beside one bf16 cuBLAS product.
+For each GGUF block type and each Llama-2-7B matrix (4096x4096, the 11008x4096 gate and up,
+the 4096x11008 down projection, the 32000x4096 head): both decode kernels (``k_matvec_q16``,
+int16 input, and ``k_matvec_q``, f32) at 1..8 rows in µs and in GB/s of the blocks' bytes, as
+a share of a device-to-device copy's rate (read + write: the HBM traffic a copy sustains); the
+bf16 ``k_matvec`` on the same shape beside them; and the prompt path (tiles decoded to f16,
+cuBLAS per tile) at ``--prompt`` rows in TFLOP/s, beside one bf16 cuBLAS product.
 Each figure is the median of CUDA-graph replays timed with events.
 """
 
