@@ -2,12 +2,12 @@
 
 The real file cannot go where the GPU is; what the GPU computes on it can be checked here. The
 CUDA backend runs a block-typed product in one of two ways (backends/cuda_matmul.py): up to 8
-rows, ``k_matvec_q`` decodes the blocks exactly and accumulates in f32 (the reference's
-arithmetic, up to summation order); longer products decode tiles to f16 and multiply them in
-cuBLAS with the activation's two f16 halves (hi + lo / 2048, f32 accumulation). ``_tiled_f16`` is
-that second path in NumPy. With it in place of the reference's product, the model on the
-file's own blocks must match the f32 reference: cosine > 0.9999 and the same top-1 at every
-prompt position, and perplexity within 0.1%.
+rows, ``k_matvec_q16`` quantizes the input to int16 per 32 elements and takes integer dot
+products with the exact quants (f32 scales); longer products decode tiles to f16 and multiply
+them in cuBLAS with the activation's two f16 halves (hi + lo / 2048, f32 accumulation).
+``_gpu_product`` is that arithmetic in NumPy. With it in place of the reference's product, the
+model on the file's own blocks must match the f32 reference: cosine > 0.9999 and the same
+top-1 at every prompt position, through either path, and perplexity within 0.1%.
 """
 
 from __future__ import annotations
@@ -36,13 +36,25 @@ TEXT = (
 )
 
 
-def _tiled_f16(node: Any, out: np.ndarray, a: Any, b: np.ndarray) -> None:
-    """The CUDA backend's product: f32 decode rows, or f16 tiles beyond 8 rows."""
-    if not isinstance(a, Quantized) or int(np.prod(b.shape[:-1])) <= 8:
+def _int16_pieces(x: np.ndarray) -> np.ndarray:
+    """``x`` as ``k_matvec_q16`` sees it: int16 levels of each 32 elements' largest magnitude."""
+    s = x.reshape(*x.shape[:-1], -1, 32)
+    d = np.abs(s).max(-1, keepdims=True) / 32767
+    q = np.round(s / np.where(d > 0, d, 1))
+    return (q * d).reshape(x.shape).astype(np.float32)
+
+
+def _gpu_product(node: Any, out: np.ndarray, a: Any, b: np.ndarray) -> None:
+    """The CUDA backend's product on a block weight: int16 inputs up to 8 rows, f16 tiles
+    beyond."""
+    if not isinstance(a, Quantized):
         numpy_backend.k_mul_mat(node, out, a, b)
         return
-    w = dequantize(a).astype(np.float16).astype(np.float32)
     x = np.asarray(b, np.float32)
+    if int(np.prod(b.shape[:-1])) <= 8:
+        np.matmul(_int16_pieces(x), dequantize(a).T, out=out)
+        return
+    w = dequantize(a).astype(np.float16).astype(np.float32)
     hi = x.astype(np.float16)
     lo = ((x - hi.astype(np.float32)) * 2048).astype(np.float16)
     assert np.isfinite(hi).all(), "an activation beyond f16's range"
@@ -75,22 +87,29 @@ def sessions(model: Any) -> tuple[Session, Session, Any]:
 
 @pytest.fixture
 def gpu_arithmetic(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(numpy_backend.KERNELS, numpy_backend.Op.MUL_MAT, _tiled_f16)
+    monkeypatch.setitem(numpy_backend.KERNELS, numpy_backend.Op.MUL_MAT, _gpu_product)
 
 
-def test_prompt_logits_match_f32(sessions: tuple[Session, Session, Any], gpu_arithmetic) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("n_batch", [256, 8])
+def test_prompt_logits_match_f32(
+    sessions: tuple[Session, Session, Any],
+    gpu_arithmetic,  # noqa: ANN001
+    n_batch: int,
+) -> None:
+    """Chunks of 256 run the tiled products, chunks of 8 the decode kernel's arithmetic."""
     ref, blocks, tok = sessions
     ids = tok.encode(TEXT)
     assert len(ids) > 64
     ref.reset()
     blocks.reset()
     want = ref.prefill(ids, logits="all")
-    got = blocks.prefill(ids, logits="all")
+    got = np.concatenate(
+        [blocks.prefill(ids[i : i + n_batch], logits="all") for i in range(0, len(ids), n_batch)]
+    )
     cos = np.sum(got * want, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() > 0.9999, f"worst position {cos.argmin()}: cosine {cos.min():.6f}"
     assert np.array_equal(got.argmax(1), want.argmax(1))
-    # decode steps (k_matvec_q: f32 arithmetic) after the prompt
-    for t in ids[:4]:
+    for t in ids[:4]:  # decode steps after the prompt
         a, b = blocks.decode(t), ref.decode(t)
         assert a.argmax() == b.argmax()
         assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.9999
