@@ -74,7 +74,7 @@ def test_bench_sweeps_every_combination_of_its_list_flags() -> None:
     )
     sweep = sweep_from(args)
     assert len(sweep) == 2 * 2 * (1 + 2)  # "all" needs no budget: one row, not two
-    assert sweep[0] == Options(backend="auto", dtype="f32", n_ctx=2048)
+    assert sweep[0] == Options(backend="auto", n_ctx=2048)  # no --dtype: the model's own
     assert {(o.offload, o.vram) for o in sweep} == {(None, None), ("*2+0", 4.0), ("*2+0", 8.0)}
     with pytest.raises(SystemExit):  # a list where one value is taken
         parser().parse_args(["generate", "-m", "x.gguf", "hi", "--streams", "1,2"])

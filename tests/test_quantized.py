@@ -165,3 +165,18 @@ def test_reference_dequantize_is_gguf() -> None:
     w = Quantized(raw, q8_0, (3, 64))
     assert np.array_equal(dequantize(w), gguf_dequantize(raw, T.Q8_0))
     assert np.array_equal(dequantize(w, np.array([2, 0])), gguf_dequantize(raw, T.Q8_0)[[2, 0]])
+
+
+def test_commands_keep_the_file_types_unless_dtype_is_given(model_file) -> None:
+    """No ``--dtype`` is no choice: a GGUF on the GPU runs in its block types; the flag still
+    dequantizes."""
+    import argparse
+
+    from tools.args import options_from, run_flags
+
+    model, _ = model_file
+    parser = argparse.ArgumentParser(parents=[run_flags()])
+    plain = options_from(parser.parse_args(["--backend", "cupy"]))
+    assert plain.dtype is None and config_for(model, plain).is_quantized
+    asked = options_from(parser.parse_args(["--backend", "cupy", "--dtype", "f32"]))
+    assert config_for(model, asked).storage == "f32"

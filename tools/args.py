@@ -127,9 +127,10 @@ def run_flags(ctx: int | None = 2048, sweep: bool = False) -> argparse.ArgumentP
     )
     g.add_argument(
         "--dtype",
-        default="f32",
+        default=None,
         choices=FLOAT_TYPES,
-        help="weight storage after loading or generating (default f32)",
+        help="weight storage after loading or generating (default: a GGUF on the GPU keeps its "
+        "own block types, anything else f32)",
     )
     g.add_argument(
         "--graphs",
