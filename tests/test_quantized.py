@@ -180,3 +180,27 @@ def test_commands_keep_the_file_types_unless_dtype_is_given(model_file) -> None:
     assert plain.dtype is None and config_for(model, plain).is_quantized
     asked = options_from(parser.parse_args(["--backend", "cupy", "--dtype", "f32"]))
     assert config_for(model, asked).storage == "f32"
+
+
+def test_a_quantized_7b_streams_its_block_bytes() -> None:
+    """The offload pass on the 7B shape in Q4_K (nominal GPU spec, no GPU needed): the ring's
+    slots and the bytes streamed per token are the blocks', under a third of bf16's, so the
+    same budget keeps several times the layers resident."""
+    from graph.dtypes import bf16
+    from graph.models import preset
+
+    base = preset("llama-7b")
+    matrices = [n for n, s in weight_shapes(base).items() if len(s) == 2]
+    q = base.replace(weight_types=tuple((n, q4_k) for n in matrices))
+    opts = Options(backend="cupy", offload="auto", vram=1.8, n_ctx=256)
+    pq = plan_for(q, opts)
+    pb = plan_for(base.replace(dtype=bf16), opts.replace(dtype="bf16"))
+    shapes = weight_shapes(q, opts.stack)
+    size = {n: q.weight_dtype(n).nbytes(s) for n, s in shapes.items()}
+    layer0 = [n for n in shapes if n.startswith("blk.0.") and len(shapes[n]) == 2]
+    assert pq.placement.slot_bytes == sum(size[n] for n in layer0)  # (norms stay resident)
+    assert pq.placement.streamed_bytes == sum(size[n] for n in pq.streamed)
+    assert pq.device_weight_bytes <= 1.8 * 2**30
+    resident_q = sum(p.where == "gpu" for p in pq.placement.layers)
+    resident_b = sum(p.where == "gpu" for p in pb.placement.layers)
+    assert resident_q >= 3 * max(resident_b, 1), (resident_q, resident_b)
