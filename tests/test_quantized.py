@@ -204,3 +204,16 @@ def test_a_quantized_7b_streams_its_block_bytes() -> None:
     resident_q = sum(p.where == "gpu" for p in pq.placement.layers)
     resident_b = sum(p.where == "gpu" for p in pb.placement.layers)
     assert resident_q >= 3 * max(resident_b, 1), (resident_q, resident_b)
+
+
+@pytest.mark.parametrize("ngl", [0, 1])
+def test_split_models_keep_the_stored_stacking(model_file, ngl: int) -> None:
+    """A split model's host layers are widened from the stored weights: the host graph names
+    them as the stored config stacks them (a layer of mixed types stays separate)."""
+    model, _ = model_file
+    cfg = model.stored_config()
+    w = model.weights_as(cfg, stack=True)
+    base = Options(n_ctx=32, n_batch=4, stack=True)
+    whole = Session(cfg, w, options=base).prefill(PROMPT)
+    split = Session(cfg, w, options=base.replace(offload=f"ngl={ngl}")).prefill(PROMPT)
+    np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-5)

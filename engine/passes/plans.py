@@ -249,7 +249,7 @@ def plan_step(mp: ModelPlan, key: StepKey) -> tuple[StepPlan, ...]:
     out = []
     for seg in mp.segments:
         whole = seg.first == 0 and seg.end == cfg.n_layer + 1
-        seg_cfg = cfg if seg.dtype == cfg.storage else cfg.dequantized(f32)
+        seg_cfg = cfg if seg.dtype == cfg.storage else cfg.dequantized(f32, keep_stacking=True)
         graph = build(
             seg_cfg,
             key.n_tokens,

@@ -57,6 +57,9 @@ class ModelConfig:
     # Storage of single matrices where it differs from ``dtype``: a GGUF file's own types
     # (Q4_K_M mixes Q4_K and Q6_K), kept where the backend computes on them.
     weight_types: tuple[tuple[str, DType], ...] = ()
+    # (layer, group) pairs of ``STACKED`` that stay separate whatever the types say: a config
+    # widened from one whose parts differed in type keeps its source's stacking (``dequantized``)
+    unstacked: tuple[tuple[int, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:
@@ -103,6 +106,8 @@ class ModelConfig:
     def stacks(self, layer: int, group: str) -> bool:
         """Whether the parts of ``STACKED[group]`` in ``layer`` can be one matrix: only rows of
         one storage type stack (a Q4_K_M file stores some layers' V in Q6_K, Q and K in Q4_K)."""
+        if (layer, group) in self.unstacked:
+            return False
         types = {self.weight_dtype(f"blk.{layer}.{m}.weight") for m in STACKED[group]}
         return len(types) == 1
 
@@ -113,9 +118,19 @@ class ModelConfig:
             return self.dtype.name
         return "+".join(sorted({t.name for _, t in self.weight_types}))
 
-    def dequantized(self, dtype: DType = f32) -> ModelConfig:
-        """The same model with every matrix stored as ``dtype``."""
-        return self.replace(dtype=dtype, weight_types=())
+    def dequantized(self, dtype: DType = f32, keep_stacking: bool = False) -> ModelConfig:
+        """The same model with every matrix stored as ``dtype``. ``keep_stacking``: the layers
+        whose parts could not stack here (types differed) stay separate, so the names match
+        weights widened from this config's (a split model's host layers)."""
+        keep = ()
+        if keep_stacking:
+            keep = tuple(
+                (layer, group)
+                for layer in range(self.n_layer)
+                for group in STACKED
+                if not self.stacks(layer, group)
+            )
+        return self.replace(dtype=dtype, weight_types=(), unstacked=keep)
 
     @property
     def is_quantized(self) -> bool:
