@@ -217,3 +217,22 @@ def test_split_models_keep_the_stored_stacking(model_file, ngl: int) -> None:
     whole = Session(cfg, w, options=base).prefill(PROMPT)
     split = Session(cfg, w, options=base.replace(offload=f"ngl={ngl}")).prefill(PROMPT)
     np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_block_weights_in_host_memory_count_against_the_budget(model_file, monkeypatch) -> None:
+    """The session's memory check is told only of weights already on the device: blocks in
+    host memory (the file's mapping) still have to fit."""
+    import engine.model.session as session_module
+
+    model, _ = model_file
+    cfg = model.stored_config()
+    seen = []
+    real = session_module.check_memory
+
+    def check(plan, be, there=0):  # noqa: ANN001, ANN202
+        seen.append(there)
+        return real(plan, be, there)
+
+    monkeypatch.setattr(session_module, "check_memory", check)
+    Session(cfg, model.weights_as(cfg), options=Options(n_ctx=32, n_batch=4))
+    assert seen == [0]

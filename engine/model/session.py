@@ -122,7 +122,11 @@ class Session:
                 f"the plan was made for {plan.spec}, not this backend's {self.backend.spec}"
             )
         self.plan = mp = plan if plan is not None else plan_for(cfg, options, self.backend)
-        on_device = {id(w): w.nbytes for w in weights.values() if not isinstance(w, np.ndarray)}
+        on_device = {  # weights made on the device already (a Quantized's bytes may be either)
+            id(w): w.nbytes
+            for w in weights.values()
+            if not isinstance(w.data if isinstance(w, Quantized) else w, np.ndarray)
+        }
         check_memory(mp, self.backend, sum(on_device.values()))
         self.cfg, self.n_ctx, self.n_batch = mp.config, options.n_ctx, mp.n_batch
         self.placement = mp.placement

@@ -276,9 +276,11 @@ class Executor:
         for g, t, idx in self.plan.gathers:
             stage, copy = be.input_stage(arrays[g])
             table = weights[nodes[t].name]
-            if not isinstance(table, (np.ndarray, Quantized)):
+            host = table.data if isinstance(table, Quantized) else table
+            if not isinstance(host, np.ndarray):
                 raise GraphError(
-                    f"host table {nodes[t].name} must be a NumPy array or quantized blocks"
+                    f"host table {nodes[t].name} must be in host memory: a NumPy array or "
+                    "quantized blocks over one"
                 )
             self._gather_stages.append((stage, table, nodes[idx].name, copy))
         copies = [copy for _, _, copy in self._inputs.values()]
