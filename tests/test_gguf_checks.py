@@ -12,7 +12,8 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
-from engine.model.gguf import GGUFError, open_gguf
+from engine.model.gguf import GGUFError, config_for, open_gguf
+from engine.options import Options
 from tests.gguf_fixtures import GEMMA3, GEMMA3_TYPES, LLAMA, LLAMA_TYPES, write_model
 from tests.test_gguf import expect_error
 
@@ -127,7 +128,11 @@ def test_nan_or_inf_in_a_weight_names_the_tensor(
     write_model(path, LLAMA, LLAMA_TYPES, raw={name: raw})
     model = open_gguf(path)  # the header is fine: opening (and `info`) still works
     assert model.describe()
-    for load in (lambda: model.tensor(name), lambda: model.weights("f16")):
+    loads = [lambda: model.tensor(name), lambda: model.weights("f16")]
+    for backend in ("numpy", "cupy"):  # what the commands load: stored types, kept or decoded
+        cfg = config_for(model, Options(backend=backend))
+        loads.append(lambda cfg=cfg: model.weights_as(cfg))
+    for load in loads:
         with pytest.raises(GGUFError, match="holds NaN or Inf") as e:
             load()
         assert str(e.value).startswith(f"{path}: tensor {name} ") and f"row {row}" in str(e.value)

@@ -97,6 +97,43 @@ def _check_finite(name: str, rows: np.ndarray, first_row: int) -> None:
         )
 
 
+# Byte offsets of the f16 scale fields in one block: a block's values are finite exactly when
+# these are (its quants are small integers), so a block type kept as stored is checked by them
+BLOCK_SCALES = {
+    "Q4_0": (0,),
+    "Q5_0": (0,),
+    "Q8_0": (0,),
+    "Q4_1": (0, 2),
+    "Q5_1": (0, 2),
+    "Q2_K": (80, 82),
+    "Q3_K": (108,),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+}
+
+
+def check_blocks(name: str, rows: np.ndarray, ggml_type: Any) -> None:
+    """``rows`` (uint8, one row of blocks each) of a block type kept as stored hold only
+    finite values, or ``NonFinite`` naming the first bad row: their f16 scales are checked
+    (``BLOCK_SCALES``), a type without a table is decoded in chunks and its values checked."""
+    offsets = BLOCK_SCALES.get(ggml_type.name)
+    if offsets is None:
+        decode = _rows_decoder(ggml_type)
+        step = max(1, CHUNK_BYTES // max(rows.shape[1] * 8, 1))
+        for r0 in range(0, len(rows), step):
+            part = rows[r0 : r0 + step]
+            _check_finite(name, decode(part).reshape(len(part), -1), r0)
+        return
+    from gguf.constants import GGML_QUANT_SIZES
+
+    per = GGML_QUANT_SIZES[ggml_type][1]
+    blocks = rows.reshape(len(rows), -1, per)
+    for at in offsets:
+        scales = np.ascontiguousarray(blocks[:, :, at : at + 2]).view(np.float16)[..., 0]
+        _check_finite(name, scales, 0)
+
+
 def _tasks(job: TensorJob, out: np.ndarray) -> list[Callable[[], None]]:
     """Closures that each decode a run of rows of ``job`` into ``out`` (shaped as the rows)."""
     n_rows = len(out)

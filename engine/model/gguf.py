@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import Quantized
-from engine.model.dequant import NonFinite, TensorJob, dequantize_many
+from engine.model.dequant import NonFinite, TensorJob, check_blocks, dequantize_many
 from engine.model.gguf_file import Field, GGUFError, GGUFFile, printable
 from engine.model.weights import concat_rows, tie_output
 from graph.dtypes import DTYPES, DType, dtype_of, f16, f32
@@ -384,12 +384,21 @@ class GGUFModel:
         their parts' rows."""
         shapes = weight_shapes(cfg)
         names = [n for n in shapes if n in self.tensors]
-        kept = [n for n in names if cfg.weight_dtype(n) == self.tensors[n].dtype]
+        kept = [
+            n
+            for n in names
+            if cfg.weight_dtype(n) == self.tensors[n].dtype and self.tensors[n].dtype.is_quantized
+        ]
+        # the rest decoded, or viewed where the type is already right (F32/F16), and checked
         jobs = [self._job(n, cfg.weight_dtype(n)) for n in names if n not in kept]
         out: dict[str, Any] = self._decode(jobs)
         for i, n in enumerate(names):
             if n in kept:
                 out[n] = self._stored(n)
+                try:  # blocks kept as stored: checked by their scales
+                    check_blocks(n, out[n].data, self.reader.tensors[n].ggml_type)
+                except NonFinite as e:
+                    raise self.error(str(e)) from None
             if progress is not None:
                 progress(n, i + 1, len(names))
         if stack:
