@@ -52,9 +52,10 @@ GEMV_MAX_M = 8  # rows up to which the GEMV kernel beats cuBLAS (decode, short c
 PRE_NORM, PRE_NORM_RES, PRE_ADD, PRE_GEGLU, PRE_SWIGLU, PRE_COPY = range(6)  # k_matvec's PRE
 MATVEC_WARPS = 4  # kernels.cu MV_WARPS
 MAX_INPUT_FLOATS = 11 * 1024  # the built input in shared memory: 44 KiB of a block's 48 KiB
-MAX_INPUT_FLOATS_Q = 50 * 1024  # the block decode kernels' shared memory: 200 KiB, opted in
-# beyond the default 48 KiB per block (one row of 11008 takes 71 KiB in the int16 variant);
-# a product that does not fit decodes its weight into tiles instead
+MAX_INPUT_FLOATS_Q = 98 * 256  # the block decode kernels' shared memory: 98 KiB, opted in
+# beyond the default 48 KiB per block (one row of 11008 takes 71 KiB in the int16 variant), and
+# within what every GPU since sm_80 lets a block opt in to (99 KiB on sm_86/89); a product that
+# does not fit decodes its weight into tiles instead
 DEFAULT_SMEM = 48 * 1024 - 1024  # dynamic shared memory a block gets without opting in
 _LO_SCALE = np.array([1.0 / 2048], np.float32)  # k_split_f16's lo half is scaled by 2048
 
