@@ -236,3 +236,14 @@ def test_block_weights_in_host_memory_count_against_the_budget(model_file, monke
     monkeypatch.setattr(session_module, "check_memory", check)
     Session(cfg, model.weights_as(cfg), options=Options(n_ctx=32, n_batch=4))
     assert seen == [0]
+
+
+def test_weights_of_another_config_are_named(model_file) -> None:
+    """Stored blocks given to a config that dequantizes: the part is named, not the group."""
+    from graph.ops import GraphError
+
+    model, _ = model_file
+    stored = model.stored_config()
+    wide = model.config.dequantized(f16)
+    with pytest.raises(GraphError, match=r"weight blk\.0\.\w+\.weight is q\w+, the model stores"):
+        Session(wide, model.weights_as(stored), options=Options(n_ctx=32, stack=True))

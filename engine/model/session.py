@@ -176,11 +176,7 @@ class Session:
                 raise GraphError(
                     f"weight {name} has shape {tuple(w.shape)}, the graph expects {shape}"
                 )
-            if isinstance(w, Quantized) != stored.is_quantized or (
-                isinstance(w, Quantized) and w.dtype != stored
-            ):
-                have = w.dtype.name if isinstance(w, Quantized) else str(w.dtype)
-                raise GraphError(f"weight {name} is {have}, the model stores it as {stored.name}")
+            self._check_kind(name, w)
             if name in mp.streamed or name in mp.host_tables or name in mp.host_weights:
                 out[name] = self._host(w)
                 if name in mp.host_weights and widen and len(shape) == 2:
@@ -210,6 +206,19 @@ class Session:
             return w if isinstance(w.data, np.ndarray) else self.backend.weight_to_host(w)
         return w if isinstance(w, np.ndarray) else self.backend.to_host(w)
 
+    def _check_kind(self, name: str, w: Any) -> None:
+        """A block-typed weight where the config stores that block type, an array elsewhere
+        (its exact float type is cast to the stored one on upload)."""
+        stored = self.cfg.weight_dtype(name)
+        if isinstance(w, Quantized) != stored.is_quantized or (
+            isinstance(w, Quantized) and w.dtype != stored
+        ):
+            have = w.dtype.name if isinstance(w, Quantized) else str(w.dtype)
+            raise GraphError(
+                f"weight {name} is {have}, the model stores it as {stored.name}: load the "
+                "weights for this config (GGUFModel.weights_as(config))"
+            )
+
     def _stack(self, weights: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
         out = dict(weights)
         separate = weight_shapes(self.cfg)
@@ -226,6 +235,7 @@ class Session:
             parts = [weights[n] for n in names]
             for n, w in zip(names, parts, strict=True):
                 del out[n]
+                self._check_kind(n, w)  # before concatenating: name the part, not the group
                 if tuple(w.shape) != separate[n]:
                     raise GraphError(
                         f"weight {n} has shape {tuple(w.shape)}, the graph expects {separate[n]}"
