@@ -36,6 +36,7 @@ __all__ = [
     "COMPUTE_OPS",
     "Quantized",
     "dequantize",
+    "on_host",
 ]
 
 Array = Any  # a backend array: numpy.ndarray here, cupy.ndarray on the GPU
@@ -80,6 +81,11 @@ class Quantized:
 
     def __repr__(self) -> str:
         return f"Quantized({self.dtype.name}, {self.shape}, {type(self.data).__module__})"
+
+
+def on_host(w: Any) -> bool:
+    """Whether a weight's bytes are in host memory: a NumPy array, or blocks over one."""
+    return isinstance(w.data if isinstance(w, Quantized) else w, np.ndarray)
 
 
 def dequantize(w: Quantized, rows: Any = None) -> np.ndarray:
@@ -158,13 +164,19 @@ class Backend(ABC):
         """A host copy of a backend array (outputs)."""
 
     def weight_from_host(self, w: Any) -> Any:
-        """A backend copy of a host weight: an array, or a ``Quantized`` (its bytes copied)."""
+        """A weight in this backend's memory: a host array or ``Quantized`` copied (its bytes),
+        one already there as it is."""
+        if not on_host(w):
+            return w
         if isinstance(w, Quantized):
             return w.with_data(self.from_host(np.ascontiguousarray(w.data)))
         return self.from_host(w)
 
     def weight_to_host(self, w: Any) -> Any:
-        """A host copy of a backend weight (``Quantized`` stays ``Quantized``)."""
+        """A weight in host memory: a backend one copied (``Quantized`` stays ``Quantized``),
+        one already there as it is."""
+        if on_host(w):
+            return w
         if isinstance(w, Quantized):
             return w.with_data(self.to_host(w.data))
         return self.to_host(w)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from backends import Backend, get_backend
-from backends.base import Quantized
+from backends.base import Quantized, on_host
 from engine.model.sampling import Sampler, SamplerConfig
 from engine.model.weights import concat_rows, tie_output, widened
 from engine.options import Options
@@ -122,11 +122,7 @@ class Session:
                 f"the plan was made for {plan.spec}, not this backend's {self.backend.spec}"
             )
         self.plan = mp = plan if plan is not None else plan_for(cfg, options, self.backend)
-        on_device = {  # weights made on the device already (a Quantized's bytes may be either)
-            id(w): w.nbytes
-            for w in weights.values()
-            if not isinstance(w.data if isinstance(w, Quantized) else w, np.ndarray)
-        }
+        on_device = {id(w): w.nbytes for w in weights.values() if not on_host(w)}
         check_memory(mp, self.backend, sum(on_device.values()))
         self.cfg, self.n_ctx, self.n_batch = mp.config, options.n_ctx, mp.n_batch
         self.placement = mp.placement
@@ -178,7 +174,7 @@ class Session:
                 )
             self._check_kind(name, w)
             if name in mp.streamed or name in mp.host_tables or name in mp.host_weights:
-                out[name] = self._host(w)
+                out[name] = self.backend.weight_to_host(w)
                 if name in mp.host_weights and widen and len(shape) == 2:
                     # the CPU backend widens half-precision matrices to f32 for every product,
                     # which costs more than the product: widen the host's layers once instead
@@ -186,8 +182,7 @@ class Session:
                 continue
             if id(w) not in uploaded:
                 if isinstance(w, Quantized):
-                    on_host = isinstance(w.data, np.ndarray)
-                    uploaded[id(w)] = self.backend.weight_from_host(w) if on_host else w
+                    uploaded[id(w)] = self.backend.weight_from_host(w)
                 elif isinstance(w, np.ndarray):
                     host = np.ascontiguousarray(w.astype(stored.numpy, copy=False))
                     uploaded[id(w)] = self.backend.from_host(host)
@@ -199,12 +194,6 @@ class Session:
                     uploaded[id(w)] = w
             out[name] = uploaded[id(w)]
         return out
-
-    def _host(self, w: Any) -> Any:
-        """A weight as a host value (arrays and ``Quantized`` alike)."""
-        if isinstance(w, Quantized):
-            return w if isinstance(w.data, np.ndarray) else self.backend.weight_to_host(w)
-        return w if isinstance(w, np.ndarray) else self.backend.to_host(w)
 
     def _check_kind(self, name: str, w: Any) -> None:
         """A block-typed weight where the config stores that block type, an array elsewhere
@@ -241,7 +230,7 @@ class Session:
                         f"weight {n} has shape {tuple(w.shape)}, the graph expects {separate[n]}"
                     )
             if any(isinstance(w, Quantized) for w in parts):
-                out[name] = concat_rows([self._host(w) for w in parts])
+                out[name] = concat_rows([self.backend.weight_to_host(w) for w in parts])
             elif all(isinstance(w, np.ndarray) for w in parts):
                 want = self.cfg.weight_dtype(name).numpy
                 out[name] = np.concatenate([w.astype(want, copy=False) for w in parts])

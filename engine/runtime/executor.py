@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from backends import Backend, get_backend
-from backends.base import Quantized, dequantize
+from backends.base import Quantized, dequantize, on_host
 from engine.options import Options
 from engine.passes.fusion import Fusion
 from engine.passes.steps import StepPlan, plan_graph
@@ -171,8 +171,7 @@ class Executor:
                         f"does not compute on (it reads {_types(self.backend.spec)}); "
                         "dequantize it at load (--dtype f16, bf16 or f32)"
                     )
-                on_host = isinstance(w.data, np.ndarray)
-                self.weights[n.name] = self.backend.weight_from_host(w) if on_host else w
+                self.weights[n.name] = self.backend.weight_from_host(w)
                 continue
             host = w if isinstance(w, np.ndarray) else None
             if host is not None:
@@ -276,8 +275,7 @@ class Executor:
         for g, t, idx in self.plan.gathers:
             stage, copy = be.input_stage(arrays[g])
             table = weights[nodes[t].name]
-            host = table.data if isinstance(table, Quantized) else table
-            if not isinstance(host, np.ndarray):
+            if not on_host(table):
                 raise GraphError(
                     f"host table {nodes[t].name} must be in host memory: a NumPy array or "
                     "quantized blocks over one"

@@ -280,11 +280,7 @@ def _host(be: Backend, weights: Mapping[str, Any], name: str, shape: tuple[int, 
     """A streamed weight as a host value, checked against the plan's shape."""
     if name not in weights:
         raise GraphError(f"missing weight {name} (streamed)")
-    host = weights[name]
-    if isinstance(host, Quantized):
-        host = host if isinstance(host.data, np.ndarray) else be.weight_to_host(host)
-    else:
-        host = host if isinstance(host, np.ndarray) else be.to_host(host)
+    host = be.weight_to_host(weights[name])
     if tuple(host.shape) != shape:
         raise GraphError(f"weight {name} has shape {tuple(host.shape)}, the plan expects {shape}")
     return host
