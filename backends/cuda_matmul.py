@@ -106,11 +106,7 @@ def matvec(
     """``k_matvec``: out = build(a, b, ...) @ w.T for up to ``GEMV_MAX_M`` rows, the input
     built in shared memory (see kernels.cu for ``pre``); None if the layout does not suit it.
     ``early``: ``w`` is a weight (nothing writes it while the graph runs), so its first loads
-    may be issued before the previous kernel has finished.
-
-    Rows per warp (R) are the fewest that let every block be resident at once (no second
-    wave, whose latency a short product cannot hide); a matrix too large for that (the output
-    head) is walked by a grid of resident blocks.
+    may be issued before the previous kernel has finished. The launch: ``_bind_matvec``.
     """
     if isinstance(w, Quantized):
         return _matvec_q(be, w, out, pre, a, b, w1, w2, v_out, eps1, eps2, early)
@@ -124,11 +120,38 @@ def matvec(
         return None
     if out.size != m * n_out or not _inputs_fit(out, a, b, w1, w2, v_out, k):
         return None
-    smem = m * k * 4
     need = -(-(k // vec) // 32)  # 16-byte pieces per lane per row
     choices = [r for r in (1, 2, 4) if r == 1 or r * need <= 16]
+    head = f"k_matvec<{CTYPE[wt.name]}"
+    inputs = (a, b, w1, w2, v_out, eps1, eps2)
+    return _bind_matvec(be, head, choices, m * k * 4, ptr(w), (n_out, k), out, pre, inputs, early)
+
+
+def _bind_matvec(
+    be: CudaDevice,
+    head: str,
+    choices: Sequence[int],
+    smem: int,
+    w_ptr: np.uint64,
+    shape: tuple[int, int],
+    out: Any,
+    pre: int,
+    inputs: tuple[Any, Any, Any, Any, Any, float, float],
+    early: bool,
+) -> Callable[[], None]:
+    """One launch of a matrix-vector kernel whose template starts ``head`` (``k_matvec<T``,
+    ``k_matvec_q16<QT``; then rows per warp, ``pre``, rows of input): rows per warp (R) are
+    the first of ``choices`` that makes every block resident at once (no second wave, whose
+    latency a short product cannot hide), else the last, its grid then walking the matrix
+    with resident blocks (the output head). ``shape``: the weight's (rows, K); ``inputs``:
+    a, b, w1, w2, v_out, eps1, eps2."""
+    a, b, w1, w2, v_out, eps1, eps2 = inputs
+    n_out, k = shape
+    m = a.size // k
     for r in choices:
-        f = be.fn(f"k_matvec<{CTYPE[wt.name]}, {r}, {pre}, {1 if m == 1 else GEMV_MAX_M}>")
+        f = be.fn(f"{head}, {r}, {pre}, {1 if m == 1 else GEMV_MAX_M}>")
+        if smem > DEFAULT_SMEM and f.max_dynamic_shared_size_bytes < smem:
+            f.max_dynamic_shared_size_bytes = smem  # opt in beyond the default 48 KiB
         resident = _resident_blocks(be, f, smem)
         blocks = -(-n_out // (MATVEC_WARPS * r))
         if blocks <= resident or r == choices[-1]:
@@ -136,7 +159,7 @@ def matvec(
             break
     null = np.uint64(0)
     args = (
-        ptr(w),
+        w_ptr,
         ptr(a),
         ptr(b),
         ptr(w1) if w1 is not None else null,
@@ -168,7 +191,8 @@ def _inputs_fit(out: Any, a: Any, b: Any, w1: Any, w2: Any, v_out: Any, k: int) 
     return v_out is None or (v_out.flags.c_contiguous and dtype_of_array(v_out) == f32)
 
 
-MATVEC_Q_VARIANTS = ("int16", "float")  # quant_kernels.cu: k_matvec_q16, k_matvec_q
+MATVEC_Q_KERNELS = {"int16": "k_matvec_q16", "float": "k_matvec_q"}  # quant_kernels.cu
+MATVEC_Q_VARIANTS = tuple(MATVEC_Q_KERNELS)
 
 
 def _q_smem(m: int, k: int, qtype: DType, variant: str = "int16") -> int:
@@ -200,7 +224,7 @@ def _matvec_q(
     n_out, k = w.shape
     m = a.size // k if k else 0
     variant = getattr(be, "matvec_q", "int16")
-    kernel = {"int16": "k_matvec_q16", "float": "k_matvec_q"}[variant]
+    kernel = MATVEC_Q_KERNELS[variant]
     smem = _q_smem(m, k, w.dtype, variant)
     if not 0 < m <= GEMV_MAX_M or n_out == 0 or smem > MAX_INPUT_FLOATS_Q * 4:
         return None
@@ -208,35 +232,9 @@ def _matvec_q(
         return None
     if not _inputs_fit(out, a, b, w1, w2, v_out, k):
         return None
-    qt = QT_ID[w.dtype.name]
-    for r in (1, 2, 4):  # rows per warp: the fewest that make every block resident
-        f = be.fn(f"{kernel}<{qt}, {r}, {pre}, {1 if m == 1 else GEMV_MAX_M}>")
-        if smem > DEFAULT_SMEM and f.max_dynamic_shared_size_bytes < smem:
-            f.max_dynamic_shared_size_bytes = smem
-        resident = _resident_blocks(be, f, smem)
-        blocks = -(-n_out // (MATVEC_WARPS * r))
-        if blocks <= resident or r == 4:
-            grid = min(blocks, resident)
-            break
-    null = np.uint64(0)
-    args = (
-        ptr(w.data),
-        ptr(a),
-        ptr(b),
-        ptr(w1) if w1 is not None else null,
-        ptr(w2) if w2 is not None else null,
-        ptr(v_out) if v_out is not None else null,
-        ptr(out),
-        np.int32(m),
-        np.int32(n_out),
-        np.int32(k),
-        np.int64(_row_stride(a)),
-        np.int64(_row_stride(b)),
-        np.float32(eps1),
-        np.float32(eps2),
-        np.int32(early),
-    )
-    return prepare_launch(be, f, (grid,), (32 * MATVEC_WARPS,), args, smem)
+    head = f"{kernel}<{QT_ID[w.dtype.name]}"
+    inputs = (a, b, w1, w2, v_out, eps1, eps2)
+    return _bind_matvec(be, head, (1, 2, 4), smem, ptr(w.data), (n_out, k), out, pre, inputs, early)
 
 
 def _tile_rows(n_out: int, k: int) -> int:
