@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shapes_7b import gemm, timed  # noqa: E402
+from shapes_7b import copy_rate, gemm, timed  # noqa: E402
 
 from backends import get_backend  # noqa: E402
 from backends.base import Quantized  # noqa: E402
@@ -72,15 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     be = get_backend("cupy")
     print(be.describe())
-    src = cp.zeros(1 << 30, cp.uint8)
-    dst = cp.empty_like(src)
-
-    def copy() -> None:
-        with be.compute_stream:
-            dst[...] = src
-
-    hbm = 2 * src.nbytes / timed(be, copy, 10) / 1e6
-    src = dst = None  # give the 2 GiB back
+    _, hbm = copy_rate(be)
     print(f"device copy: {hbm:.0f} GB/s (read + write: the HBM traffic it sustains)\n")
     rows = [int(r) for r in args.rows.split(",")]
     bf16 = np.dtype(ml_dtypes.bfloat16)

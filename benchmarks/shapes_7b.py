@@ -45,6 +45,22 @@ def timed(be, fn, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def copy_rate(be) -> tuple[float, float]:
+    """A 1 GiB device-to-device copy: its milliseconds, and GB/s of HBM traffic (read +
+    write), the bound a bandwidth-bound kernel is held to."""
+    import cupy as cp
+
+    src = cp.zeros(1 << 30, cp.uint8)
+    dst = cp.empty_like(src)
+
+    def copy() -> None:
+        with be.compute_stream:
+            dst[...] = src
+
+    ms = timed(be, copy, 10)
+    return ms, 2 * src.nbytes / ms / 1e6
+
+
 def gemm(be, w, x, out, n_out: int, m: int, k: int, out_type: str):
     blas = be.blas
     dt = CUDA_DTYPE["bf16"]
@@ -81,15 +97,7 @@ def main() -> None:
     args = ap.parse_args()
     be = get_backend("cupy")
     print(be.describe())
-    src = cp.zeros(1 << 30, cp.uint8)
-    dst = cp.empty_like(src)
-
-    def copy() -> None:
-        with be.compute_stream:
-            dst[...] = src
-
-    ms = timed(be, copy, 10)
-    hbm = 2 * src.nbytes / ms / 1e6
+    ms, hbm = copy_rate(be)
     print(f"device copy 1 GiB: {ms:.3f} ms, {hbm:.0f} GB/s (read + write)")
     bf16 = np.dtype(ml_dtypes.bfloat16)
     big = cp.asarray(np.random.default_rng(0).standard_normal((8192, 8192)).astype(bf16))
