@@ -49,5 +49,6 @@ def nominal(sm_count: int = H200_SMS, name: str = "NVIDIA H200 (nominal)") -> Cu
         sm_count=sm_count,
         block_types=cuda_matmul.BLOCK_TYPES,
         keeps_block_types=True,
+        cache_type="f16",
         name=name,
     )

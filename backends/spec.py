@@ -86,6 +86,10 @@ class DeviceSpec:
     # whether a GGUF runs in its own types here unless --dtype asks otherwise: on a GPU, the
     # block kernels move a third of the bytes; the CPU reference dequantizes once at load
     keeps_block_types: bool = False
+    # the KV cache's storage unless --cache-type says otherwise: f16 on a GPU (half the bytes
+    # each decode step reads, and what the tensor-core prompt attention reads), f32 on the CPU
+    # reference
+    cache_type: str = "f32"
     costs: Costs = field(default_factory=Costs, compare=False)
     name: str = field(default="", compare=False)  # "NVIDIA H200 (nominal)", from describe()
 

@@ -46,7 +46,9 @@ class Options:
     offload: str | None = None  # weight placement policy: auto, ngl=N, *N+K (all: None)
     vram: float | None = None  # GiB of device memory for weights and their ring
     cache: float = 0.0  # GiB of device memory for a parameter cache of streamed layers
-    kv_type: str = "f32"  # storage of the KV cache
+    kv_type: str | None = (
+        None  # storage of the KV cache; None: the device's (DeviceSpec.cache_type)
+    )
     n_ctx: int = 2048  # positions the context holds
     n_batch: int = 512  # the longest chunk one forward pass takes
 
@@ -55,7 +57,8 @@ class Options:
         if self.dtype is not None:
             _check_choice("dtype", self.dtype, FLOAT_TYPES)
         _check_choice("mode", self.mode, MODES)
-        _check_choice("kv_type", self.kv_type, FLOAT_TYPES)
+        if self.kv_type is not None:
+            _check_choice("kv_type", self.kv_type, FLOAT_TYPES)
         if isinstance(self.streams, bool) or not (
             self.streams == "auto"
             or (isinstance(self.streams, int) and 1 <= self.streams <= MAX_STREAMS)

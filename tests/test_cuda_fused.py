@@ -223,8 +223,8 @@ def test_models_fused_and_unfused_agree_with_numpy(gpu, name: str) -> None:  # n
     cfg = preset(name)
     w = random_weights(cfg, seed=3)
     cpu = Session(cfg, w, "numpy", n_ctx=64, n_batch=8)
-    fused = Session(cfg, w, gpu, n_ctx=64, n_batch=8)
-    plain = Session(cfg, w, gpu, n_ctx=64, n_batch=8, fusion=False)
+    fused = Session(cfg, w, gpu, n_ctx=64, n_batch=8, kv_type="f32")  # the reference's cache
+    plain = Session(cfg, w, gpu, n_ctx=64, n_batch=8, fusion=False, kv_type="f32")
     ids = list(range(3, 9))
     for s in (cpu, fused, plain):
         s.prefill(ids)

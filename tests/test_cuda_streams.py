@@ -63,7 +63,7 @@ def test_tiny_models_on_streams_equal_numpy(gpu, name: str) -> None:  # noqa: AN
     cfg = preset(name)
     w = random_weights(cfg, seed=8)
     cpu = Session(cfg, w, "numpy", n_ctx=64, n_batch=8, stack=False)
-    dev = Session(cfg, w, gpu, n_ctx=64, n_batch=8, stack=False, streams=8)
+    dev = Session(cfg, w, gpu, n_ctx=64, n_batch=8, stack=False, streams=8, kv_type="f32")
     ids = list(range(2, 12))
     np.testing.assert_allclose(dev.prefill(ids), cpu.prefill(ids), rtol=1e-4, atol=1e-4)
     tok = 3
@@ -125,7 +125,7 @@ def test_n_gpu_layers_runs_the_rest_on_the_cpu(gpu) -> None:  # noqa: ANN001
     cfg = preset("gemma3-270m").replace(dtype=bf16)
     w = {k: gpu.to_host(v) for k, v in device_weights(cfg, gpu, seed=6).items()}
     ref = Session(cfg, w, "numpy", n_ctx=32, n_batch=8)
-    s = Session(cfg, w, gpu, n_ctx=32, n_batch=8, offload="ngl=9")
+    s = Session(cfg, w, gpu, n_ctx=32, n_batch=8, offload="ngl=9", kv_type="f32")
     assert s.split == 9
     ids = list(range(5, 13))
     np.testing.assert_allclose(s.prefill(ids), ref.prefill(ids), rtol=3e-2, atol=3e-2)

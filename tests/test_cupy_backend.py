@@ -80,7 +80,7 @@ def test_tiny_models_prefill_and_decode_equal_numpy(gpu, name: str, mode: str) -
     cfg = preset(name)
     w = random_weights(cfg, seed=5)
     cpu = Session(cfg, w, "numpy", n_ctx=64, n_batch=8)
-    dev = Session(cfg, w, gpu, n_ctx=64, n_batch=8, mode=mode)
+    dev = Session(cfg, w, gpu, n_ctx=64, n_batch=8, mode=mode, kv_type="f32")
     ids = list(range(3, 14))
     close(dev.prefill(ids, logits="all"), cpu.prefill(ids, logits="all"), 1e-4, "prefill")
     tok = 7
@@ -95,7 +95,7 @@ def test_gemma3_270m_shape_equals_numpy(gpu, dtype: str) -> None:  # noqa: ANN00
     on_gpu = device_weights(cfg, gpu, seed=1)
     on_host = {k: gpu.to_host(v) for k, v in on_gpu.items() if k != "output.weight"}
     cpu = Session(cfg, on_host, "numpy", n_ctx=64, n_batch=16)
-    dev = Session(cfg, on_gpu, gpu, n_ctx=64, n_batch=16, mode="graph")
+    dev = Session(cfg, on_gpu, gpu, n_ctx=64, n_batch=16, mode="graph", kv_type="f32")
     tol = 1e-4 if dtype == "f32" else 3e-2
     ids = [int(t) for t in np.random.default_rng(0).integers(0, cfg.n_vocab, 16)]
     want, got = cpu.prefill(ids), dev.prefill(ids)

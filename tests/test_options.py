@@ -148,3 +148,35 @@ def test_model_names_mean_the_same_in_every_command(tmp_path) -> None:  # noqa: 
         ModelArg.parse(str(tmp_path / "missing.gguf"))
     with pytest.raises(Exception, match="generate needs a model file with its tokenizer"):
         ModelArg.parse("llama-tiny").need_file("generate")
+
+
+def test_the_cache_type_defaults_to_the_devices() -> None:
+    """No ``--cache-type``: a GPU plan keeps the KV cache in f16 (half the bytes a decode step
+    reads), the CPU reference in f32; a type asked for is kept on either."""
+    from backends import device_spec
+    from backends.cuda_spec import nominal
+    from engine.passes.plans import plan_model
+    from graph.models import preset
+
+    cfg = preset("llama-tiny")
+    gpu, cpu = (
+        plan_model(cfg, nominal(), Options()),
+        plan_model(cfg, device_spec("numpy"), Options()),
+    )
+    assert (gpu.options.kv_type, cpu.options.kv_type) == ("f16", "f32")
+    assert 2 * gpu.kv_bytes == cpu.kv_bytes
+    for asked in ("f32", "bf16"):
+        assert plan_model(cfg, nominal(), Options(kv_type=asked)).options.kv_type == asked
+    assert options_from(parser().parse_args(["graph"])).kv_type is None
+
+
+def test_bench_sweeps_cache_types_as_llama_bench_does() -> None:
+    """bench's ``-ctk f32,f16`` gives one configuration per type; the other commands take one."""
+    sweep = sweep_from(parser().parse_args(["bench", "-ctk", "f32,f16", "--streams", "1,2"]))
+    assert [(o.kv_type, o.streams) for o in sweep] == [
+        ("f32", 1),
+        ("f32", 2),
+        ("f16", 1),
+        ("f16", 2),
+    ]
+    assert [o.kv_type for o in sweep_from(parser().parse_args(["bench"]))] == [None]

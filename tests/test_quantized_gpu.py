@@ -153,7 +153,7 @@ def model_file(request, tmp_path_factory):  # noqa: ANN001, ANN201
 def test_models_in_their_block_types(gpu, model_file) -> None:  # noqa: ANN001
     """A GGUF on the GPU runs in its own types (those the kernels read; others f16) and gives
     the NumPy reference's logits on the same bytes; streamed layers equal resident ones."""
-    opts = Options(backend="cupy", n_ctx=64, n_batch=16, mode="graph")
+    opts = Options(backend="cupy", n_ctx=64, n_batch=16, mode="graph", kv_type="f32")
     cfg = config_for(model_file, opts)
     assert cfg.is_quantized
     weights = model_file.weights_as(cfg)

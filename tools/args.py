@@ -85,6 +85,12 @@ def _list(item: Any) -> Any:
     return parse
 
 
+def _float_type(text: str) -> str:
+    if text not in FLOAT_TYPES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(FLOAT_TYPES)}, got {text!r}")
+    return text
+
+
 def _on_off(text: str) -> str:
     if text not in ("on", "off"):
         raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
@@ -192,9 +198,10 @@ def run_flags(ctx: int | None = 2048, sweep: bool = False) -> argparse.ArgumentP
         "-ctv",
         "--cache-type-v",
         dest="kv_type",
-        default="f32",
-        choices=FLOAT_TYPES,
-        help="KV cache storage (K and V share it; default f32)",
+        type=many(_float_type),
+        default=None,
+        metavar="{" + ",".join(FLOAT_TYPES) + "}" + (",..." if sweep else ""),
+        help="KV cache storage (K and V share it; default f16 on a GPU, f32 on the CPU)",
     )
     g.add_argument(
         "-c",
@@ -243,19 +250,20 @@ def options_from(args: argparse.Namespace, **override: Any) -> Options:
 
 
 def sweep_from(args: argparse.Namespace, **override: Any) -> list[Options]:
-    """Every combination of bench's list flags, as ``Options``: graphs, then streams, then
-    placement, then budget (a budget only where a placement uses one)."""
+    """Every combination of bench's list flags, as ``Options``: cache type, graphs, then
+    streams, then placement, then budget (a budget only where a placement uses one)."""
     policies = _placement(args) or [None]
     out = []
-    for graphs in args.graphs:
-        for streams in args.streams:
-            for policy in policies:
-                budgets = args.vram if policy not in (None, "all") else [None]
-                for vram in budgets:
-                    one = argparse.Namespace(**vars(args))
-                    one.graphs, one.streams, one.vram = graphs, streams, vram
-                    one.offload, one.ngl = policy, None
-                    out.append(options_from(one, **override))
+    for kv_type in args.kv_type or [None]:
+        for graphs in args.graphs:
+            for streams in args.streams:
+                for policy in policies:
+                    budgets = args.vram if policy not in (None, "all") else [None]
+                    for vram in budgets:
+                        one = argparse.Namespace(**vars(args))
+                        one.graphs, one.streams, one.vram = graphs, streams, vram
+                        one.offload, one.ngl, one.kv_type = policy, None, kv_type
+                        out.append(options_from(one, **override))
     return out
 
 

@@ -377,6 +377,7 @@ def _result(job: _Job, source: _Source, reps: int) -> BenchResult:
         round(cfg.n_params() / 1e6, 2),
         c.backend.name,
         cfg.storage,
+        mp.options.kv_type,
         str(o.streams),
         o.offload or "all",
         "on" if o.mode == "graph" else "off",

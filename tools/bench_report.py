@@ -21,6 +21,7 @@ class BenchResult:
     params_m: float
     backend: str
     dtype: str
+    type_kv: str  # the KV cache's storage (llama-bench's type_k and type_v)
     streams: str  # --streams as asked: a count or "auto"
     strategy: str  # weight placement (engine.passes.offload): all, auto, *N+K
     graphs: str  # "on": CUDA-graph replay of each forward pass; "off": eager launches
@@ -60,6 +61,7 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
         "params",
         "backend",
         "dtype",
+        "type_kv",
         "streams",
         "strategy",
         "graphs",
@@ -79,6 +81,7 @@ def format_results(results: list[BenchResult], fmt: str) -> str:
             f"{r.params_m:.2f} M",
             r.backend,
             r.dtype,
+            r.type_kv,
             r.streams,
             r.strategy,
             r.graphs,

@@ -135,7 +135,7 @@ class Session:
         if mp.ring is not None:
             self.ring = WeightRing(self.backend, mp.ring, self.weights)
         self.slots = dict(mp.kv_rows)
-        self.cache_dtype = dtype_of(options.kv_type)
+        self.cache_dtype = dtype_of(mp.options.kv_type)  # the plan's: the device's default resolved
         self.states: dict[str, Any] = {}
         for il, kind in enumerate(self.cfg.layer_kinds):
             shape = (self.slots[kind], self.cfg.n_head_kv, self.cfg.head_dim)

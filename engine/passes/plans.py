@@ -170,6 +170,8 @@ def plan_model(
         costs_source = costs_source or f"nominal for {spec.name or spec.backend}"
     if options.dtype is not None:
         cfg = cfg.dequantized(options.weight_dtype)
+    if options.kv_type is None:
+        options = options.replace(kv_type=spec.cache_type)
     n_batch = min(options.n_batch, options.n_ctx)
     plan = dict(
         config=cfg,
