@@ -1,6 +1,7 @@
-"""Attention as prepared CUDA launches: a one-launch decode kernel for few query tokens and a
-grouped-query online softmax over key batches for prompts, key splits merged by a second launch
-(or by the last block to finish, ``CupyBackend.attn_merge``).
+"""Attention as prepared CUDA launches: a one-launch decode kernel for few query tokens; for
+prompts over a 16-bit cache, a flash-style kernel on tensor cores (flash_attention.cu); else a
+grouped-query online softmax over key batches in f32, key splits merged by a second launch (or
+by the last block to finish, ``CupyBackend.attn_merge``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 from backends.base import BackendError
 from backends.cuda_launch import (
     CTYPE,
+    DEFAULT_SMEM,
     CudaDevice,
     Job,
     dtype_of_array,
@@ -20,9 +22,11 @@ from backends.cuda_launch import (
     prepare_launch,
     ptr,
 )
+from graph.dtypes import f32
 from graph.ir import Node
 from graph.ops import AttentionParams, Op
 
+LOG2E = 1.4426950408889634  # the flash kernel's softmax is exp2: scale * log2 e folded into Q
 ATTN_WARPS = 4
 ATTN_DMAX = 256
 ATTN_GB = 4  # query heads per block (kernels.cu GB)
@@ -96,6 +100,53 @@ def decode_attention(
     return _then(main, _combine(be, n * h, splits, dv, part, out)), splits
 
 
+FLASH_HEAD_DIMS = (64, 128, 256)  # flash_attention.cu's DH instances
+FLASH_ROWS = 64  # query tokens per block (FA_BQ)
+FLASH_WARPS = 4
+
+
+def _flash_keys(d: int) -> int:
+    """Keys per tile (BK): 64, or 32 at head dim 256, which keeps the block's shared memory
+    (64 + 2 BK rows of d + 8 16-bit values) at 68 KiB and its accumulators in registers."""
+    return 32 if d > 128 else 64
+
+
+def flash_smem(d: int) -> int:
+    return (FLASH_ROWS + 2 * _flash_keys(d)) * (d + 8) * 2
+
+
+def flash_attention(be: CudaDevice, node: Node, out: Any, srcs: Sequence[Any]) -> Any:
+    """``k_flash_attn`` for a prompt over a 16-bit cache (K and V of one type, f16 or bf16,
+    one head dim in ``FLASH_HEAD_DIMS``, compute capability 8.0 or later); None otherwise."""
+    p: AttentionParams = node.params  # type: ignore[assignment]
+    q, k, v, qpos, kpos = srcs
+    n, h, d = q.shape
+    m, hk, _ = k.shape
+    kv = dtype_of_array(k)
+    if (
+        getattr(be, "prompt_attention", "flash") != "flash"
+        or getattr(be, "compute_capability", 0) < 80
+    ):
+        return None
+    if kv.name not in ("f16", "bf16") or dtype_of_array(v) != kv or dtype_of_array(out) != f32:
+        return None
+    if d not in FLASH_HEAD_DIMS or v.shape[2] != d or any(a.data.ptr % 16 for a in (k, v, out)):
+        return None
+    smem = flash_smem(d)
+    f = be.fn(
+        f"k_flash_attn<{CTYPE[dtype_of_array(q).name]}, {CTYPE[kv.name]}, {d}, {_flash_keys(d)}>"
+    )
+    if smem > DEFAULT_SMEM and f.max_dynamic_shared_size_bytes < smem:
+        f.max_dynamic_shared_size_bytes = smem
+    args = (
+        *(ptr(a) for a in (q, k, v, qpos, kpos, out)),
+        *(np.int32(x) for x in (n, h, hk, m)),
+        np.float32(p.scale * LOG2E),
+        np.int32(p.window),
+    )
+    return prepare_launch(be, f, (-(-n // FLASH_ROWS), h), (32 * FLASH_WARPS,), args, smem)
+
+
 def _c_attention(job: Job) -> Callable[[], None]:
     be, node, out, srcs, scratch, fixed = job
     need_contiguous(node, srcs, range(5))
@@ -115,6 +166,9 @@ def _c_attention(job: Job) -> Callable[[], None]:
     decode = decode_attention(be, node, out, srcs, scratch, be.attn_merge)
     if decode is not None:
         return decode[0]
+    flash = flash_attention(be, node, out, srcs)
+    if flash is not None:
+        return flash
     splits = _attn_splits(rows, m, be.sm_count)
     chunk = -(-m // splits) if m else 1
     f = be.fn(f"k_attention<{types}>")

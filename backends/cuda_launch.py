@@ -36,6 +36,9 @@ MAXD = 6
 THREADS = 256
 
 
+DEFAULT_SMEM = 48 * 1024 - 1024  # dynamic shared memory a block gets without opting in
+
+
 class CudaDevice(Protocol):
     """What the compilers use of the device (``backends.cupy_backend.CupyBackend`` is one):
     kernels by template name, prepared launches on the stream being compiled for, views into

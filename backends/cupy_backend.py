@@ -103,16 +103,17 @@ class CupyBackend(Backend):
         self._blas = {self.compute_stream.ptr: Cublas(self.compute_stream.ptr)}
         # every byte this backend took from the device: arenas, caches, weights, workspaces
         self.bytes_allocated = 32 << 20
-        # one source: the kernels, then the GGUF block decoders and the kernels that use them
+        # one source: the kernels, the GGUF block decoders and the kernels that use them, the
+        # tensor-core prompt attention
         here = Path(__file__).parent
-        self._source = "\n".join(
-            (here / f).read_text() for f in ("kernels.cu", "quant_blocks.cuh", "quant_kernels.cu")
-        )
+        files = ("kernels.cu", "quant_blocks.cuh", "quant_kernels.cu", "flash_attention.cu")
+        self._source = "\n".join((here / f).read_text() for f in files)
         self._functions: dict[str, Any] = {}
         self._keep: list[Any] = []  # device metadata arrays bound into launches
         self.kernels = {op: self._unsupported for op in COMPILERS}
         props = cp.cuda.runtime.getDeviceProperties(0)
         self.sm_count = int(props["multiProcessorCount"])
+        self.compute_capability = 10 * int(props["major"]) + int(props["minor"])
         self._spec: CudaSpec | None = None
         lib = load_driver()
         self._driver = DriverLauncher(lib, self.compute_stream.ptr) if lib is not None else None
@@ -128,6 +129,11 @@ class CupyBackend(Backend):
         # decode products on block weights: "int16" (the input quantized per 32 elements to
         # int16, integer dot products) or "float" (f32 throughout); see quant_kernels.cu
         self.matvec_q = "int16"
+        self.matvec_q_rows: int | None = None  # their rows per warp; None: the launch policy
+        # prompt attention over a 16-bit cache: "flash" (tensor cores, flash_attention.cu) or
+        # "simple" (k_attention, f32 arithmetic, the kernel f32 caches always use); "simple"
+        # until the flash kernel's GPU tests have run
+        self.prompt_attention = "simple"
         self.pdl_kernels: tuple[str, ...] | None = (
             None  # name prefixes launched with PDL; None: all
         )
