@@ -27,6 +27,7 @@ import numpy as np
 from backends.base import BackendError, Quantized
 from backends.cuda_launch import (
     CTYPE,
+    DEFAULT_SMEM,
     QT_ID,
     CudaDevice,
     Job,
@@ -56,7 +57,6 @@ MAX_INPUT_FLOATS_Q = 98 * 256  # the block decode kernels' shared memory: 98 KiB
 # beyond the default 48 KiB per block (one row of 11008 takes 71 KiB in the int16 variant), and
 # within what every GPU since sm_80 lets a block opt in to (99 KiB on sm_86/89); a product that
 # does not fit decodes its weight into tiles instead
-DEFAULT_SMEM = 48 * 1024 - 1024  # dynamic shared memory a block gets without opting in
 _LO_SCALE = np.array([1.0 / 2048], np.float32)  # k_split_f16's lo half is scaled by 2048
 
 
@@ -234,7 +234,19 @@ def _matvec_q(
         return None
     head = f"{kernel}<{QT_ID[w.dtype.name]}"
     inputs = (a, b, w1, w2, v_out, eps1, eps2)
-    return _bind_matvec(be, head, (1, 2, 4), smem, ptr(w.data), (n_out, k), out, pre, inputs, early)
+    forced = getattr(be, "matvec_q_rows", None)
+    return _bind_matvec(
+        be,
+        head,
+        (forced,) if forced else (1, 2, 4),
+        smem,
+        ptr(w.data),
+        (n_out, k),
+        out,
+        pre,
+        inputs,
+        early,
+    )
 
 
 def _tile_rows(n_out: int, k: int) -> int:

@@ -21,7 +21,9 @@
 // swizzled (xs_index<true>): chunk c of piece g sits at chunk (c ^ g) & 7, so the 8 lanes of
 // a quarter-warp read 8 different chunks, all 32 banks once.
 
+#ifndef QV_PIECES
 #define QV_PIECES 4  // pieces per lane per row per pass, divided by R
+#endif
 
 // the quant q (a byte of v, 0..255) minus bias, as an exact float
 __device__ __forceinline__ float q_b2f(unsigned v, int byte, float bias) {

@@ -8,7 +8,13 @@ int16 input, and ``k_matvec_q``, f32) at 1..8 rows in µs and in GB/s of the blo
 a share of a device-to-device copy's rate (read + write: the HBM traffic a copy sustains); the
 bf16 ``k_matvec`` on the same shape beside them; and the prompt path (tiles decoded to f16,
 cuBLAS per tile) at ``--prompt`` rows in TFLOP/s, beside one bf16 cuBLAS product.
-Each figure is the median of CUDA-graph replays timed with events.
+Each figure is the median of CUDA-graph replays timed with events; a replay holds ``--chain``
+launches of the product (as a decode step's graph holds one after another, the next one's
+weight loads issued while the last finishes), and the figure is per launch: one launch alone
+per replay would add the replay's own fixed cost (~3 µs) to every product.
+
+``--sweep`` times the int16 kernel's launch shapes on one row: rows per warp (the launch
+policy's choice, or forced) and 32-element pieces a lane loads per row per pass (QV_PIECES).
 """
 
 from __future__ import annotations
@@ -57,6 +63,33 @@ def blocks(name: str, n: int, k: int) -> np.ndarray:
     return raw
 
 
+def sweep(be, types: list[str], hbm: float, per_launch) -> None:
+    """One row through k_matvec_q16 at each launch shape: µs per launch and share of the copy
+    rate, rows per warp (None: the launch policy) by pieces per lane (QV_PIECES)."""
+    import cupy as cp
+
+    shapes = (None, 1, 2, 4)
+    print(
+        "| type | matrix | QV_PIECES | " + " | ".join(f"R={r or 'policy'}" for r in shapes) + " |"
+    )
+    print("|---|---|---:|" + "---:|" * len(shapes))
+    be.matvec_q = "int16"
+    for t in types:
+        for name, (n, k) in SHAPES.items():
+            w = Quantized(cp.asarray(blocks(t, n, k)), DTYPES[t], (n, k))
+            x = cp.asarray(np.random.default_rng(2).standard_normal((1, k)).astype(np.float32))
+            y = cp.empty((1, n), np.float32)
+            for pieces in (4, 8):
+                be.defines = () if pieces == 4 else (f"QV_PIECES={pieces}",)
+                cells = []
+                for r in shapes:
+                    be.matvec_q_rows = r
+                    ms = per_launch(matvec(be, w, y, PRE_COPY, x, x, early=True), 20)
+                    cells.append(f"{ms * 1e3:.1f} / {w.nbytes / ms / 1e6 / hbm:.0%}")
+                print(f"| {t} | {name} | {pieces} | " + " | ".join(cells) + " |")
+    be.defines, be.matvec_q_rows = (), None
+
+
 class _Node:  # what _mul_mat_q reads of a node
     label = "bench"
 
@@ -69,12 +102,21 @@ def main() -> None:
     ap.add_argument("--types", default="q4_0,q5_0,q8_0,q4_k,q5_k,q6_k")
     ap.add_argument("--rows", default="1,2,4,8")
     ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--chain", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     be = get_backend("cupy")
     print(be.describe())
     _, hbm = copy_rate(be)
     print(f"device copy: {hbm:.0f} GB/s (read + write: the HBM traffic it sustains)\n")
     rows = [int(r) for r in args.rows.split(",")]
+
+    def per_launch(fn, reps: int) -> float:
+        return timed(be, lambda: [fn() for _ in range(args.chain)], reps) / args.chain
+
+    if args.sweep:
+        sweep(be, args.types.split(","), hbm, per_launch)
+        return
     bf16 = np.dtype(ml_dtypes.bfloat16)
     print("| type | matrix | rows | µs | GB/s | share of copy |")
     print("|---|---|---:|---:|---:|---:|")
@@ -86,7 +128,7 @@ def main() -> None:
             fn = matvec(be, w, y, PRE_COPY, x, x, early=True)
             if fn is None:
                 continue
-            ms = timed(be, fn, 50)
+            ms = per_launch(fn, 20)
             gbs = w.nbytes / ms / 1e6
             print(f"| bf16 | {name} | {m} | {ms * 1e3:.1f} | {gbs:.0f} | {gbs / hbm:.0%} |")
     for t in args.types.split(","):
@@ -102,7 +144,7 @@ def main() -> None:
                     if fn is None:
                         print(f"{label} - | - | - |")
                         continue
-                    ms = timed(be, fn, 50)
+                    ms = per_launch(fn, 20)
                     gbs = w.nbytes / ms / 1e6
                     print(f"{label} {ms * 1e3:.1f} | {gbs:.0f} | {gbs / hbm:.0%} |")
     be.matvec_q = MATVEC_Q_VARIANTS[0]
