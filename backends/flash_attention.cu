@@ -78,7 +78,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     constexpr int NT = BK / 8;  // key groups of 8 in a tile (S's accumulator tiles)
     constexpr int DT = DH / 8;  // output column groups of 8 (O's accumulator tiles)
     constexpr int CH = DH / 8;  // 16-byte chunks of a row
-    extern __shared__ __align__(16) unsigned short fa_buf[];
+    extern __shared__ uint4 fa_raw[];  // uint4: 16-byte aligned, as ldmatrix and cp.async need
+    unsigned short* fa_buf = reinterpret_cast<unsigned short*>(fa_raw);
     unsigned short* sq = fa_buf;             // FA_BQ x LD
     unsigned short* sk = sq + FA_BQ * LD;    // BK x LD
     unsigned short* sv = sk + BK * LD;       // BK x LD
