@@ -269,7 +269,8 @@ class _Config:
         o = self.options
         where = "" if o.vram is None else f" vram={o.vram:g}"
         graphs = "on" if o.mode == "graph" else "off"
-        return f"streams={o.streams} graphs={graphs} {o.offload or 'all'}{where}"
+        cache = f" kv={self.session.cache_dtype.name}"
+        return f"streams={o.streams} graphs={graphs} {o.offload or 'all'}{where}{cache}"
 
 
 @dataclass(slots=True)
