@@ -14,9 +14,9 @@
 //
 // Alignment: rows are stored back to back, so a block starts at a multiple of BYTES from a
 // (well aligned) tensor start. Q4_0 (18), Q5_0 (22), Q8_0 (34) and Q6_K (210) blocks are only
-// guaranteed 2-byte alignment: they are read with unsigned short loads only (packed in pairs into
-// 32-bit registers). Q4_K (144) and Q5_K (176) are multiples of 16, so their blocks start
-// 16-byte aligned: quants and high bits are read with uint4 loads, d/dmin/scales with unsigned
+// guaranteed 2-byte alignment: they are read with unsigned short loads (packed in pairs into
+// 32-bit registers), or with aligned words shifted into place (q_ld2w, QLOAD_WORDS). Q4_K
+// (144) and Q5_K (176) are multiples of 16, so their blocks start 16-byte aligned: quants and high bits are read with uint4 loads, d/dmin/scales with unsigned
 // int loads. Few, wide loads: this code is bandwidth bound.
 
 #ifndef QDEV
@@ -46,6 +46,37 @@ QDEV float qh2f(unsigned short h) { return h2f(h); }
 QDEV unsigned q_ld2x16(const unsigned char* p) {
     const unsigned short* s = reinterpret_cast<const unsigned short*>(p);
     return (unsigned)s[0] | ((unsigned)s[1] << 16);
+}
+// the low 32 bits of (hi:lo) >> sh, sh in 0..31
+QDEV unsigned q_fshr(unsigned lo, unsigned hi, unsigned sh) {
+#if defined(__CUDA_ARCH__)
+    return __funnelshift_r(lo, hi, sh);
+#else
+    return (unsigned)((((unsigned long long)hi << 32) | lo) >> sh);
+#endif
+}
+// N 32-bit words from p (2-byte aligned), each two little-endian unsigned shorts. By default
+// 2N 2-byte loads. With QLOAD_WORDS (an experiment, set by a define): N aligned 4-byte loads,
+// plus one more where p is 2 mod 4, funnel-shifted by 16 bits: half the load instructions.
+// That extra word reaches 2 bytes past the range, inside the same aligned 4-byte word as the
+// range's last byte, so inside the allocation.
+template <int N>
+QDEV void q_ld2w(const unsigned char* p, unsigned* w) {
+#ifdef QLOAD_WORDS
+    const unsigned off = (unsigned)(unsigned long long)p & 2u;  // 0 or 2
+    // p - off, not an integer turned back into a pointer: the loads stay global (ld.global)
+    const unsigned* a = reinterpret_cast<const unsigned*>(p - off);
+    const unsigned sh = off * 8u;
+    unsigned v[N + 1];
+    QUNROLL
+    for (int i = 0; i < N; ++i) v[i] = a[i];
+    v[N] = sh ? a[N] : 0u;
+    QUNROLL
+    for (int i = 0; i < N; ++i) w[i] = q_fshr(v[i], v[i + 1], sh);
+#else
+    QUNROLL
+    for (int i = 0; i < N; ++i) w[i] = q_ld2x16(p + 4 * i);
+#endif
 }
 // byte i (0..) of a little-endian array of 32-bit words
 QDEV unsigned q_byte(const unsigned* w, int i) { return (w[i >> 2] >> (8 * (i & 3))) & 0xFFu; }
@@ -88,8 +119,7 @@ struct QBlock<QT_Q4_0> {
         const unsigned char* b = row + g * BYTES;
         Raw r;
         r.d = *reinterpret_cast<const unsigned short*>(b);
-        QUNROLL
-        for (int i = 0; i < 4; ++i) r.qs[i] = q_ld2x16(b + 2 + 4 * i);
+        q_ld2w<4>(b + 2, r.qs);
         return r;
     }
     static QDEV void decode(const Raw& r, int, float* y) {
@@ -117,9 +147,11 @@ struct QBlock<QT_Q5_0> {
         const unsigned char* b = row + g * BYTES;
         Raw r;
         r.d = *reinterpret_cast<const unsigned short*>(b);
-        r.qh = q_ld2x16(b + 2);
+        unsigned w[5];  // qh, then qs: contiguous
+        q_ld2w<5>(b + 2, w);
+        r.qh = w[0];
         QUNROLL
-        for (int i = 0; i < 4; ++i) r.qs[i] = q_ld2x16(b + 6 + 4 * i);
+        for (int i = 0; i < 4; ++i) r.qs[i] = w[i + 1];
         return r;
     }
     static QDEV void decode(const Raw& r, int, float* y) {
@@ -148,8 +180,7 @@ struct QBlock<QT_Q8_0> {
         const unsigned char* b = row + g * BYTES;
         Raw r;
         r.d = *reinterpret_cast<const unsigned short*>(b);
-        QUNROLL
-        for (int i = 0; i < 8; ++i) r.qs[i] = q_ld2x16(b + 2 + 4 * i);
+        q_ld2w<8>(b + 2, r.qs);
         return r;
     }
     static QDEV void decode(const Raw& r, int, float* y) {
@@ -254,11 +285,8 @@ struct QBlock<QT_Q6_K> {
         const unsigned char* ql = b + 64 * n + 32 * (k & 1);
         const unsigned char* qh = b + 128 + 32 * n;
         Raw r;
-        QUNROLL
-        for (int i = 0; i < 8; ++i) {
-            r.ql[i] = q_ld2x16(ql + 4 * i);
-            r.qh[i] = q_ld2x16(qh + 4 * i);
-        }
+        q_ld2w<8>(ql, r.ql);
+        q_ld2w<8>(qh, r.qh);
         r.sc = *reinterpret_cast<const unsigned short*>(b + 192 + 8 * n + 2 * k);
         r.d = *reinterpret_cast<const unsigned short*>(b + 208);
         return r;

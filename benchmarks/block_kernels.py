@@ -13,8 +13,9 @@ launches of the product (as a decode step's graph holds one after another, the n
 weight loads issued while the last finishes), and the figure is per launch: one launch alone
 per replay would add the replay's own fixed cost (~3 µs) to every product.
 
-``--sweep`` times the int16 kernel's launch shapes on one row: rows per warp (the launch
-policy's choice, or forced) and 32-element pieces a lane loads per row per pass (QV_PIECES).
+``--sweep`` times the int16 kernel's variants on one row: rows per warp (the launch policy's
+choice, or forced), 32-element pieces a lane loads per row per pass (QV_PIECES), and how
+2-byte aligned blocks are read (QLOAD_WORDS: aligned words shifted into place).
 """
 
 from __future__ import annotations
@@ -64,29 +65,30 @@ def blocks(name: str, n: int, k: int) -> np.ndarray:
 
 
 def sweep(be, types: list[str], hbm: float, per_launch) -> None:
-    """One row through k_matvec_q16 at each launch shape: µs per launch and share of the copy
-    rate, rows per warp (None: the launch policy) by pieces per lane (QV_PIECES)."""
+    """One row through k_matvec_q16 in each variant: µs per launch and share of the copy
+    rate, rows per warp (None: the launch policy) by the kernels' defines."""
     import cupy as cp
 
     shapes = (None, 1, 2, 4)
-    print(
-        "| type | matrix | QV_PIECES | " + " | ".join(f"R={r or 'policy'}" for r in shapes) + " |"
-    )
-    print("|---|---|---:|" + "---:|" * len(shapes))
+    variants = ((), ("QV_PIECES=8",), ("QLOAD_WORDS",), ("QV_PIECES=8", "QLOAD_WORDS"))
+    head = " | ".join(f"R={r or 'policy'}" for r in shapes)
+    print(f"| type | matrix | defines | {head} |")
+    print("|---|---|---|" + "---:|" * len(shapes))
     be.matvec_q = "int16"
     for t in types:
         for name, (n, k) in SHAPES.items():
             w = Quantized(cp.asarray(blocks(t, n, k)), DTYPES[t], (n, k))
             x = cp.asarray(np.random.default_rng(2).standard_normal((1, k)).astype(np.float32))
             y = cp.empty((1, n), np.float32)
-            for pieces in (4, 8):
-                be.defines = () if pieces == 4 else (f"QV_PIECES={pieces}",)
+            for defines in variants:
+                be.defines = defines
                 cells = []
                 for r in shapes:
                     be.matvec_q_rows = r
                     ms = per_launch(matvec(be, w, y, PRE_COPY, x, x, early=True), 20)
                     cells.append(f"{ms * 1e3:.1f} / {w.nbytes / ms / 1e6 / hbm:.0%}")
-                print(f"| {t} | {name} | {pieces} | " + " | ".join(cells) + " |")
+                label = " ".join(defines) or "-"
+                print(f"| {t} | {name} | {label} | " + " | ".join(cells) + " |")
     be.defines, be.matvec_q_rows = (), None
 
 

@@ -2,6 +2,8 @@
 
 The header is compiled as host C++ (tests/quant_harness.cpp) and decodes random blocks piece by
 piece, exactly as the kernels do; the result must equal gguf.quants.dequantize bit for bit.
+Both ways of reading 2-byte aligned blocks are built: 2-byte loads (the default) and aligned
+words shifted into place (``QLOAD_WORDS``); rows of 96 elements put blocks at every alignment.
 """
 
 import shutil
@@ -33,13 +35,14 @@ SIZES = {
 ROWS = 3
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["halves", "words"])
+def harness(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cxx = shutil.which("c++")
     if cxx is None:
         pytest.skip("needs a C++ compiler to build the host harness")
     exe = tmp_path_factory.mktemp("quant_harness") / "quant_harness"
-    cmd = [cxx, "-O1", "-std=c++17", "-Wall", "-Werror", "-o", str(exe), str(HARNESS)]
+    define = ["-DQLOAD_WORDS"] if request.param == "words" else []
+    cmd = [cxx, "-O1", "-std=c++17", "-Wall", "-Werror", *define, "-o", str(exe), str(HARNESS)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr}"
     return exe
