@@ -16,8 +16,9 @@
 // (well aligned) tensor start. Q4_0 (18), Q5_0 (22), Q8_0 (34) and Q6_K (210) blocks are only
 // guaranteed 2-byte alignment: they are read with unsigned short loads (packed in pairs into
 // 32-bit registers), or with aligned words shifted into place (q_ld2w, QLOAD_WORDS). Q4_K
-// (144) and Q5_K (176) are multiples of 16, so their blocks start 16-byte aligned: quants and high bits are read with uint4 loads, d/dmin/scales with unsigned
-// int loads. Few, wide loads: this code is bandwidth bound.
+// (144) and Q5_K (176) are multiples of 16, so their blocks start 16-byte aligned: quants and
+// high bits are read with uint4 loads, d/dmin/scales with unsigned int loads. Few, wide loads:
+// this code is bandwidth bound.
 
 #ifndef QDEV
 #define QDEV __device__ __forceinline__
