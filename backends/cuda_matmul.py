@@ -46,7 +46,6 @@ BLOCK_TYPES = frozenset(QT_ID)
 """GGUF block types the matrix kernels read as stored (every type of Q4_K_M and Q5_K_M files
 and of the real Gemma 3 270M file)."""
 BLOCK_TILE_BYTES = 32 << 20  # a prompt product's dequantized tile (f16), in planned scratch
-QV_PIECES = 4  # quant_kernels.cu: 32-element pieces a lane loads per row per pass, times R
 CUDA_DTYPE = {"f32": 0, "f16": 2, "bf16": 14}  # cudaDataType: R_32F, R_16F, R_16BF
 CUBLAS_COMPUTE_32F = 68
 GEMV_MAX_M = 8  # rows up to which the GEMV kernel beats cuBLAS (decode, short chunks)
