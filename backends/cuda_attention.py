@@ -107,7 +107,7 @@ FLASH_WARPS = 4
 
 def _flash_keys(d: int) -> int:
     """Keys per tile (BK): 64, or 32 at head dim 256, which keeps the block's shared memory
-    (64 + 2 BK rows of d + 8 16-bit values) at 68 KiB and its accumulators in registers."""
+    (64 + 2 BK rows of d + 8 16-bit values) at 66 KiB and its accumulators in registers."""
     return 32 if d > 128 else 64
 
 

@@ -9,8 +9,8 @@
 // Per key tile: the tile's positions decide first whether any query of the block sees any of
 // its keys (causal: the tiles after the block's last query are skipped, half the work of a
 // prompt; windows: the tiles before); K and V rows go to shared memory with 16-byte
-// asynchronous copies (keys nobody sees are zero-filled: a masked probability times a stale
-// value would still be NaN if the value were); S = Q K^T on mma.sync m16n8k16 with f32
+// asynchronous copies (empty cache rows, kpos < 0, and rows past m are zero-filled: a masked
+// probability times a stale value would still be NaN if the value were); S = Q K^T on mma.sync m16n8k16 with f32
 // accumulation; the mask and an online softmax in registers (base 2: scale * log2 e is folded
 // into Q before it is rounded to T); P rounded to T is the A operand of O += P V as it sits in
 // the accumulator's registers (the m16n8 accumulator of two key groups of 8 is the m16k16 A
@@ -32,17 +32,20 @@ __device__ __forceinline__ unsigned fa_smem(const void* p) {
 }
 __device__ __forceinline__ void fa_copy16(void* dst, const void* src, bool keep) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(fa_smem(dst)), "l"(src),
-                 "r"(keep ? 16 : 0));
+                 "r"(keep ? 16 : 0)
+                 : "memory");
 }
 __device__ __forceinline__ void fa_ldsm(unsigned* r, const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(fa_smem(p)));
+                 : "r"(fa_smem(p))
+                 : "memory");
 }
 __device__ __forceinline__ void fa_ldsm_t(unsigned* r, const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(fa_smem(p)));
+                 : "r"(fa_smem(p))
+                 : "memory");
 }
 __device__ __forceinline__ unsigned fa_pack(float a, float b, const half_t*) {
     return (unsigned)f2h(a) | ((unsigned)f2h(b) << 16);
