@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import cupy as cp  # ImportError here: the registry turns it into a one-line BackendError
@@ -55,6 +54,7 @@ from backends.cuda_launch import (
     elementwise,
     ptr,
 )
+from backends.cuda_source import kernel_source
 from backends.cuda_spec import CudaSpec
 from graph.dtypes import DType
 from graph.ir import Node
@@ -103,11 +103,7 @@ class CupyBackend(Backend):
         self._blas = {self.compute_stream.ptr: Cublas(self.compute_stream.ptr)}
         # every byte this backend took from the device: arenas, caches, weights, workspaces
         self.bytes_allocated = 32 << 20
-        # one source: the kernels, the GGUF block decoders and the kernels that use them, the
-        # tensor-core prompt attention
-        here = Path(__file__).parent
-        files = ("kernels.cu", "quant_blocks.cuh", "quant_kernels.cu", "flash_attention.cu")
-        self._source = "\n".join((here / f).read_text() for f in files)
+        self._source = kernel_source()  # one text: backends.cuda_source
         self._functions: dict[str, Any] = {}
         self._keep: list[Any] = []  # device metadata arrays bound into launches
         self.kernels = {op: self._unsupported for op in COMPILERS}
