@@ -143,7 +143,7 @@ def _front_end(n, hq, hk, d, dv, m, *, norms, mode, n_dims, cache):  # noqa: ANN
     ],
 )
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize("cache", ["f32", "bf16"])
+@pytest.mark.parametrize("cache", ["f32", "f16", "bf16"])
 def test_rope_store(gpu, hq, hk, d, dv, norms, mode, n_dims, n, cache) -> None:  # noqa: ANN001
     m = 40
     graph = _front_end(n, hq, hk, d, dv, m, norms=norms, mode=mode, n_dims=n_dims, cache=cache)
