@@ -14,11 +14,11 @@ import numpy as np
 from backends.base import BackendError
 from backends.cuda_launch import (
     CTYPE,
-    DEFAULT_SMEM,
     CudaDevice,
     Job,
     dtype_of_array,
     need_contiguous,
+    opt_in_smem,
     prepare_launch,
     ptr,
 )
@@ -124,7 +124,7 @@ def flash_attention(be: CudaDevice, node: Node, out: Any, srcs: Sequence[Any]) -
     m, hk, _ = k.shape
     kv = dtype_of_array(k)
     if (
-        getattr(be, "prompt_attention", "flash") != "flash"
+        getattr(be, "prompt_attention", "simple") != "flash"
         or getattr(be, "compute_capability", 0) < 80
     ):
         return None
@@ -136,8 +136,7 @@ def flash_attention(be: CudaDevice, node: Node, out: Any, srcs: Sequence[Any]) -
     f = be.fn(
         f"k_flash_attn<{CTYPE[dtype_of_array(q).name]}, {CTYPE[kv.name]}, {d}, {_flash_keys(d)}>"
     )
-    if smem > DEFAULT_SMEM and f.max_dynamic_shared_size_bytes < smem:
-        f.max_dynamic_shared_size_bytes = smem
+    opt_in_smem(f, smem)
     args = (
         *(ptr(a) for a in (q, k, v, qpos, kpos, out)),
         *(np.int32(x) for x in (n, h, hk, m)),

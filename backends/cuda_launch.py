@@ -39,6 +39,13 @@ THREADS = 256
 DEFAULT_SMEM = 48 * 1024 - 1024  # dynamic shared memory a block gets without opting in
 
 
+def opt_in_smem(f: Any, smem: int) -> None:
+    """Let kernel ``f`` launch with ``smem`` bytes of dynamic shared memory: beyond the default
+    48 KiB a block must opt in (once per kernel)."""
+    if smem > DEFAULT_SMEM and f.max_dynamic_shared_size_bytes < smem:
+        f.max_dynamic_shared_size_bytes = smem
+
+
 class CudaDevice(Protocol):
     """What the compilers use of the device (``backends.cupy_backend.CupyBackend`` is one):
     kernels by template name, prepared launches on the stream being compiled for, views into

@@ -27,13 +27,13 @@ import numpy as np
 from backends.base import BackendError, Quantized
 from backends.cuda_launch import (
     CTYPE,
-    DEFAULT_SMEM,
     QT_ID,
     CudaDevice,
     Job,
     dtype_of_array,
     elementwise,
     need_contiguous,
+    opt_in_smem,
     prepare_launch,
     ptr,
 )
@@ -149,8 +149,7 @@ def _bind_matvec(
     m = a.size // k
     for r in choices:
         f = be.fn(f"{head}, {r}, {pre}, {1 if m == 1 else GEMV_MAX_M}>")
-        if smem > DEFAULT_SMEM and f.max_dynamic_shared_size_bytes < smem:
-            f.max_dynamic_shared_size_bytes = smem  # opt in beyond the default 48 KiB
+        opt_in_smem(f, smem)
         resident = _resident_blocks(be, f, smem)
         blocks = -(-n_out // (MATVEC_WARPS * r))
         if blocks <= resident or r == choices[-1]:

@@ -68,6 +68,22 @@ __device__ __forceinline__ void fa_mma(float* c, const unsigned* a, const unsign
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// rows j0.. j0 + BK of one kv head of a cache (m, Hk, DH) into shared memory (row stride DH +
+// 8), 16 bytes per copy, as one commit group; rows whose position is empty (kpos < 0, or past
+// m) are zero-filled
+template <int DH, int BK, typename T>
+__device__ __forceinline__ void fa_load_tile(unsigned short* dst, const T* src, const int* skp,
+                                             int j0, int Hk, int hk) {
+    constexpr int CH = DH / 8;  // 16-byte chunks of a row
+    for (int i = threadIdx.x; i < BK * CH; i += blockDim.x) {
+        const int r = i / CH, ch = i - r * CH;
+        const bool keep = skp[r] >= 0;
+        const i64 at = ((i64)(keep ? j0 + r : 0) * Hk + hk) * DH + ch * 8;
+        fa_copy16(dst + r * (DH + 8) + ch * 8, src + at, keep);
+    }
+    asm volatile("cp.async.commit_group;");
+}
+
 #endif
 
 template <typename TQ, typename T, int DH, int BK>
@@ -80,7 +96,6 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
                                 // the 8 rows an ldmatrix reads on different banks
     constexpr int NT = BK / 8;  // key groups of 8 in a tile (S's accumulator tiles)
     constexpr int DT = DH / 8;  // output column groups of 8 (O's accumulator tiles)
-    constexpr int CH = DH / 8;  // 16-byte chunks of a row
     extern __shared__ uint4 fa_raw[];  // uint4: 16-byte aligned, as ldmatrix and cp.async need
     unsigned short* fa_buf = reinterpret_cast<unsigned short*>(fa_raw);
     unsigned short* sq = fa_buf;             // FA_BQ x LD
@@ -140,20 +155,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
             seen = kp >= 0 && kp <= bmax && (window == 0 || bmin - kp < window);
         }
         if (!__syncthreads_or(seen)) continue;  // no query of the block sees this tile
-        for (int i = threadIdx.x; i < BK * CH; i += blockDim.x) {
-            const int r = i / CH, ch = i - r * CH;
-            const bool keep = skp[r] >= 0;
-            const i64 at = ((i64)(keep ? j0 + r : 0) * Hk + hk) * DH + ch * 8;
-            fa_copy16(sk + r * LD + ch * 8, k + at, keep);
-        }
-        asm volatile("cp.async.commit_group;");
-        for (int i = threadIdx.x; i < BK * CH; i += blockDim.x) {
-            const int r = i / CH, ch = i - r * CH;
-            const bool keep = skp[r] >= 0;
-            const i64 at = ((i64)(keep ? j0 + r : 0) * Hk + hk) * DH + ch * 8;
-            fa_copy16(sv + r * LD + ch * 8, v + at, keep);
-        }
-        asm volatile("cp.async.commit_group;");
+        fa_load_tile<DH, BK>(sk, k, skp, j0, Hk, hk);  // K, then V: two commit groups
+        fa_load_tile<DH, BK>(sv, v, skp, j0, Hk, hk);
         // does any of this warp's queries see any key of the tile?
         bool mine = false;
         for (int b = lane; b < BK; b += 32) {

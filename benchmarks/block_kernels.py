@@ -39,17 +39,10 @@ from backends.cuda_matmul import (  # noqa: E402
     _q_scratch,
     matvec,
 )
+from engine.model.dequant import BLOCK_SCALES  # noqa: E402
 from graph.dtypes import DTYPES  # noqa: E402
 
 SHAPES = {"wq": (4096, 4096), "gate": (11008, 4096), "down": (4096, 11008), "head": (32000, 4096)}
-F16_FIELDS = {
-    "q4_0": (0,),
-    "q5_0": (0,),
-    "q8_0": (0,),
-    "q4_k": (0, 2),
-    "q5_k": (0, 2),
-    "q6_k": (208,),
-}
 
 
 def blocks(name: str, n: int, k: int) -> np.ndarray:
@@ -59,7 +52,7 @@ def blocks(name: str, n: int, k: int) -> np.ndarray:
     per = dt.block_bytes
     raw = np.random.default_rng(0).integers(0, 256, (n, dt.nbytes((k,))), dtype=np.uint8)
     view = raw.reshape(-1, per)
-    for at in F16_FIELDS[name]:
+    for at in BLOCK_SCALES[name.upper()]:
         view[:, at : at + 2] = np.array([1e-3], np.float16).view(np.uint8)
     return raw
 
