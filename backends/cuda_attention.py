@@ -124,7 +124,7 @@ def flash_attention(be: CudaDevice, node: Node, out: Any, srcs: Sequence[Any]) -
     m, hk, _ = k.shape
     kv = dtype_of_array(k)
     if (
-        getattr(be, "prompt_attention", "simple") != "flash"
+        getattr(be, "prompt_attention", "flash") != "flash"
         or getattr(be, "compute_capability", 0) < 80
     ):
         return None

@@ -127,9 +127,8 @@ class CupyBackend(Backend):
         self.matvec_q = "int16"
         self.matvec_q_rows: int | None = None  # their rows per warp; None: the launch policy
         # prompt attention over a 16-bit cache: "flash" (tensor cores, flash_attention.cu) or
-        # "simple" (k_attention, f32 arithmetic, the kernel f32 caches always use); "simple"
-        # until the flash kernel's GPU tests have run
-        self.prompt_attention = "simple"
+        # "simple" (k_attention, f32 arithmetic, the kernel f32 caches always use)
+        self.prompt_attention = "flash"
         self.pdl_kernels: tuple[str, ...] | None = (
             None  # name prefixes launched with PDL; None: all
         )
