@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from backends.base import Quantized, dequantize, on_host
 from engine.options import Options
 from engine.passes.fusion import Fusion
 from engine.passes.steps import StepPlan, plan_graph
+from engine.runtime.binding import bind_states, bind_weights, shape_text
 from engine.runtime.observers import DebugObserver, Observer, TraceObserver
 from engine.runtime.streaming import WeightRing
 from engine.views.trace import Trace
@@ -45,17 +46,9 @@ __all__ = ["Executor", "BoundOp", "run"]
 Array = Any
 
 
-def _types(spec: Any) -> str:
-    return ", ".join(("f32", "f16", "bf16", *spec.block_types))
-
-
-def _shape_text(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
-
-
 def _failed(node: Node, e: Exception) -> RuntimeError:
     """A kernel's failure, naming the node it ran for."""
-    return RuntimeError(f"{node.op.name} {node.label} {_shape_text(node.shape)} failed: {e}")
+    return RuntimeError(f"{node.op.name} {node.label} {shape_text(node.shape)} failed: {e}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +115,8 @@ class Executor:
         if ring is not None:
             need = {n.name for n in self.graph.weights}
             self.weights.update({k: v for k, v in ring.arrays.items() if k in need})
-        self._bind_weights(weights)
-        self._bind_states(states or {})
+        bind_weights(self.graph, self.plan, self.backend, weights, self.weights)
+        bind_states(self.graph, self.backend, states or {}, self.states)
         self._arrays = self._make_arrays()
         self._main = be.main_stream()
         self._side = {k: be.stream() for k in plan.side_streams}
@@ -144,61 +137,6 @@ class Executor:
         self.trace = trace
 
     # -- binding -------------------------------------------------------------------------------
-    def _bind_weights(self, weights: Mapping[str, Any]) -> None:
-        host = {self.graph.nodes[t].name for _, t, _ in self.plan.gathers}
-        need = [n for n in self.graph.weights if n.name not in self.weights and n.name not in host]
-        absent = [n.name for n in need if n.name not in weights]
-        if absent:
-            shown = ", ".join(absent[:6]) + (
-                f" and {len(absent) - 6} more" if len(absent) > 6 else ""
-            )
-            raise GraphError(f"missing {len(absent)} weight(s): {shown}")
-        for n in need:
-            w = weights[n.name]
-            shape = tuple(getattr(w, "shape", ()))
-            if shape != n.shape:
-                raise GraphError(
-                    f"weight {n.name} has shape {_shape_text(shape)}, "
-                    f"the graph expects {_shape_text(n.shape)}"
-                )
-            if isinstance(w, Quantized) or n.dtype.is_quantized:
-                if not isinstance(w, Quantized) or w.dtype != n.dtype:
-                    have = w.dtype.name if isinstance(w, Quantized) else str(w.dtype)
-                    raise GraphError(f"weight {n.name} is {have}, the graph expects {n.dtype.name}")
-                if n.dtype.name not in self.backend.spec.block_types:
-                    raise GraphError(
-                        f"weight {n.name} is {n.dtype.name}, which backend {self.backend.name} "
-                        f"does not compute on (it reads {_types(self.backend.spec)}); "
-                        "dequantize it at load (--dtype f16, bf16 or f32)"
-                    )
-                self.weights[n.name] = self.backend.weight_from_host(w)
-                continue
-            host = w if isinstance(w, np.ndarray) else None
-            if host is not None:
-                if host.dtype != n.dtype.numpy or not host.flags.c_contiguous:
-                    host = np.ascontiguousarray(host.astype(n.dtype.numpy))
-                self.weights[n.name] = self.backend.from_host(host)
-            else:  # already a backend array
-                if str(w.dtype) != str(n.dtype.numpy):
-                    raise GraphError(
-                        f"weight {n.name} is {w.dtype}, the graph expects {n.dtype.name}"
-                    )
-                self.weights[n.name] = w
-
-    def _bind_states(self, states: Mapping[str, Array]) -> None:
-        for n in self.graph.states:
-            s = states.get(n.name)
-            if s is None:
-                s = self.backend.view(self.backend.alloc(n.nbytes), 0, n.shape, n.dtype, n.strides)
-            elif tuple(s.shape) != n.shape or str(s.dtype) != str(n.dtype.numpy):
-                raise GraphError(
-                    f"state {n.name} is {_shape_text(s.shape)} {s.dtype}, "
-                    f"the graph expects {_shape_text(n.shape)} {n.dtype.name}"
-                )
-            elif not s.flags.c_contiguous:  # else SET_ROWS would write a copy, not the caller's
-                raise GraphError(f"state {n.name} must be C-contiguous: it is written in place")
-            self.states[n.name] = s
-
     def _make_arrays(self) -> list[Array]:
         """Every node's array: weights, states and constants bound, views of their base, the
         rest at their planned arena offsets."""
@@ -342,15 +280,13 @@ class Executor:
             )
         for name, (node, host, _) in self._inputs.items():
             if name not in inputs:
-                raise GraphError(
-                    f"missing input {name} {_shape_text(node.shape)} {node.dtype.name}"
-                )
+                raise GraphError(f"missing input {name} {shape_text(node.shape)} {node.dtype.name}")
             value = inputs[name]
             shape = tuple(np.shape(value))
             if shape != node.shape:
                 raise GraphError(
-                    f"input {name} has shape {_shape_text(shape)}, "
-                    f"the graph expects {_shape_text(node.shape)}"
+                    f"input {name} has shape {shape_text(shape)}, "
+                    f"the graph expects {shape_text(node.shape)}"
                 )
             host[...] = np.asarray(value)
         for stage, table, idx_name, _ in self._gather_stages:
