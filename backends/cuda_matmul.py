@@ -236,7 +236,7 @@ def _matvec_q(
     return _bind_matvec(
         be,
         head,
-        (forced,) if forced else (1, 2, 4),
+        (forced,) if forced else _q_rows_choices(w.dtype.name, n_out, m),
         smem,
         ptr(w.data),
         (n_out, k),
@@ -245,6 +245,18 @@ def _matvec_q(
         inputs,
         early,
     )
+
+
+def _q_rows_choices(qtype: str, n_out: int, m: int) -> tuple[int, ...]:
+    """Rows per warp to try for a block-type matvec (see ``_bind_matvec``). One row per warp,
+    its grid walking the matrix with resident blocks, measured fastest for one input row on
+    the 7B shape's Q8_0 matrices and on Q6_K's below the head (H200, block_kernels.py
+    --sweep: Q8_0 11008x4096 18.3 against 23.3 us at the policy's 4 rows per warp, Q6_K
+    4096x11008 23.6 against 26.8); the 32000-row Q6_K head and the other types gain from the
+    policy's choice."""
+    if m == 1 and (qtype == "q8_0" or (qtype == "q6_k" and n_out < 16384)):
+        return (1,)
+    return (1, 2, 4)
 
 
 def _tile_rows(n_out: int, k: int) -> int:

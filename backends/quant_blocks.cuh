@@ -14,8 +14,8 @@
 //
 // Alignment: rows are stored back to back, so a block starts at a multiple of BYTES from a
 // (well aligned) tensor start. Q4_0 (18), Q5_0 (22), Q8_0 (34) and Q6_K (210) blocks are only
-// guaranteed 2-byte alignment: they are read with unsigned short loads (packed in pairs into
-// 32-bit registers), or with aligned words shifted into place (q_ld2w, QLOAD_WORDS). Q4_K
+// guaranteed 2-byte alignment: they are read as aligned words shifted into place (q_ld2w), or,
+// with QLOAD_SHORTS, as unsigned short loads packed in pairs into 32-bit registers. Q4_K
 // (144) and Q5_K (176) are multiples of 16, so their blocks start 16-byte aligned: quants and
 // high bits are read with uint4 loads, d/dmin/scales with unsigned int loads. Few, wide loads:
 // this code is bandwidth bound.
@@ -56,14 +56,15 @@ QDEV unsigned q_fshr(unsigned lo, unsigned hi, unsigned sh) {
     return (unsigned)((((unsigned long long)hi << 32) | lo) >> sh);
 #endif
 }
-// N 32-bit words from p (2-byte aligned), each two little-endian unsigned shorts. By default
-// 2N 2-byte loads. With QLOAD_WORDS (an experiment, set by a define): N aligned 4-byte loads,
-// plus one more where p is 2 mod 4, funnel-shifted by 16 bits: half the load instructions.
+// N 32-bit words from p (2-byte aligned), each two little-endian unsigned shorts: N aligned
+// 4-byte loads, plus one more where p is 2 mod 4, funnel-shifted by 16 bits. Half the load
+// instructions of 2N 2-byte loads (QLOAD_SHORTS, kept as an experiment), which measured
+// 4-29% longer on the 7B shape's Q6_K and Q8_0 matrices (benchmarks/NOTES.md).
 // That extra word reaches 2 bytes past the range, inside the same aligned 4-byte word as the
 // range's last byte, so inside the allocation.
 template <int N>
 QDEV void q_ld2w(const unsigned char* p, unsigned* w) {
-#ifdef QLOAD_WORDS
+#ifndef QLOAD_SHORTS
     const unsigned off = (unsigned)(unsigned long long)p & 2u;  // 0 or 2
     // p - off, not an integer turned back into a pointer: the loads stay global (ld.global)
     const unsigned* a = reinterpret_cast<const unsigned*>(p - off);

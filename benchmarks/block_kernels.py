@@ -5,7 +5,7 @@
 For each GGUF block type and each Llama-2-7B matrix (4096x4096, the 11008x4096 gate and up,
 the 4096x11008 down projection, the 32000x4096 head): both decode kernels (``k_matvec_q16``,
 int16 input, and ``k_matvec_q``, f32) at 1..8 rows in µs and in GB/s of the blocks' bytes, as
-a share of a device-to-device copy's rate (read + write: the HBM traffic a copy sustains); the
+a share of the rate at which a kernel that only reads streams HBM (the bound of a product); the
 bf16 ``k_matvec`` on the same shape beside them; and the prompt path (tiles decoded to f16,
 cuBLAS per tile) at ``--prompt`` rows in TFLOP/s, beside one bf16 cuBLAS product.
 Each figure is the median of CUDA-graph replays timed with events; a replay holds ``--chain``
@@ -15,7 +15,8 @@ per replay would add the replay's own fixed cost (~3 µs) to every product.
 
 ``--sweep`` times the int16 kernel's variants on one row: rows per warp (the launch policy's
 choice, or forced), 32-element pieces a lane loads per row per pass (QV_PIECES), and how
-2-byte aligned blocks are read (QLOAD_WORDS: aligned words shifted into place).
+2-byte aligned blocks are read (QLOAD_SHORTS: 2-byte loads instead of aligned words shifted
+into place).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shapes_7b import copy_rate, gemm, timed  # noqa: E402
+from shapes_7b import gemm, per_launch, read_rate, timed  # noqa: E402
 
 from backends import get_backend  # noqa: E402
 from backends.base import Quantized  # noqa: E402
@@ -57,13 +58,13 @@ def blocks(name: str, n: int, k: int) -> np.ndarray:
     return raw
 
 
-def sweep(be, types: list[str], hbm: float, per_launch) -> None:
-    """One row through k_matvec_q16 in each variant: µs per launch and share of the copy
+def sweep(be, types: list[str], hbm: float, time_launch) -> None:
+    """One row through k_matvec_q16 in each variant: µs per launch and share of the HBM read
     rate, rows per warp (None: the launch policy) by the kernels' defines."""
     import cupy as cp
 
     shapes = (None, 1, 2, 4)
-    variants = ((), ("QV_PIECES=8",), ("QLOAD_WORDS",), ("QV_PIECES=8", "QLOAD_WORDS"))
+    variants = ((), ("QV_PIECES=8",), ("QLOAD_SHORTS",), ("QV_PIECES=8", "QLOAD_SHORTS"))
     head = " | ".join(f"R={r or 'policy'}" for r in shapes)
     print(f"| type | matrix | defines | {head} |")
     print("|---|---|---|" + "---:|" * len(shapes))
@@ -78,7 +79,7 @@ def sweep(be, types: list[str], hbm: float, per_launch) -> None:
                 cells = []
                 for r in shapes:
                     be.matvec_q_rows = r
-                    ms = per_launch(matvec(be, w, y, PRE_COPY, x, x, early=True), 20)
+                    ms = time_launch(matvec(be, w, y, PRE_COPY, x, x, early=True), 20)
                     cells.append(f"{ms * 1e3:.1f} / {w.nbytes / ms / 1e6 / hbm:.0%}")
                 label = " ".join(defines) or "-"
                 print(f"| {t} | {name} | {label} | " + " | ".join(cells) + " |")
@@ -102,18 +103,18 @@ def main() -> None:
     args = ap.parse_args()
     be = get_backend("cupy")
     print(be.describe())
-    _, hbm = copy_rate(be)
-    print(f"device copy: {hbm:.0f} GB/s (read + write: the HBM traffic it sustains)\n")
+    hbm = read_rate(be)
+    print(f"HBM reads: {hbm:.0f} GB/s (a kernel that only reads 1 GiB)\n")
     rows = [int(r) for r in args.rows.split(",")]
 
-    def per_launch(fn, reps: int) -> float:
-        return timed(be, lambda: [fn() for _ in range(args.chain)], reps) / args.chain
+    def timed_launch(fn, reps: int) -> float:
+        return per_launch(be, fn, args.chain, reps)
 
     if args.sweep:
-        sweep(be, args.types.split(","), hbm, per_launch)
+        sweep(be, args.types.split(","), hbm, timed_launch)
         return
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    print("| type | matrix | rows | µs | GB/s | share of copy |")
+    print("| type | matrix | rows | µs | GB/s | share of reads |")
     print("|---|---|---:|---:|---:|---:|")
     for name, (n, k) in SHAPES.items():
         w = cp.asarray(np.random.default_rng(1).standard_normal((n, k)).astype(bf16))
@@ -123,7 +124,7 @@ def main() -> None:
             fn = matvec(be, w, y, PRE_COPY, x, x, early=True)
             if fn is None:
                 continue
-            ms = per_launch(fn, 20)
+            ms = timed_launch(fn, 20)
             gbs = w.nbytes / ms / 1e6
             print(f"| bf16 | {name} | {m} | {ms * 1e3:.1f} | {gbs:.0f} | {gbs / hbm:.0%} |")
     for t in args.types.split(","):
@@ -139,7 +140,7 @@ def main() -> None:
                     if fn is None:
                         print(f"{label} - | - | - |")
                         continue
-                    ms = per_launch(fn, 20)
+                    ms = timed_launch(fn, 20)
                     gbs = w.nbytes / ms / 1e6
                     print(f"{label} {ms * 1e3:.1f} | {gbs:.0f} | {gbs / hbm:.0%} |")
     be.matvec_q = MATVEC_Q_VARIANTS[0]

@@ -94,7 +94,7 @@ def _compile(
 # they change; Ampere's tensor-core path; Turing, where the flash kernel's body is left out
 CASES = {
     "sm_90": ("sm_90", (), _everything),
-    "sm_90-variants": ("sm_90", ("QLOAD_WORDS", "QV_PIECES=8"), lambda: _blocks(False)),
+    "sm_90-variants": ("sm_90", ("QLOAD_SHORTS", "QV_PIECES=8"), lambda: _blocks(False)),
     "sm_80-flash": ("sm_80", (), _flash),
     "sm_75-flash": ("sm_75", (), _flash),
 }

@@ -2,8 +2,8 @@
 
 The header is compiled as host C++ (tests/quant_harness.cpp) and decodes random blocks piece by
 piece, exactly as the kernels do; the result must equal gguf.quants.dequantize bit for bit.
-Both ways of reading 2-byte aligned blocks are built: 2-byte loads (the default) and aligned
-words shifted into place (``QLOAD_WORDS``); rows of 96 elements put blocks at every alignment.
+Both ways of reading 2-byte aligned blocks are built: aligned words shifted into place (the
+default) and 2-byte loads (``QLOAD_SHORTS``); rows of 96 elements put blocks at every alignment.
 """
 
 import shutil
@@ -41,7 +41,7 @@ def harness(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     if cxx is None:
         pytest.skip("needs a C++ compiler to build the host harness")
     exe = tmp_path_factory.mktemp("quant_harness") / "quant_harness"
-    define = ["-DQLOAD_WORDS"] if request.param == "words" else []
+    define = ["-DQLOAD_SHORTS"] if request.param == "halves" else []
     cmd = [cxx, "-O1", "-std=c++17", "-Wall", "-Werror", *define, "-o", str(exe), str(HARNESS)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr}"
