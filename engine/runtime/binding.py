@@ -36,8 +36,8 @@ def bind_weights(
     the backend computes on) and put it in ``bound`` as a backend array: host arrays copied
     over once, backend arrays taken as they are. Weights already in ``bound`` and host tables
     (gathered on the host, ``plan.gathers``) are left alone."""
-    host = {graph.nodes[t].name for _, t, _ in plan.gathers}
-    need = [n for n in graph.weights if n.name not in bound and n.name not in host]
+    host_tables = {graph.nodes[t].name for _, t, _ in plan.gathers}
+    need = [n for n in graph.weights if n.name not in bound and n.name not in host_tables]
     absent = [n.name for n in need if n.name not in weights]
     if absent:
         shown = ", ".join(absent[:6]) + (f" and {len(absent) - 6} more" if len(absent) > 6 else "")
