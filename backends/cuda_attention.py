@@ -46,15 +46,32 @@ def _attn_splits(rows: int, m: int, sm_count: int) -> int:
 
 DECODE_MAX_TOKENS = 8  # query tokens up to which attention uses the one-launch decode kernel
 DECODE_TILE = 64  # kernels.cu DT_KEYS
+DECODE_THREADS = 256  # kernels.cu DT_THREADS
 
 
-def _decode_splits(rows: int, m: int, sm_count: int) -> tuple[int, int]:
-    """(splits, keys per split) for the decode kernel: about two blocks per SM in all, at most
-    32 splits (the merge walks them), each a whole number of 64-key tiles."""
+def _resident(be: CudaDevice, f: Any, threads: int) -> int:
+    """Blocks of ``f`` that fit on the GPU at once, by registers, static shared memory and
+    threads."""
+    by_regs = 65536 // max(1, f.num_regs * threads)
+    by_smem = (227 * 1024) // (f.shared_size_bytes + 1024)
+    return max(1, min(by_regs, by_smem, 2048 // threads)) * be.sm_count
+
+
+def _decode_splits(rows: int, m: int, slots: int) -> tuple[int, int]:
+    """(splits, keys per split) for the decode kernel: as many blocks as fit on the GPU at
+    once (``slots``; a second wave would double a short kernel's time), at most 32 splits (the
+    merge walks them), each a whole number of 64-key tiles."""
     tiles = -(-m // DECODE_TILE)
-    splits = max(1, min(-(-2 * sm_count // max(rows, 1)), tiles, 32))
+    splits = max(1, min(slots // max(rows, 1), tiles, 32))
     chunk = -(-tiles // splits) * DECODE_TILE
     return -(-m // chunk) if m else 1, chunk
+
+
+def decode_variant(h: int, hk: int, d: int, dv: int) -> tuple[int, int]:
+    """``k_attn_decode``'s query heads per block (QG) and head-dim bound (DM): the kernel's
+    arrays are sized by them, so a 128-dim head that shares its kv head with no other (a
+    Llama's) takes the small instance."""
+    return min(h // hk, ATTN_GB), 128 if max(d, dv) <= 128 else ATTN_DMAX
 
 
 def _decode_ok(q: Any, k: Any, v: Any) -> bool:
@@ -79,9 +96,10 @@ def decode_attention(
     m, hk, _ = k.shape
     dv = v.shape[2]
     rows = _attn_rows(n, h, hk)
-    splits, chunk = _decode_splits(rows, m, be.sm_count)
     types = ", ".join(CTYPE[dtype_of_array(a).name] for a in (q, k, v))
-    f = be.fn(f"k_attn_decode<{types}>")
+    qg, dm = decode_variant(h, hk, d, dv)
+    f = be.fn(f"k_attn_decode<{types}, {qg}, {dm}>")
+    splits, chunk = _decode_splits(rows, m, _resident(be, f, DECODE_THREADS))
     tickets = be.counters(rows)
     part = ptr(scratch) if splits > 1 else np.uint64(0)
     dargs = (
@@ -94,7 +112,7 @@ def decode_attention(
         np.int32(chunk),
         np.int32(merge == "last_block"),
     )
-    main = prepare_launch(be, f, (rows, splits), (256,), dargs)
+    main = prepare_launch(be, f, (rows, splits), (DECODE_THREADS,), dargs)
     if splits == 1 or merge != "kernel":
         return main, splits
     return _then(main, _combine(be, n * h, splits, dv, part, out)), splits
@@ -215,7 +233,8 @@ def scratch_bytes(node: Node, srcs: Sequence[Node], sm_count: int) -> int:
         return 0
     n, h, dv = node.shape
     rows, m = _attn_rows(n, h, srcs[1].shape[1]), srcs[1].shape[0]
-    splits = max(_attn_splits(rows, m, sm_count), _decode_splits(rows, m, sm_count)[0])
+    most = (2048 // DECODE_THREADS) * sm_count  # the decode kernel's resident blocks, at most
+    splits = max(_attn_splits(rows, m, sm_count), _decode_splits(rows, m, most)[0])
     return n * h * splits * (dv + 2) * 4 if splits > 1 else 0
 
 

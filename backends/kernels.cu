@@ -792,10 +792,15 @@ __global__ void k_rope_store(const float* q, const float* k, const float* v, i64
 
 // ---- attention for few query tokens (decode) -------------------------------------------------
 // grid (n * Hk * groups, splits); 256 threads. A block walks its share of keys in tiles of 64:
-// four threads per key compute the scores of up to GB query heads, one warp per head turns
-// them into probabilities (online softmax across tiles), then each warp takes 8 keys' V rows
-// with each lane on 8 output dims. Splits leave partials; the last block of a row to finish
-// (a ticket per row, reset by it) merges them, so the whole op is one launch.
+// four threads per key compute the scores of up to QG query heads, one warp per head turns
+// them into probabilities (online softmax across tiles), then each warp takes 8 keys' V rows,
+// DM / 8 lanes per row with 8 output dims each (at DM = 128 a half-warp per row, two rows at
+// once). Splits leave partials; the last block of a row to finish (a ticket per row, reset by
+// it) merges them, so the whole op is one launch.
+// QG (query heads per block: min(H / Hk, QG)) and DM (128 or 256, the head dims' bound) are
+// template parameters: every array below is sized by them, so a one-head, 128-dim block (a
+// Llama's) holds half the registers a 4-head, 256-dim one does and two blocks share an SM,
+// which is what keeps enough of the cache's bytes in flight at depth.
 #define DT_KEYS 64
 #define DT_WARPS 8
 #define DT_THREADS (DT_WARPS * 32)
@@ -807,44 +812,48 @@ __device__ __forceinline__ void load8(const float* p, float* f) {
 __device__ __forceinline__ void load8(const half_t* p, float* f) { unpack(p, f); }
 __device__ __forceinline__ void load8(const bf16_t* p, float* f) { unpack(p, f); }
 
-template <typename TQ, typename TK, typename TV>
-__global__ void __launch_bounds__(DT_THREADS) k_attn_decode(const TQ* q, const TK* k, const TV* v, const int* qpos,
+template <typename TQ, typename TK, typename TV, int QG, int DM>
+__global__ void __launch_bounds__(DT_THREADS, (QG * DM <= 128 ? 2 : 1)) k_attn_decode(const TQ* q, const TK* k, const TV* v, const int* qpos,
                               const int* kpos, float* out, float* part, int* tickets, int H,
                               int Hk, int m, int D, int Dv, float scale, int window, int chunk,
                               int merge_here) {
     PDL_ENTRY();
-    __shared__ float qs[GB][DMAX];
-    __shared__ float sc[GB][DT_KEYS];
-    __shared__ float pacc[DT_WARPS][GB][DMAX];
-    __shared__ float run_max[GB], run_sum[GB], corr[GB];
-    __shared__ float split_w[GB][32];
-    __shared__ float total[GB];
+    __shared__ float qs[QG][DM];
+    __shared__ float sc[QG][DT_KEYS];
+    __shared__ float pacc[DT_WARPS][QG][DM];
+    __shared__ float run_max[QG], run_sum[QG], corr[QG];
+    __shared__ float split_w[QG][32];
+    __shared__ float total[QG];
     __shared__ bool merge;
-    const int G = H / Hk, groups = (G + GB - 1) / GB;
+    const int G = H / Hk, groups = (G + QG - 1) / QG;
     const int row = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
     const int i = row / (Hk * groups), rest = row - i * Hk * groups;
-    const int hk = rest / groups, h0 = hk * G + (rest - hk * groups) * GB;
-    const int nh = min(GB, hk * G + G - h0);
+    const int hk = rest / groups, h0 = hk * G + (rest - hk * groups) * QG;
+    const int nh = min(QG, hk * G + G - h0);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    float qv[GB * DMAX / DT_THREADS];  // this thread's share of the query heads
+    constexpr int QN = (QG * DM + DT_THREADS - 1) / DT_THREADS;  // query values per thread
+    constexpr int VL = DM / 8, VK = 32 / VL;  // lanes per V row, V rows a warp loads at once
+    static_assert(DM == 128 || DM == 256, "one V row per warp or per half-warp (VK 1 or 2)");
+    static_assert(QG >= 1 && QG <= DT_WARPS, "one warp per query head's probabilities");
+    float qv[QN];  // this thread's share of the query heads
 #pragma unroll
-    for (int u = 0; u < GB * DMAX / DT_THREADS; ++u) {
-        const int e = tid + DT_THREADS * u, g = e / DMAX, d = e - g * DMAX;
+    for (int u = 0; u < QN; ++u) {
+        const int e = tid + DT_THREADS * u, g = e / DM, d = e - g * DM;
         qv[u] = (g < nh && d < D) ? ld(q, ((i64)i * H + h0 + g) * D + d) : 0.f;
     }
     const int qp = qpos[i];
-    if (tid < GB) {
+    if (tid < QG) {
         run_max[tid] = neg_inf();
         run_sum[tid] = 0.f;
     }
     __syncthreads();
-    float acc[GB][8];
+    float acc[QG][8];
 #pragma unroll
-    for (int g = 0; g < GB; ++g)
+    for (int g = 0; g < QG; ++g)
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
     const int j0 = split * chunk, j1 = min(m, j0 + chunk);
-    const int key = tid >> 2, quarter = tid & 3, d0 = lane * 8;
+    const int key = tid >> 2, quarter = tid & 3, sub = lane / VL, d0 = (lane % VL) * 8;
     for (int jt = j0; jt < j1; jt += DT_KEYS) {
         // every load of the tile first, in one round trip: the key positions, this thread's
         // pieces of its key's K row, and the V rows of its warp's 8 keys. Rows past the end
@@ -852,49 +861,49 @@ __global__ void __launch_bounds__(DT_THREADS) k_attn_decode(const TQ* q, const T
         // product, so garbage in an empty row cannot turn into NaN).
         const int j = jt + key;
         const int kp = j < j1 ? kpos[j] : -1;
-        float f[DMAX / 32][8];
+        float f[DM / 32][8];
 #pragma unroll
-        for (int c = 0; c < DMAX / 32; ++c)
+        for (int c = 0; c < DM / 32; ++c)
             if (j < j1 && (quarter + 4 * c) * 8 < D)
                 load8(k + ((i64)j * Hk + hk) * D + (quarter + 4 * c) * 8, f[c]);
-        int vpos[8];
-        float vr[8][8];
+        int vpos[8 / VK];
+        float vr[8 / VK][8];
 #pragma unroll
-        for (int b = 0; b < 8; ++b) {
-            const int jv = jt + warp * 8 + b;
+        for (int b = 0; b < 8 / VK; ++b) {
+            const int jv = jt + warp * 8 + b * VK + sub;
             vpos[b] = jv < j1 ? kpos[jv] : -1;
             if (jv < j1 && d0 < Dv) load8(v + ((i64)jv * Hk + hk) * Dv + d0, vr[b]);
         }
         if (jt == j0) {
 #pragma unroll
-            for (int u = 0; u < GB * DMAX / DT_THREADS; ++u) {
+            for (int u = 0; u < QN; ++u) {
                 const int e = tid + DT_THREADS * u;
-                qs[e / DMAX][e % DMAX] = qv[u];
+                if (e < QG * DM) qs[e / DM][e % DM] = qv[u];
             }
             __syncthreads();
         }
         {  // scores: four threads per key
             const bool vis = j < j1 && visible(kp, qp, window);
-            float sg[GB];
+            float sg[QG];
 #pragma unroll
-            for (int g = 0; g < GB; ++g) sg[g] = 0.f;
+            for (int g = 0; g < QG; ++g) sg[g] = 0.f;
 #pragma unroll
-            for (int c = 0; c < DMAX / 32; ++c) {
+            for (int c = 0; c < DM / 32; ++c) {
                 const int dc = (quarter + 4 * c) * 8;
                 if (dc < D)
 #pragma unroll
-                    for (int g = 0; g < GB; ++g)
+                    for (int g = 0; g < QG; ++g)
 #pragma unroll
                         for (int e = 0; e < 8; ++e) sg[g] += qs[g][dc + e] * f[c][e];
             }
 #pragma unroll
-            for (int g = 0; g < GB; ++g) {
+            for (int g = 0; g < QG; ++g) {
                 sg[g] += __shfl_xor_sync(0xffffffffu, sg[g], 1);
                 sg[g] += __shfl_xor_sync(0xffffffffu, sg[g], 2);
             }
             if (quarter == 0)
 #pragma unroll
-                for (int g = 0; g < GB; ++g) sc[g][key] = vis ? sg[g] * scale : neg_inf();
+                for (int g = 0; g < QG; ++g) sc[g][key] = vis ? sg[g] * scale : neg_inf();
         }
         __syncthreads();
         if (warp < nh) {  // probabilities of head `warp`, online across tiles
@@ -913,12 +922,12 @@ __global__ void __launch_bounds__(DT_THREADS) k_attn_decode(const TQ* q, const T
                 run_sum[g] = run_sum[g] * c + ts;
                 run_max[g] = nm;
             }
-        } else if (warp < GB && lane == 0) {
+        } else if (warp < QG && lane == 0) {
             corr[warp] = 0.f;
         }
         __syncthreads();
 #pragma unroll
-        for (int g = 0; g < GB; ++g)
+        for (int g = 0; g < QG; ++g)
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[g][e] *= corr[g];
 #ifndef DT_SKIP_PV  // timing experiments only: results are wrong
@@ -927,22 +936,27 @@ __global__ void __launch_bounds__(DT_THREADS) k_attn_decode(const TQ* q, const T
         if (d0 < 0)
 #endif
 #pragma unroll
-            for (int b = 0; b < 8; ++b) {
+            for (int b = 0; b < 8 / VK; ++b) {
                 const bool vis = visible(vpos[b], qp, window);
 #pragma unroll
-                for (int g = 0; g < GB; ++g) {
-                    const float p = sc[g][warp * 8 + b];
+                for (int g = 0; g < QG; ++g) {
+                    const float p = sc[g][warp * 8 + b * VK + sub];
 #pragma unroll
                     for (int e = 0; e < 8; ++e) acc[g][e] += vis ? p * vr[b][e] : 0.f;
                 }
             }
         __syncthreads();  // sc is rewritten by the next tile
     }
-    if (lane * 8 < Dv)
+    if (VK == 2)  // the two half-warps' keys: one sum per output dim
 #pragma unroll
-        for (int g = 0; g < GB; ++g)
+        for (int g = 0; g < QG; ++g)
 #pragma unroll
-            for (int e = 0; e < 8; ++e) pacc[warp][g][lane * 8 + e] = acc[g][e];
+            for (int e = 0; e < 8; ++e) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], 16);
+    if (sub == 0 && d0 < Dv)
+#pragma unroll
+        for (int g = 0; g < QG; ++g)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) pacc[warp][g][d0 + e] = acc[g][e];
     __syncthreads();
     for (int g = 0; g < nh; ++g) {
         const i64 ih = (i64)i * H + h0 + g;
@@ -980,7 +994,7 @@ __global__ void __launch_bounds__(DT_THREADS) k_attn_decode(const TQ* q, const T
         split_w[g][s] = __ldcg(p);
         sc[g][s] = __ldcg(p + 1);  // the tile buffer is free now: sums go there
     }
-    constexpr int OUTS = GB * DMAX / DT_THREADS;  // outputs per thread
+    constexpr int OUTS = QN;  // outputs per thread
     float first[OUTS][8];
 #pragma unroll
     for (int u = 0; u < OUTS; ++u) {

@@ -61,7 +61,10 @@ def _blocks(variants: bool) -> list[str]:
 def _everything() -> list[str]:
     out = _flash() + _blocks(variants=True) + ["k_attn_combine", "k_split_f16"]
     for t in TYPES:
-        out += [f"k_attention<float, {t}, {t}>", f"k_attn_decode<float, {t}, {t}>"]
+        out += [f"k_attention<float, {t}, {t}>"]
+        out += [
+            f"k_attn_decode<float, {t}, {t}, {g}, {d}>" for g in (1, 2, 3, 4) for d in (128, 256)
+        ]
         out += [f"k_matvec<{t}, {r}, {PRE_COPY}, {GEMV_MAX_M}>" for r in (1, 4)]
         out += [f"k_matvec<{t}, 1, {PRE_NORM}, 1>", f"k_gemv<{t}, 4>", f"k_get_rows<{t}>"]
         out += [f"k_argmax<{t}>", f"k_rope_store<{t}>", f"k_set_rows<float, {t}>"]
