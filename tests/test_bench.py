@@ -202,3 +202,28 @@ def test_depth_fills_the_cache_before_each_timed_test(monkeypatch: pytest.Monkey
     deep = calls[calls.index((0, 16)) :]  # from the first fill on
     assert deep[:2] == [(0, 16), (16, 4)]  # the fill, then the prompt at position 16
     assert (16, 1) in deep  # tg's one-token prompt after the fill
+
+
+@pytest.mark.parametrize(("n_batch", "chunks"), [(512, [32]), (8, [8, 8, 8, 8])])
+def test_depth_fill_runs_in_passes_of_n_batch(
+    monkeypatch: pytest.MonkeyPatch, n_batch: int, chunks: list[int]
+) -> None:
+    """A generation-only run at depth (``-p 0 -n 2 -d 32``) fills the cache in passes of
+    ``-b`` tokens, as llama-bench does, not token by token: the fill's batch is not bounded by
+    the longest prompt (there is none)."""
+    passes: list[tuple[int, int]] = []  # (n_past when called, tokens) of each forward pass
+
+    class Spy(bench.Session):
+        def forward(self, tokens, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+            passes.append((self.n_past, len(tokens)))
+            return super().forward(tokens, *a, **kw)
+
+    monkeypatch.setattr(bench, "Session", Spy)
+    options = [NUMPY.replace(n_batch=n_batch)]
+    rows = bench.run_bench("llama-tiny", [0], [2], 1, options, depths=[32], log=lambda s: None)
+    assert [(r.test, r.n_depth) for r in rows] == [("tg2 @ d32", 32)]
+    starts = [i for i, (past, _) in enumerate(passes) if past == 0]
+    assert len(starts) == 2  # the warm-up's fill and the timed repetition's
+    for i in starts:
+        assert [n for _, n in passes[i : i + len(chunks)]] == chunks
+        assert passes[i + len(chunks)] == (32, 1)  # then tg's one-token prompt, at depth

@@ -116,8 +116,10 @@ class _Tests:
 
     @property
     def n_batch(self) -> int:
-        """The longest prompt, which runs in one pass."""
-        return max([*self.n_prompt, *(a for a, _ in self.pg), 1])
+        """The longest prompt or depth fill, which runs in one pass where ``-b`` allows (a fill
+        in passes of one token would make ``-p 0 -n 32 -d 16384`` take minutes: 16,384 decode
+        steps instead of 32 passes of 512)."""
+        return max([*self.n_prompt, *(a for a, _ in self.pg), *self.depths, 1])
 
 
 class _Sweep:
