@@ -50,7 +50,8 @@ CUDA_DTYPE = {"f32": 0, "f16": 2, "bf16": 14}  # cudaDataType: R_32F, R_16F, R_1
 CUBLAS_COMPUTE_32F = 68
 GEMV_MAX_M = 8  # rows up to which the GEMV kernel beats cuBLAS (decode, short chunks)
 PRE_NORM, PRE_NORM_RES, PRE_ADD, PRE_GEGLU, PRE_SWIGLU, PRE_COPY = range(6)  # k_matvec's PRE
-MATVEC_WARPS = 4  # kernels.cu MV_WARPS
+MATVEC_WARPS = 4  # kernels.cu MV_WARPS's default: warps per block of the matrix-vector kernels
+MATVEC_WARPS_CHOICES = (2, 4, 8, 16)  # 16 x 32 threads keep 128 registers a thread
 MAX_INPUT_FLOATS = 11 * 1024  # the built input in shared memory: 44 KiB of a block's 48 KiB
 MAX_INPUT_FLOATS_Q = 98 * 256  # the block decode kernels' shared memory: 98 KiB, opted in
 # beyond the default 48 KiB per block (one row of 11008 takes 71 KiB in the int16 variant), and
@@ -81,8 +82,9 @@ def _row_stride(arr: Any) -> int:
 
 
 def _resident_blocks(be: CudaDevice, f: Any, smem: int) -> int:
-    """Blocks of ``MATVEC_WARPS`` warps that fit on the GPU at once (registers, shared memory)."""
-    threads = 32 * MATVEC_WARPS
+    """Blocks of ``be.matvec_warps`` warps that fit on the GPU at once (registers, shared
+    memory)."""
+    threads = 32 * _warps(be)
     by_regs = 65536 // max(1, f.num_regs * threads)
     by_smem = (227 * 1024) // (smem + f.shared_size_bytes + 1024)
     return max(1, min(by_regs, by_smem, 2048 // threads, 32)) * be.sm_count
@@ -151,7 +153,7 @@ def _bind_matvec(
         f = be.fn(f"{head}, {r}, {pre}, {1 if m == 1 else GEMV_MAX_M}>")
         opt_in_smem(f, smem)
         resident = _resident_blocks(be, f, smem)
-        blocks = -(-n_out // (MATVEC_WARPS * r))
+        blocks = -(-n_out // (_warps(be) * r))
         if blocks <= resident or r == choices[-1]:
             grid = min(blocks, resident)
             break
@@ -173,7 +175,18 @@ def _bind_matvec(
         np.float32(eps2),
         np.int32(early),
     )
-    return prepare_launch(be, f, (grid,), (32 * MATVEC_WARPS,), args, smem)
+    return prepare_launch(be, f, (grid,), (32 * _warps(be),), args, smem)
+
+
+def _warps(be: CudaDevice) -> int:
+    """The backend's warps per matrix-vector block (``matvec_warps``), checked: the kernels
+    are compiled with it (``MV_WARPS``) and launched with it, and must agree."""
+    w = getattr(be, "matvec_warps", MATVEC_WARPS)
+    if w not in MATVEC_WARPS_CHOICES:
+        raise BackendError(
+            f"matvec_warps {w!r}: the matrix-vector kernels take one of {MATVEC_WARPS_CHOICES}"
+        )
+    return w
 
 
 def _inputs_fit(out: Any, a: Any, b: Any, w1: Any, w2: Any, v_out: Any, k: int) -> bool:

@@ -126,6 +126,10 @@ class CupyBackend(Backend):
         # int16, integer dot products) or "float" (f32 throughout); see quant_kernels.cu
         self.matvec_q = "int16"
         self.matvec_q_rows: int | None = None  # their rows per warp; None: the launch policy
+        # warps per block of every matrix-vector kernel (16-bit and block types): each block
+        # builds the product's whole input (norms, GeGLU, the int16 quantization) in shared
+        # memory, so fewer, larger blocks build it fewer times (cuda_matmul.MATVEC_WARPS_CHOICES)
+        self.matvec_warps = cuda_matmul.MATVEC_WARPS
         # prompt attention over a 16-bit cache: "flash" (tensor cores, flash_attention.cu) or
         # "simple" (k_attention, f32 arithmetic, the kernel f32 caches always use)
         self.prompt_attention = "flash"
@@ -160,7 +164,11 @@ class CupyBackend(Backend):
     # -- kernels -------------------------------------------------------------------------------
     def fn(self, expr: str) -> Any:
         """The compiled kernel of a template instance: ``k_binary<float, bf16_t, float, 0>``."""
-        defines = (f"PDL_TRIGGER_AT_START={int(self.pdl_trigger_at_start)}", *self.defines)
+        defines = (
+            f"PDL_TRIGGER_AT_START={int(self.pdl_trigger_at_start)}",
+            f"MV_WARPS={self.matvec_warps}",
+            *self.defines,
+        )
         key = f"{expr} {' '.join(defines)}"
         f = self._functions.get(key)
         if f is None:

@@ -58,6 +58,17 @@ def _blocks(variants: bool) -> list[str]:
     return out
 
 
+def _matvecs() -> list[str]:
+    """The matrix-vector kernels (all of which MV_WARPS sizes): each prologue on a 16-bit type
+    and on the block types through both decode kernels."""
+    out = [f"k_matvec<{t}, 1, {pre}, 1>" for t in TYPES for pre in range(PRE_NORM, PRE_COPY + 1)]
+    out += [f"k_matvec<{TYPES[1]}, 4, {PRE_COPY}, {GEMV_MAX_M}>"]
+    for qt in QTS:
+        for k in ("k_matvec_q16", "k_matvec_q"):
+            out += [f"{k}<{qt}, 1, {pre}, 1>" for pre in (PRE_NORM, PRE_COPY)]
+    return out
+
+
 def _everything() -> list[str]:
     out = _flash() + _blocks(variants=True) + ["k_attn_combine", "k_split_f16"]
     for t in TYPES:
@@ -98,6 +109,8 @@ def _compile(
 CASES = {
     "sm_90": ("sm_90", (), _everything),
     "sm_90-variants": ("sm_90", ("QLOAD_SHORTS", "QV_PIECES=8"), lambda: _blocks(False)),
+    "sm_90-matvec-warps-16": ("sm_90", ("MV_WARPS=16",), lambda: _matvecs()),
+    "sm_90-matvec-warps-2": ("sm_90", ("MV_WARPS=2",), lambda: _matvecs()),
     "sm_80-flash": ("sm_80", (), _flash),
     "sm_75-flash": ("sm_75", (), _flash),
 }

@@ -142,6 +142,63 @@ def test_block_fused_groups(gpu, variant, name: str, rows: int) -> None:  # noqa
     _replays_equal_eager(got)
 
 
+@pytest.mark.parametrize("warps", [2, 8, 16])
+@pytest.mark.parametrize("name", ["f16", "bf16", "q4_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_matvec_block_sizes(gpu, warps: int, name: str, rows: int) -> None:  # noqa: ANN001
+    """Every matrix-vector kernel at each ``matvec_warps`` (warps per block, compiled in as
+    MV_WARPS): the norm and GeGLU prologues (which each block runs over the whole input), the
+    grid walking a matrix with more rows than resident warps, K of 11008."""
+    k, ff = 4096, 11008
+    g = GraphBuilder()
+    a = g.input("a", (rows, k), f32)
+    b = g.input("b", (rows, k), f32)
+    nw = g.weight("nw", (k,), f32, layer=0)
+    gate = g.weight("gate", (ff, k), name, layer=0)
+    up = g.weight("up", (ff, k), name, layer=0)
+    down = g.weight("down", (k, ff), name, layer=0)
+    x = g.rms_norm(g.add(a, b), nw, 1e-6)
+    y = g.mul_mat(down, g.geglu(g.mul_mat(gate, x), g.mul_mat(up, x)))
+    graph = g.build([y])
+    rng = np.random.default_rng(warps + rows)
+
+    def weight(n: int, kk: int, seed: int) -> np.ndarray | Quantized:
+        if name in ("f16", "bf16"):  # stored in the weight's type by the executor
+            return (rng.standard_normal((n, kk)) / np.sqrt(kk)).astype(np.float32)
+        return _blocks(name, n, kk, seed)
+
+    weights = {
+        "nw": rng.standard_normal(k).astype(np.float32),
+        "gate": weight(ff, k, 1),
+        "up": weight(ff, k, 2),
+        "down": weight(k, ff, 3),
+    }
+    inputs = {x: rng.standard_normal((rows, k)).astype(np.float32) for x in ("a", "b")}
+    saved, gpu.matvec_warps = gpu.matvec_warps, warps
+    try:
+        want, got, dev = _runs(graph, weights, inputs, gpu)
+    finally:
+        gpu.matvec_warps = saved
+    patterns = sorted(f.pattern for f in dev.fused)
+    assert "norm_matvec" in patterns, patterns
+    assert ("glu_matvec" in patterns) == (rows * ff <= 11 * 1024), patterns  # shared memory
+    close(got[0][0], want[0], 1e-4 * np.sqrt(ff), f"{name} at {warps} warps")
+    _replays_equal_eager(got)
+
+
+def test_matvec_warps_outside_the_choices_is_an_error(gpu) -> None:  # noqa: ANN001
+    g = GraphBuilder()
+    x = g.input("x", (1, 256), f32)
+    w = g.weight("w", (8, 256), "q8_0", layer=0)
+    graph = g.build([g.mul_mat(w, x)])
+    saved, gpu.matvec_warps = gpu.matvec_warps, 3
+    try:
+        with pytest.raises(Exception, match=r"matvec_warps 3: .* one of \(2, 4, 8, 16\)"):
+            Executor(graph, {"w": _blocks("q8_0", 8, 256, 0)}, gpu)
+    finally:
+        gpu.matvec_warps = saved
+
+
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def model_file(request, tmp_path_factory):  # noqa: ANN001, ANN201
     cfg, types = {"llama": (LLAMA, LLAMA_TYPES), "gemma3": (GEMMA3, GEMMA3_TYPES)}[request.param]

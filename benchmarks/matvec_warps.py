@@ -1,0 +1,91 @@
+"""Decode steps of GGUF files under each size of the matrix-vector kernels' blocks.
+
+    python benchmarks/matvec_warps.py -m 7b-f16.gguf -m 7b-q4k.gguf [--warps 2,4,8,16] [-n 32]
+
+Every matrix-vector kernel (16-bit ``k_matvec``, the block types' ``k_matvec_q16`` and
+``k_matvec_q``) builds its whole input in shared memory in every block: the norm and residual
+before the attention and MLP products, GeGLU before the down projection, the int16
+quantization of the block kernels. A 7B step's products run ~400 blocks of 4 warps each, and
+each of them reads the input (16-44 KB, four vectors for the norm) from L2: blocks of 8 or 16
+warps read it 2-4 times less often, at the price of fewer, larger blocks to balance.
+
+For each file, one session; for each ``--warps`` (the backend's ``matvec_warps``, compiled in
+as ``MV_WARPS``) its step executors are rebuilt, three greedy steps run (compiled, captured,
+replayed), then ``-r`` rounds of ``-n`` timed steps; the table gives tokens/s (median round),
+ms a step and the weights' bytes a step at that rate (what an HBM-bound step is measured by).
+The variants alternate round by round, so a drift of the machine falls on all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _steps(sess: Any, warps: int, n: int) -> float:
+    """Tokens/s of ``n`` greedy steps with ``warps`` warps per matrix-vector block."""
+    import cupy as cp
+
+    sess.backend.matvec_warps = warps
+    sess._executors.clear()  # noqa: SLF001 - rebound with this block size on first use
+    sess.reset()
+    sess.prefill([1], "none")
+    tok = 1
+    for _ in range(3):  # compiled, captured, replayed
+        tok = sess.decode_greedy(tok)
+    cp.cuda.runtime.deviceSynchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok = sess.decode_greedy(tok)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("-m", "--model", action="append", required=True, help="a GGUF file (repeat)")
+    p.add_argument("--warps", default="2,4,8,16", help="warps per block to compare")
+    p.add_argument("-n", "--n-gen", type=int, default=32, help="timed steps a round")
+    p.add_argument("-r", "--rounds", type=int, default=3)
+    args = p.parse_args()
+    warps = [int(w) for w in args.warps.split(",")]
+
+    from backends.cuda_matmul import MATVEC_WARPS_CHOICES
+    from engine.model.gguf import config_for, open_gguf
+    from engine.model.session import Session
+    from engine.options import Options
+
+    bad = [w for w in warps if w not in MATVEC_WARPS_CHOICES]
+    if bad:
+        p.error(f"--warps {bad}: each must be one of {MATVEC_WARPS_CHOICES}")
+    print("| file | warps | t/s | ms/step | weights GB/s |")
+    print("|---|---:|---:|---:|---:|")
+    for path in args.model:
+        options = Options(backend="cupy", n_ctx=args.n_gen * 4 + 64, n_batch=512)
+        file = open_gguf(path)
+        cfg = config_for(file, options)
+        sess = Session(cfg, file.weights_as(cfg, stack=options.stack), options=options)
+        weight_bytes = cfg.n_bytes(options.stack)
+        rates: dict[int, list[float]] = {w: [] for w in warps}
+
+        for r in range(args.rounds):
+            for w in warps if r % 2 == 0 else warps[::-1]:
+                rates[w].append(_steps(sess, w, args.n_gen))
+        for w in warps:
+            tps = statistics.median(rates[w])
+            print(
+                f"| {Path(path).name} | {w} | {tps:.2f} | {1e3 / tps:.3f} | "
+                f"{weight_bytes * tps / 1e9:.0f} |",
+                flush=True,
+            )
+        del sess
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
