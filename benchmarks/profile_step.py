@@ -2,20 +2,24 @@
 
     ncu --profile-from-start off --graph-profiling node --clock-control none \\
         --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --page raw \\
+        --print-units base \\
         python benchmarks/profile_step.py -m 7b-f16.gguf -d 4096 > step.csv
     python benchmarks/profile_step.py --summarize step.csv
 
 The first form loads a GGUF file on the GPU (its own types, the default f16 cache), fills the
-cache with ``-d`` tokens in passes of 512, runs three greedy steps (compiled, captured,
-replayed) and then one more between ``cudaProfilerStart`` and ``cudaProfilerStop``: with
+cache with ``-d`` tokens in passes of 512, runs three greedy steps at the next position
+(compiled, captured, replayed: the same position, so the same executor even where a
+cache-length bucket begins) and then that step once more between ``cudaProfilerStart`` and
+``cudaProfilerStop``: with
 ``--profile-from-start off`` that replayed step is all ncu profiles, and with
 ``--graph-profiling node`` it profiles each of the graph's kernels (one at a time, so the
 overlap programmatic dependent launch gives a real step is not in these figures: their sum is
 an upper bound of the step's time).
 
 The second form reads ncu's raw CSV (its log lines and this script's output come first; they
-are skipped) and prints, per kernel instance, launches, microseconds, MB read from DRAM and
-GB/s, slowest first, then the step's totals.
+are skipped; ``--print-units base`` makes its times ns and its sizes bytes) and prints, per
+kernel instance, launches, microseconds, MB read from DRAM and GB/s, slowest first, then the
+step's totals.
 """
 
 from __future__ import annotations
@@ -87,12 +91,14 @@ def profile(model: str, depth: int, dtype: str | None) -> None:
     rng = np.random.default_rng(0)
     fill = [int(t) for t in rng.integers(0, cfg.n_vocab, max(depth, 1))]
     sess.prefill(fill, "none")
-    token = 1
+    at = sess.n_past
     for _ in range(3):  # compiled, captured, replayed: the profiled step replays
-        token = sess.decode_greedy(token)
+        sess.n_past = at  # one position (its cache row rewritten alike), so one executor
+        sess.decode_greedy(1)
     cp.cuda.runtime.deviceSynchronize()
+    sess.n_past = at
     cp.cuda.profiler.start()
-    sess.decode_greedy(token)
+    sess.decode_greedy(1)
     cp.cuda.runtime.deviceSynchronize()
     cp.cuda.profiler.stop()
 
