@@ -654,6 +654,20 @@ __device__ __forceinline__ void build_input(float* xs, const float* a, const flo
     }
 }
 
+// A weight's 16 bytes. MV_LOAD_NC (an experiment): through the read-only path, not kept in L1
+// (each byte is read once) and with a 256-byte L2 prefetch hint; by default a plain load.
+__device__ __forceinline__ uint4 ld_weight(const void* p) {
+#ifdef MV_LOAD_NC
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+#else
+    return *reinterpret_cast<const uint4*>(p);
+#endif
+}
+
 template <typename TW, int R, int PRE, int MM>
 __global__ void __launch_bounds__(MV_WARPS * 32) k_matvec(const TW* w, const float* a, const float* b, const float* w1,
                          const float* w2, float* v_out, float* out, int M, int N, int K, i64 a_rs,
@@ -678,7 +692,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_matvec(const TW* w, const flo
             for (int t = 0; t < T; ++t) {
                 const int p = lane + 32 * t;
                 if (row0 + r < N && p < pieces)
-                    raw[r][t] = *reinterpret_cast<const uint4*>(w + (i64)(row0 + r) * K + p * V);
+                    raw[r][t] = ld_weight(w + (i64)(row0 + r) * K + p * V);
             }
     }
     build_input<PRE>(xs, a, b, w1, w2, v_out, M, K, a_rs, b_rs, eps1, eps2, red);
@@ -699,7 +713,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_matvec(const TW* w, const flo
                     for (int t = 0; t < T; ++t) {
                         const int p = p0 + lane + 32 * t;
                         if (row0 + r < N && p < pieces)
-                            raw[r][t] = *reinterpret_cast<const uint4*>(w + (i64)(row0 + r) * K + p * V);
+                            raw[r][t] = ld_weight(w + (i64)(row0 + r) * K + p * V);
                     }
             }
             loaded = false;

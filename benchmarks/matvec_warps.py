@@ -1,6 +1,7 @@
 """Decode steps of GGUF files under each size of the matrix-vector kernels' blocks.
 
-    python benchmarks/matvec_warps.py -m 7b-f16.gguf -m 7b-q4k.gguf [--warps 2,4,8,16] [-n 32]
+    python benchmarks/matvec_warps.py -m 7b-f16.gguf -m 7b-q4k.gguf [--warps 2,4,8,16]
+        [--defines ,MV_LOAD_NC] [-n 32]
 
 Every matrix-vector kernel (16-bit ``k_matvec``, the block types' ``k_matvec_q16`` and
 ``k_matvec_q``) builds its whole input in shared memory in every block: the norm and residual
@@ -10,9 +11,12 @@ each of them reads the input (16-44 KB, four vectors for the norm) from L2: bloc
 warps read it 2-4 times less often, at the price of fewer, larger blocks to balance.
 
 For each file, one session; for each ``--warps`` (the backend's ``matvec_warps``, compiled in
-as ``MV_WARPS``) its step executors are rebuilt, three greedy steps run (compiled, captured,
-replayed), then ``-r`` rounds of ``-n`` timed steps; the table gives tokens/s (median round),
-ms a step and the weights' bytes a step at that rate (what an HBM-bound step is measured by).
+as ``MV_WARPS``) and each set of ``--defines`` (kernels.cu experiment macros, ``+``-joined
+within a set, the empty set first: ``MV_LOAD_NC`` loads the 16-bit weights through the
+read-only path without L1 allocation) its step executors are rebuilt, three greedy steps run
+(compiled, captured, replayed), then ``-r`` rounds of ``-n`` timed steps; the table gives
+tokens/s (median round), ms a step and the weights' bytes a step at that rate (what an
+HBM-bound step is measured by).
 The variants alternate round by round, so a drift of the machine falls on all of them.
 """
 
@@ -28,11 +32,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _steps(sess: Any, warps: int, n: int) -> float:
-    """Tokens/s of ``n`` greedy steps with ``warps`` warps per matrix-vector block."""
+def _steps(sess: Any, variant: tuple[int, tuple[str, ...]], n: int) -> float:
+    """Tokens/s of ``n`` greedy steps with ``variant``: warps per matrix-vector block and the
+    kernels' extra macros."""
     import cupy as cp
 
-    sess.backend.matvec_warps = warps
+    sess.backend.matvec_warps, sess.backend.defines = variant
     sess._executors.clear()  # noqa: SLF001 - rebound with this block size on first use
     sess.reset()
     sess.prefill([1], "none")
@@ -50,10 +55,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("-m", "--model", action="append", required=True, help="a GGUF file (repeat)")
     p.add_argument("--warps", default="2,4,8,16", help="warps per block to compare")
+    p.add_argument("--defines", default="", help="macro sets to compare, e.g. ,MV_LOAD_NC")
     p.add_argument("-n", "--n-gen", type=int, default=32, help="timed steps a round")
     p.add_argument("-r", "--rounds", type=int, default=3)
     args = p.parse_args()
     warps = [int(w) for w in args.warps.split(",")]
+    macro_sets = [tuple(m for m in d.split("+") if m) for d in args.defines.split(",")]
+    variants = [(w, m) for w in warps for m in macro_sets]
 
     from backends.cuda_matmul import MATVEC_WARPS_CHOICES
     from engine.model.gguf import config_for, open_gguf
@@ -63,23 +71,24 @@ def main() -> int:
     bad = [w for w in warps if w not in MATVEC_WARPS_CHOICES]
     if bad:
         p.error(f"--warps {bad}: each must be one of {MATVEC_WARPS_CHOICES}")
-    print("| file | warps | t/s | ms/step | weights GB/s |")
-    print("|---|---:|---:|---:|---:|")
+    print("| file | warps | macros | t/s | ms/step | weights GB/s |")
+    print("|---|---:|---|---:|---:|---:|")
     for path in args.model:
         options = Options(backend="cupy", n_ctx=args.n_gen * 4 + 64, n_batch=512)
         file = open_gguf(path)
         cfg = config_for(file, options)
         sess = Session(cfg, file.weights_as(cfg, stack=options.stack), options=options)
         weight_bytes = cfg.n_bytes(options.stack)
-        rates: dict[int, list[float]] = {w: [] for w in warps}
+        rates: dict[tuple[int, tuple[str, ...]], list[float]] = {v: [] for v in variants}
 
         for r in range(args.rounds):
-            for w in warps if r % 2 == 0 else warps[::-1]:
-                rates[w].append(_steps(sess, w, args.n_gen))
-        for w in warps:
-            tps = statistics.median(rates[w])
+            for v in variants if r % 2 == 0 else variants[::-1]:
+                rates[v].append(_steps(sess, v, args.n_gen))
+        for v in variants:
+            tps = statistics.median(rates[v])
             print(
-                f"| {Path(path).name} | {w} | {tps:.2f} | {1e3 / tps:.3f} | "
+                f"| {Path(path).name} | {v[0]} | {'+'.join(v[1]) or '-'} | {tps:.2f} | "
+                f"{1e3 / tps:.3f} | "
                 f"{weight_bytes * tps / 1e9:.0f} |",
                 flush=True,
             )
