@@ -21,6 +21,7 @@ from backends.cuda_launch import (
     opt_in_smem,
     prepare_launch,
     ptr,
+    resident_blocks,
 )
 from graph.dtypes import f32
 from graph.ir import Node
@@ -47,14 +48,6 @@ def _attn_splits(rows: int, m: int, sm_count: int) -> int:
 DECODE_MAX_TOKENS = 8  # query tokens up to which attention uses the one-launch decode kernel
 DECODE_TILE = 64  # kernels.cu DT_KEYS
 DECODE_THREADS = 256  # kernels.cu DT_THREADS
-
-
-def _resident(be: CudaDevice, f: Any, threads: int) -> int:
-    """Blocks of ``f`` that fit on the GPU at once, by registers, static shared memory and
-    threads."""
-    by_regs = 65536 // max(1, f.num_regs * threads)
-    by_smem = (227 * 1024) // (f.shared_size_bytes + 1024)
-    return max(1, min(by_regs, by_smem, 2048 // threads)) * be.sm_count
 
 
 def _decode_splits(rows: int, m: int, slots: int) -> tuple[int, int]:
@@ -99,7 +92,7 @@ def decode_attention(
     types = ", ".join(CTYPE[dtype_of_array(a).name] for a in (q, k, v))
     qg, dm = decode_variant(h, hk, d, dv)
     f = be.fn(f"k_attn_decode<{types}, {qg}, {dm}>")
-    splits, chunk = _decode_splits(rows, m, _resident(be, f, DECODE_THREADS))
+    splits, chunk = _decode_splits(rows, m, resident_blocks(be, f, DECODE_THREADS))
     tickets = be.counters(rows)
     part = ptr(scratch) if splits > 1 else np.uint64(0)
     dargs = (

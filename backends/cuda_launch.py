@@ -46,6 +46,14 @@ def opt_in_smem(f: Any, smem: int) -> None:
         f.max_dynamic_shared_size_bytes = smem
 
 
+def resident_blocks(be: Any, f: Any, threads: int, smem: int = 0) -> int:
+    """Blocks of ``f`` (``threads`` each, ``smem`` bytes of dynamic shared memory) that fit on
+    the GPU at once: per SM by registers, shared memory, threads and the 32-block limit."""
+    by_regs = 65536 // max(1, f.num_regs * threads)
+    by_smem = (227 * 1024) // (smem + f.shared_size_bytes + 1024)
+    return max(1, min(by_regs, by_smem, 2048 // threads, 32)) * be.sm_count
+
+
 class CudaDevice(Protocol):
     """What the compilers use of the device (``backends.cupy_backend.CupyBackend`` is one):
     kernels by template name, prepared launches on the stream being compiled for, views into

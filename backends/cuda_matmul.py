@@ -36,6 +36,7 @@ from backends.cuda_launch import (
     opt_in_smem,
     prepare_launch,
     ptr,
+    resident_blocks,
 )
 from backends.spec import ALIGN
 from graph.dtypes import DType, f16, f32
@@ -79,15 +80,6 @@ def _row_stride(arr: Any) -> int:
         if s_out != s_in * d_out:
             return -1
     return lead[-1][1]
-
-
-def _resident_blocks(be: CudaDevice, f: Any, smem: int) -> int:
-    """Blocks of ``be.matvec_warps`` warps that fit on the GPU at once (registers, shared
-    memory)."""
-    threads = 32 * _warps(be)
-    by_regs = 65536 // max(1, f.num_regs * threads)
-    by_smem = (227 * 1024) // (smem + f.shared_size_bytes + 1024)
-    return max(1, min(by_regs, by_smem, 2048 // threads, 32)) * be.sm_count
 
 
 def matvec(
@@ -149,11 +141,12 @@ def _bind_matvec(
     a, b, w1, w2, v_out, eps1, eps2 = inputs
     n_out, k = shape
     m = a.size // k
+    warps = _warps(be)
     for r in choices:
         f = be.fn(f"{head}, {r}, {pre}, {1 if m == 1 else GEMV_MAX_M}>")
         opt_in_smem(f, smem)
-        resident = _resident_blocks(be, f, smem)
-        blocks = -(-n_out // (_warps(be) * r))
+        resident = resident_blocks(be, f, 32 * warps, smem)
+        blocks = -(-n_out // (warps * r))
         if blocks <= resident or r == choices[-1]:
             grid = min(blocks, resident)
             break
@@ -175,7 +168,7 @@ def _bind_matvec(
         np.float32(eps2),
         np.int32(early),
     )
-    return prepare_launch(be, f, (grid,), (32 * _warps(be),), args, smem)
+    return prepare_launch(be, f, (grid,), (32 * warps,), args, smem)
 
 
 def _warps(be: CudaDevice) -> int:
