@@ -104,6 +104,7 @@ def decode_attention(
         np.int32(p.window),
         np.int32(chunk),
         np.int32(merge == "last_block"),
+        np.int32(p.prefix_rows),
     )
     main = prepare_launch(be, f, (rows, splits), (DECODE_THREADS,), dargs)
     if splits == 1 or merge != "kernel":
@@ -153,6 +154,7 @@ def flash_attention(be: CudaDevice, node: Node, out: Any, srcs: Sequence[Any]) -
         *(np.int32(x) for x in (n, h, hk, m)),
         np.float32(p.scale * LOG2E),
         np.int32(p.window),
+        np.int32(p.prefix_rows),
     )
     return prepare_launch(be, f, (-(-n // FLASH_ROWS), h), (32 * FLASH_WARPS,), args, smem)
 
@@ -199,6 +201,7 @@ def _c_attention(job: Job) -> Callable[[], None]:
         np.float32(p.scale),
         np.int32(p.window),
         np.int32(chunk),
+        np.int32(p.prefix_rows),
     )
     main = prepare_launch(be, f, (rows, splits), (32 * ATTN_WARPS,), args)
     if splits == 1:

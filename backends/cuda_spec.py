@@ -50,5 +50,6 @@ def nominal(sm_count: int = H200_SMS, name: str = "NVIDIA H200 (nominal)") -> Cu
         block_types=cuda_matmul.BLOCK_TYPES,
         keeps_block_types=True,
         cache_type="f16",
+        prefix_attention=True,  # k_attn_decode and k_flash_attn stop at the query's row
         name=name,
     )

@@ -89,7 +89,7 @@ __device__ __forceinline__ void fa_load_tile(unsigned short* dst, const T* src, 
 template <typename TQ, typename T, int DH, int BK>
 __global__ void __launch_bounds__(FA_WARPS * 32)
     k_flash_attn(const TQ* q, const T* k, const T* v, const int* qpos, const int* kpos, float* out,
-                 int n, int H, int Hk, int m, float scale2, int window) {
+                 int n, int H, int Hk, int m, float scale2, int window, int prefix) {
     PDL_ENTRY();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     constexpr int LD = DH + 8;  // row stride in shared memory (16-bit elements): +16 bytes puts
@@ -145,7 +145,10 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     for (int t = 0; t < DT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
     float mx0 = neg_inf(), mx1 = neg_inf(), l0 = 0.f, l1 = 0.f;
 
-    for (int j0 = 0; j0 < m; j0 += BK) {
+    // prefix: no key this block's queries see lies past row bmax (AttentionParams.prefix_rows),
+    // so the tiles after it are not even visited
+    const int m_end = prefix ? min(m, bmax + 1) : m;
+    for (int j0 = 0; j0 < m_end; j0 += BK) {
         __syncthreads();  // every warp is done with the last tile's K and V
         bool seen = false;
         if (threadIdx.x < BK) {

@@ -224,7 +224,7 @@ __device__ __forceinline__ bool visible(int kp, int qp, int window) {
 template <typename TQ, typename TK, typename TV>
 __global__ void k_attention(const TQ* q, const TK* k, const TV* v, const int* qpos, const int* kpos,
                             float* out, float* part, int H, int Hk, int m, int D, int Dv, float scale,
-                            int window, int chunk) {
+                            int window, int chunk, int prefix) {
     PDL_ENTRY();
     __shared__ float smax[AW][GB], ssum[AW][GB];
     __shared__ float sacc[AW][GB][DMAX];
@@ -250,6 +250,10 @@ __global__ void k_attention(const TQ* q, const TK* k, const TV* v, const int* qp
         sum[g] = 0.f;
     }
     const int qp = qpos[i];
+    if (prefix) {  // AttentionParams.prefix_rows: rows 0..qp shared by the splits (k_attn_decode)
+        m = max(0, min(m, qp + 1));
+        chunk = (m + splits - 1) / splits;
+    }
     const int j0 = split * chunk, j1 = min(m, j0 + chunk);
     for (int jb = j0 + warp * KB; jb < j1; jb += AW * KB) {
         bool vis[KB];
@@ -836,7 +840,7 @@ template <typename TQ, typename TK, typename TV, int QG, int DM>
 __global__ void __launch_bounds__(DT_THREADS, (QG * DM <= 128 ? 2 : 1)) k_attn_decode(const TQ* q, const TK* k, const TV* v, const int* qpos,
                               const int* kpos, float* out, float* part, int* tickets, int H,
                               int Hk, int m, int D, int Dv, float scale, int window, int chunk,
-                              int merge_here) {
+                              int merge_here, int prefix) {
     PDL_ENTRY();
     __shared__ float qs[QG][DM];
     __shared__ float sc[QG][DT_KEYS];
@@ -872,7 +876,16 @@ __global__ void __launch_bounds__(DT_THREADS, (QG * DM <= 128 ? 2 : 1)) k_attn_d
     for (int g = 0; g < QG; ++g)
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
-    const int j0 = split * chunk, j1 = min(m, j0 + chunk);
+    // prefix (AttentionParams.prefix_rows): the keys past the query's row are empty, so the
+    // rows 0..qp are what the splits share, cut at run time: one captured graph serves every
+    // cache length up to m, reading only the filled rows
+    int m_live = m;
+    if (prefix) {
+        m_live = max(0, min(m, qp + 1));
+        const int tiles = (m_live + DT_KEYS - 1) / DT_KEYS;
+        chunk = ((tiles + splits - 1) / splits) * DT_KEYS;
+    }
+    const int j0 = split * chunk, j1 = min(m_live, j0 + chunk);
     const int key = tid >> 2, quarter = tid & 3, sub = lane / VL, d0 = (lane % VL) * 8;
     for (int jt = j0; jt < j1; jt += DT_KEYS) {
         // every load of the tile first, in one round trip: the key positions, this thread's

@@ -128,6 +128,19 @@ def attention_mask(q_pos: np.ndarray, kv_pos: np.ndarray, window: int) -> np.nda
     return visible
 
 
+def _check_prefix_rows(node: Node, visible: np.ndarray, q_pos: np.ndarray) -> None:
+    """The promise of ``AttentionParams.prefix_rows`` (GPU kernels stop reading keys at the row
+    of the query's position): no query sees a key in a row past its position."""
+    past = np.arange(visible.shape[1])[None, :] > q_pos[:, None].astype(np.int64)
+    if (visible & past).any():
+        i, j = np.argwhere(visible & past)[0]
+        raise BackendError(
+            f"ATTENTION {node.label}: query {i} at position {q_pos[i]} sees the key in row {j}, "
+            "past its position, but the node promises prefix_rows (rows filled in position "
+            "order): the cache's row bookkeeping is wrong"
+        )
+
+
 def k_attention(
     node: Node,
     out: np.ndarray,
@@ -144,6 +157,8 @@ def k_attention(
     kh = np.repeat(_f32(k), group, axis=1).transpose(1, 2, 0)  # (H, D, m)
     vh = np.repeat(_f32(v), group, axis=1).transpose(1, 0, 2)  # (H, m, Dv)
     visible = attention_mask(q_pos, kv_pos, p.window)[None]  # (1, n, m)
+    if p.prefix_rows:
+        _check_prefix_rows(node, visible[0], q_pos)
     scores = np.where(visible, (qh @ kh) * F32(p.scale), F32(-np.inf))
     top = np.max(scores, axis=-1, keepdims=True, initial=F32(-np.inf))  # m = 0 keys: all masked
     top = np.where(np.isfinite(top), top, F32(0))

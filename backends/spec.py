@@ -90,6 +90,11 @@ class DeviceSpec:
     # each decode step reads, and what the tensor-core prompt attention reads), f32 on the CPU
     # reference
     cache_type: str = "f32"
+    # whether its attention kernels stop reading keys at each query's row where the node
+    # promises prefix_rows (a session's caches): then a step may attend to more rows than are
+    # filled at no cost, and steps are keyed by coarse buckets of the cache length
+    # (engine.passes.plans.kv_bucket), so a long context needs few executors
+    prefix_attention: bool = False
     costs: Costs = field(default_factory=Costs, compare=False)
     name: str = field(default="", compare=False)  # "NVIDIA H200 (nominal)", from describe()
 
@@ -108,6 +113,7 @@ class DeviceSpec:
             "matvec_max_rows": self.matvec_max_rows,
             "sm_count": self.sm_count,
             "block_types": sorted(self.block_types),
+            "prefix_attention": self.prefix_attention,
         }
 
     def __str__(self) -> str:

@@ -250,9 +250,13 @@ class GraphBuilder:
         *,
         scale: float,
         window: int = 0,
+        prefix_rows: bool = False,
         name: str = "",
     ) -> Tensor:
-        p = AttentionParams(float(scale), int(window))
+        """Attention of ``q`` over the keys ``k`` and values ``v`` (rows of a cache), causal by
+        position (``q_pos``, ``kv_pos``; -1 marks an empty row) and within ``window``.
+        ``prefix_rows``: see ``AttentionParams``."""
+        p = AttentionParams(float(scale), int(window), bool(prefix_rows))
         return self._add(Op.ATTENTION, [q, k, v, q_pos, kv_pos], p, name)
 
     def geglu(self, gate: Tensor, up: Tensor, name: str = "") -> Tensor:

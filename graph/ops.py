@@ -170,6 +170,10 @@ class RopeParams:
 class AttentionParams:
     scale: float
     window: int = 0  # 0: no sliding window
+    # prefix_rows: the keys are a cache filled in position order from row 0 (modulo a ring that
+    # has wrapped), so no key a query at position p sees lies in a row past p: kernels may stop
+    # reading at row p (a session's caches; the NumPy reference checks the promise)
+    prefix_rows: bool = False
 
 
 Params = (

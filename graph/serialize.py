@@ -60,6 +60,7 @@ def _params_from_json(op: Op, raw: Any, where: str) -> Params:
         )
     names = {f.name for f in dataclasses.fields(cls)}
     tuples = {f.name for f in dataclasses.fields(cls) if str(f.type).startswith("tuple")}
+    flags = {f.name for f in dataclasses.fields(cls) if str(f.type) == "bool"}
     required = {
         f.name
         for f in dataclasses.fields(cls)
@@ -84,6 +85,9 @@ def _params_from_json(op: Op, raw: Any, where: str) -> Params:
                 if len(v) > MAX_DIMS or any(abs(e) > MAX_INDEX for e in v):
                     raise ValueError(f"{k} must be at most {MAX_DIMS} ints within ±(2**63-1)")
                 v = tuple(v)
+            elif k in flags:
+                if not isinstance(v, bool):
+                    raise TypeError(f"{k} must be true or false")
             elif k in ("scale", "eps", "base", "freq_scale"):
                 if isinstance(v, bool) or not isinstance(v, int | float):
                     raise TypeError(f"{k} must be a number")

@@ -218,6 +218,57 @@ def _decode_attention(gpu, n, m, h, hk, d, dv, window, kv) -> None:  # noqa: ANN
     close(got[0], want[0], tol)
 
 
+@pytest.mark.parametrize(
+    ("n", "m", "filled", "h", "hk", "d", "window", "wrapped"),
+    [
+        (1, 64, 1, 4, 1, 256, 0, False),  # one key: most splits empty
+        (1, 2048, 700, 4, 1, 256, 0, False),  # a coarse bucket far past the filled rows
+        (1, 4096, 4096, 32, 32, 128, 0, False),  # full
+        (3, 1536, 1100, 32, 32, 128, 0, False),  # three tokens, each its own bound
+        (1, 1023, 1023, 4, 1, 256, 512, True),  # a ring that has wrapped: every row read
+        (8, 768, 520, 8, 2, 128, 0, False),
+        (64, 2048, 900, 32, 32, 128, 0, False),  # a prompt chunk: flash stops at each block's row
+        (200, 1024, 700, 4, 1, 256, 512, False),
+    ],
+)
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+def test_prefix_rows_stop_at_the_query_row(
+    gpu, n, m, filled, h, hk, d, window, wrapped, kv
+) -> None:  # noqa: ANN001, E501
+    """AttentionParams.prefix_rows (a session's caches): the decode, flash and f32 kernels read
+    rows 0..qp only, their splits cut at run time; the same result as the NumPy reference
+    (which checks the promise), rows past the filled ones holding garbage, not zeros."""
+    g = GraphBuilder()
+    q = g.input("q", (n, h, d), f32)
+    k = g.input("k", (m, hk, d), kv)
+    v = g.input("v", (m, hk, d), kv)
+    qp, kp = g.input("qpos", (n,), "i32"), g.input("kpos", (m,), "i32")
+    graph = g.build([g.attention(q, k, v, qp, kp, scale=d**-0.5, window=window, prefix_rows=True)])
+    rng = np.random.default_rng(m + n + filled)
+    end = filled + (m if wrapped else 0)  # the last filled position + 1
+    kpos = np.full(m, -1, np.int32)
+    if wrapped:  # row = position mod m, positions end - m .. end - 1
+        pos = np.arange(end - m, end)
+        kpos[pos % m] = pos
+    else:
+        kpos[:filled] = np.arange(filled)
+    big = np.float32(1e4)  # garbage in the rows no query may read
+    kk = rng.standard_normal((m, hk, d), np.float32)
+    vv = rng.standard_normal((m, hk, d), np.float32)
+    if not wrapped:
+        kk[filled:], vv[filled:] = big, big
+    inputs = {
+        "q": rng.standard_normal((n, h, d), np.float32),
+        "k": kk,
+        "v": vv,
+        "qpos": np.arange(end - n, end, dtype=np.int32),
+        "kpos": kpos,
+    }
+    want, got, _, _, _ = _both(graph, {}, inputs, gpu, runs=3)
+    tol = {"f32": 2e-5, "f16": 8 * 2.0**-8}[kv]
+    close(got[0], want[0], tol)
+
+
 @pytest.mark.parametrize("name", ["llama-tiny", "gemma3-tiny"])
 def test_models_fused_and_unfused_agree_with_numpy(gpu, name: str) -> None:  # noqa: ANN001
     cfg = preset(name)

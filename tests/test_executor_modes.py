@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from backends import device_spec, get_backend
+from backends.cuda_spec import nominal
 from engine.model.sampling import Sampler, SamplerConfig
 from engine.model.session import Session
 from engine.model.weights import random_weights
 from engine.options import Options
 from engine.passes import memory
+from engine.passes.plans import KV_PAD, kv_bucket, plan_model
 from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
 from graph.models import build, kv_slots, preset
@@ -121,6 +126,70 @@ def test_attending_only_the_filled_rows_changes_nothing(monkeypatch: pytest.Monk
         if pad == 4:
             assert sess.n_kv_for(9) == {"full": 12, "swa": 7}  # swa ring: 4 + 4 - 1 rows
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_kv_buckets_are_fine_where_padding_rows_are_read_and_coarse_where_they_are_not() -> None:
+    fine = [kv_bucket(e) for e in (1, 64, 65, 300, 1100, 5000)]
+    assert fine == [64, 64, 128, 320, 1152, 5056]
+    coarse = [kv_bucket(e, coarse=True) for e in (1, 65, 256, 257, 700, 1024, 1025, 2049, 5000)]
+    assert coarse == [64, 128, 256, 512, 768, 1024, 1536, 3072, 6144]
+    for e in range(1, 20_000, 7):  # a bucket holds its positions and wastes under half of it
+        b = kv_bucket(e, coarse=True)
+        assert e <= b < max(2 * e, 4 * KV_PAD + 1) and b % KV_PAD == 0
+
+
+def test_a_long_context_needs_few_executors_where_attention_stops_at_the_query_row() -> None:
+    """On the GPU (whose attention reads only rows 0..qp of a session's cache) a 16,384-token
+    context is 15 decode steps' executors, not 256: each costs a plan, a binding and a capture
+    the first time a generation reaches it."""
+    cfg = preset("llama-7b")
+    options = Options(backend="cupy", dtype="f16", n_ctx=16384)
+    gpu = plan_model(cfg, nominal(), options)
+    cpu = plan_model(cfg, device_spec("numpy"), options.replace(backend="numpy"))
+    assert gpu.spec.prefix_attention and not cpu.spec.prefix_attention
+    ends = range(1, 16385)
+    assert len({gpu.step_key(1, e, "argmax") for e in ends}) == 15
+    assert len({cpu.step_key(1, e, "argmax") for e in ends}) == 256
+
+
+def test_coarse_buckets_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference with the GPU's coarse buckets (padding rows empty, which it checks each
+    step: the prefix_rows promise) computes what it does with fine ones, through a sliding
+    ring's wrap and past three bucket edges."""
+    cfg = preset("gemma3-tiny")
+    w = random_weights(cfg, seed=5)
+    ids = [int(t) for t in np.random.default_rng(3).integers(0, cfg.n_vocab, 40)]
+    options = Options(backend="numpy", n_ctx=800, n_batch=64)
+    outs, keys = [], []
+    be = get_backend("numpy")
+    for coarse in (False, True):
+        spec = dataclasses.replace(device_spec("numpy"), prefix_attention=coarse)
+        monkeypatch.setattr(be, "spec", spec)  # this backend, with the GPU's buckets
+        sess = Session(cfg, w, be, plan=plan_model(cfg, spec, options))
+        rows = [sess.prefill(ids * 14)]  # 560 positions in passes of 64
+        rows += [sess.decode(t) for t in ids[:8]]
+        outs.append(np.array(rows))
+        keys.append(len(sess._executors))  # noqa: SLF001
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+    assert keys[1] < keys[0]
+
+
+def test_the_reference_checks_the_prefix_rows_promise() -> None:
+    g = GraphBuilder()
+    q = g.input("q", (1, 2, 8), f32)
+    k, v = g.input("k", (4, 2, 8), f32), g.input("v", (4, 2, 8), f32)
+    qp, kp = g.input("qpos", (1,), "i32"), g.input("kpos", (4,), "i32")
+    graph = g.build([g.attention(q, k, v, qp, kp, scale=0.5, prefix_rows=True, name="attn")])
+    rng = np.random.default_rng(0)
+    feed = {x: rng.standard_normal((4 if x != "q" else 1, 2, 8), np.float32) for x in "qkv"}
+    ok = Executor(graph, {}).run(
+        {**feed, "qpos": np.array([2], np.int32), "kpos": np.array([0, 1, 2, -1], np.int32)}
+    )
+    assert np.isfinite(ok[0]).all()
+    with pytest.raises(Exception, match=r"attn.*row 3, past its position.*prefix_rows"):
+        Executor(graph, {}).run(
+            {**feed, "qpos": np.array([2], np.int32), "kpos": np.array([0, 1, -1, 2], np.int32)}
+        )
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gemma3-tiny"])

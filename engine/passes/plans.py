@@ -43,11 +43,28 @@ __all__ = [
     "plan_step",
     "host_gathers",
     "KV_PAD",
+    "kv_bucket",
 ]
 
 KV_PAD = 64
 """Attended cache rows are the filled prefix rounded up to this (as llama.cpp pads), so the
-step's graph, and its executor, change only every KV_PAD positions (``ModelPlan.step_key``)."""
+step's graph, and its executor, change only every KV_PAD positions (``ModelPlan.step_key``);
+coarser beyond ``4 * KV_PAD`` where the device's attention reads only the filled rows
+(``kv_bucket``)."""
+
+
+def kv_bucket(n_end: int, coarse: bool = False) -> int:
+    """The rows a step attends to once ``n_end`` positions are filled: ``n_end`` rounded up to
+    ``KV_PAD``; with ``coarse`` (``DeviceSpec.prefix_attention``: the kernels stop reading at
+    each query's row, so padding rows cost nothing) rounded up beyond ``4 * KV_PAD`` to a
+    quarter of the power of two at or above it, two buckets per doubling past 1,024 (512, 768,
+    1024, 1536, 2048, 3072, 4096, ...): 15 executors over a 16,384-token context instead of
+    256, each of which costs a plan, a binding and a capture on first use."""
+    fine = -(-n_end // KV_PAD) * KV_PAD
+    if not coarse or fine <= 4 * KV_PAD:
+        return fine
+    step = max(4 * KV_PAD, 1 << ((fine - 1).bit_length() - 2))
+    return -(-n_end // step) * step
 
 
 @dataclass(frozen=True)
@@ -94,9 +111,10 @@ class ModelPlan:
 
     def n_kv_for(self, n_end: int) -> dict[str, int]:
         """Rows each attention kind attends to once ``n_end`` positions are filled: the filled
-        prefix rounded up to ``KV_PAD``. A sliding ring fills rows 0, 1, ... too until it wraps,
-        so early in a context its layers also skip the empty rows."""
-        pad = -(-n_end // KV_PAD) * KV_PAD
+        prefix rounded up (``kv_bucket``: coarsely where the device's attention reads only the
+        filled rows). A sliding ring fills rows 0, 1, ... too until it wraps, so early in a
+        context its layers also skip the empty rows."""
+        pad = kv_bucket(n_end, self.spec.prefix_attention)
         return {kind: min(n, pad) for kind, n in self.kv_rows.items()}
 
     def step_key(self, n_tokens: int, n_end: int, logits: str | Sequence[int] = "last") -> StepKey:

@@ -141,6 +141,7 @@ class Forward:
             self.kv_pos[kind],
             scale=cfg.scale,
             window=window,
+            prefix_rows=True,  # the session fills rows in position order (engine.model.session)
             name=f"attn.{il}",
         )
         a = g.reshape(a, (n, cfg.n_head * cfg.head_dim))
