@@ -219,53 +219,54 @@ def _decode_attention(gpu, n, m, h, hk, d, dv, window, kv) -> None:  # noqa: ANN
 
 
 @pytest.mark.parametrize(
-    ("n", "m", "filled", "h", "hk", "d", "window", "wrapped"),
+    ("n", "m", "end", "h", "hk", "d", "window"),
     [
-        (1, 64, 1, 4, 1, 256, 0, False),  # one key: most splits empty
-        (1, 2048, 700, 4, 1, 256, 0, False),  # a coarse bucket far past the filled rows
-        (1, 4096, 4096, 32, 32, 128, 0, False),  # full
-        (3, 1536, 1100, 32, 32, 128, 0, False),  # three tokens, each its own bound
-        (1, 1023, 1023, 4, 1, 256, 512, True),  # a ring that has wrapped: every row read
-        (8, 768, 520, 8, 2, 128, 0, False),
-        (64, 2048, 900, 32, 32, 128, 0, False),  # a prompt chunk: flash stops at each block's row
-        (200, 1024, 700, 4, 1, 256, 512, False),
+        (1, 64, 1, 4, 1, 256, 0),  # one key: most splits empty
+        (1, 2048, 700, 4, 1, 256, 0),  # a coarse bucket far past the filled rows
+        (1, 4096, 4096, 32, 32, 128, 0),  # full
+        (3, 1536, 1100, 32, 32, 128, 0),  # three tokens, each its own bound
+        (1, 1023, 2046, 4, 1, 256, 512),  # a ring that has wrapped: every row read
+        (4, 519, 521, 4, 1, 256, 512),  # decode tokens on both sides of a ring's wrap
+        (8, 768, 520, 8, 2, 128, 0),
+        (64, 2048, 897, 32, 32, 128, 0),  # flash: the last query's row opens a 64-key tile
+        (64, 2048, 1057, 4, 1, 256, 0),  # flash at head dim 256: a 32-key tile opened
+        (64, 575, 604, 4, 1, 256, 512),  # a prompt chunk straddling the ring's wrap
+        (200, 1024, 700, 4, 1, 256, 512),
     ],
 )
 @pytest.mark.parametrize("kv", ["f32", "f16"])
-def test_prefix_rows_stop_at_the_query_row(
-    gpu, n, m, filled, h, hk, d, window, wrapped, kv
-) -> None:  # noqa: ANN001, E501
+@pytest.mark.parametrize("merge", ["last_block", "kernel"])
+def test_prefix_rows_stop_at_the_query_row(gpu, n, m, end, h, hk, d, window, kv, merge) -> None:  # noqa: ANN001
     """AttentionParams.prefix_rows (a session's caches): the decode, flash and f32 kernels read
     rows 0..qp only, their splits cut at run time; the same result as the NumPy reference
-    (which checks the promise), rows past the filled ones holding garbage, not zeros."""
+    (which checks the promise). Positions 0..end-1 were written in order to row pos mod m, the
+    queries are the last n; rows never written hold garbage, and each query's own key is made
+    to dominate its scores, so a kernel that stops one row early fails."""
     g = GraphBuilder()
     q = g.input("q", (n, h, d), f32)
     k = g.input("k", (m, hk, d), kv)
     v = g.input("v", (m, hk, d), kv)
     qp, kp = g.input("qpos", (n,), "i32"), g.input("kpos", (m,), "i32")
     graph = g.build([g.attention(q, k, v, qp, kp, scale=d**-0.5, window=window, prefix_rows=True)])
-    rng = np.random.default_rng(m + n + filled)
-    end = filled + (m if wrapped else 0)  # the last filled position + 1
+    rng = np.random.default_rng(m + n + end)
     kpos = np.full(m, -1, np.int32)
-    if wrapped:  # row = position mod m, positions end - m .. end - 1
-        pos = np.arange(end - m, end)
-        kpos[pos % m] = pos
-    else:
-        kpos[:filled] = np.arange(filled)
-    big = np.float32(1e4)  # garbage in the rows no query may read
+    pos = np.arange(end)
+    kpos[pos % m] = pos  # the latest position written to each row
+    qq = rng.standard_normal((n, h, d), np.float32)
     kk = rng.standard_normal((m, hk, d), np.float32)
     vv = rng.standard_normal((m, hk, d), np.float32)
-    if not wrapped:
-        kk[filled:], vv[filled:] = big, big
-    inputs = {
-        "q": rng.standard_normal((n, h, d), np.float32),
-        "k": kk,
-        "v": vv,
-        "qpos": np.arange(end - n, end, dtype=np.int32),
-        "kpos": kpos,
-    }
-    want, got, _, _, _ = _both(graph, {}, inputs, gpu, runs=3)
-    tol = {"f32": 2e-5, "f16": 8 * 2.0**-8}[kv]
+    kk[kpos < 0], vv[kpos < 0] = 1e4, 1e4  # garbage where nothing was written
+    qpos = np.arange(end - n, end, dtype=np.int32)
+    for t, p in enumerate(qpos):  # the query's own key: score ~sqrt(d) / 2 above the rest
+        kk[p % m] = 0.5 * qq[t, :: h // hk]
+    inputs = {"q": qq, "k": kk, "v": vv, "qpos": qpos, "kpos": kpos}
+    saved, gpu.attn_merge = gpu.attn_merge, merge
+    try:
+        want, got, _, _, _ = _both(graph, {}, inputs, gpu, runs=3)
+    finally:
+        gpu.attn_merge = saved
+    flash = kv != "f32" and n > 8  # f16 Q and P on tensor cores
+    tol = {"f32": 2e-5, "f16": 8 * 2.0**-8 if flash else 8 * 2.0**-11}[kv]
     close(got[0], want[0], tol)
 
 

@@ -150,6 +150,10 @@ def test_a_long_context_needs_few_executors_where_attention_stops_at_the_query_r
     ends = range(1, 16385)
     assert len({gpu.step_key(1, e, "argmax") for e in ends}) == 15
     assert len({cpu.step_key(1, e, "argmax") for e in ends}) == 256
+    # a split model's CPU layers compute every row they are given: fine buckets there
+    split = plan_model(cfg, nominal(), options.replace(offload="ngl=16"))
+    assert any(s.on_host for s in split.segments)
+    assert len({split.step_key(1, e, "argmax") for e in ends}) == 256
 
 
 def test_coarse_buckets_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

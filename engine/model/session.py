@@ -253,7 +253,7 @@ class Session:
 
     def n_kv_for(self, n_end: int) -> dict[str, int]:
         """Rows each attention kind attends to once ``n_end`` positions are filled (the plan's
-        ``n_kv_for``: the filled prefix rounded up to ``KV_PAD``)."""
+        ``n_kv_for``: the filled prefix rounded up to a bucket, ``kv_bucket``)."""
         return self.plan.n_kv_for(n_end)
 
     def step_key(self, n_tokens: int, n_end: int, logits: Any = "last") -> StepKey:

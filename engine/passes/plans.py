@@ -114,7 +114,10 @@ class ModelPlan:
         prefix rounded up (``kv_bucket``: coarsely where the device's attention reads only the
         filled rows). A sliding ring fills rows 0, 1, ... too until it wraps, so early in a
         context its layers also skip the empty rows."""
-        pad = kv_bucket(n_end, self.spec.prefix_attention)
+        # coarse only where every layer runs on the device: the CPU segment of a split model
+        # computes every row it is given (up to twice the attention a fine bucket asks)
+        coarse = self.spec.prefix_attention and not any(s.on_host for s in self.segments)
+        pad = kv_bucket(n_end, coarse)
         return {kind: min(n, pad) for kind, n in self.kv_rows.items()}
 
     def step_key(self, n_tokens: int, n_end: int, logits: str | Sequence[int] = "last") -> StepKey:
