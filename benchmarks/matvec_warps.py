@@ -16,7 +16,9 @@ within a set, the empty set first: ``MV_LOAD_NC`` loads the 16-bit weights throu
 read-only path without L1 allocation) its step executors are rebuilt, three greedy steps run
 (compiled, captured, replayed), then ``-r`` rounds of ``-n`` timed steps; the table gives
 tokens/s (median round), ms a step and the weights' bytes a step at that rate (what an
-HBM-bound step is measured by).
+HBM-bound step is measured by), and the largest difference of one fixed step's logits from
+the first variant's, relative to their largest magnitude (summation order differs with the
+block size: ~1e-3 is rounding, a wrong kernel is ~1).
 The variants alternate round by round, so a drift of the machine falls on all of them.
 """
 
@@ -29,12 +31,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _steps(sess: Any, variant: tuple[int, tuple[str, ...]], n: int) -> float:
-    """Tokens/s of ``n`` greedy steps with ``variant``: warps per matrix-vector block and the
-    kernels' extra macros."""
+def _steps(sess: Any, variant: tuple[int, tuple[str, ...]], n: int) -> tuple[float, Any]:
+    """Tokens/s of ``n`` greedy steps with ``variant`` (warps per matrix-vector block and the
+    kernels' extra macros), and the logits of the step after them: a variant that is faster
+    because it computes something else shows here (compared with the first variant's)."""
     import cupy as cp
 
     sess.backend.matvec_warps, sess.backend.defines = variant
@@ -48,7 +53,10 @@ def _steps(sess: Any, variant: tuple[int, tuple[str, ...]], n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
         tok = sess.decode_greedy(tok)
-    return n / (time.perf_counter() - t0)
+    tps = n / (time.perf_counter() - t0)
+    sess.reset()  # the same state for every variant: one prompt token, then token 2
+    sess.prefill([1], "none")
+    return tps, sess.decode(2)
 
 
 def main() -> int:
@@ -71,8 +79,8 @@ def main() -> int:
     bad = [w for w in warps if w not in MATVEC_WARPS_CHOICES]
     if bad:
         p.error(f"--warps {bad}: each must be one of {MATVEC_WARPS_CHOICES}")
-    print("| file | warps | macros | t/s | ms/step | weights GB/s |")
-    print("|---|---:|---|---:|---:|---:|")
+    print("| file | warps | macros | t/s | ms/step | weights GB/s | logits vs first |")
+    print("|---|---:|---|---:|---:|---:|---:|")
     for path in args.model:
         options = Options(backend="cupy", n_ctx=args.n_gen * 4 + 64, n_batch=512)
         file = open_gguf(path)
@@ -80,16 +88,19 @@ def main() -> int:
         sess = Session(cfg, file.weights_as(cfg, stack=options.stack), options=options)
         weight_bytes = cfg.n_bytes(options.stack)
         rates: dict[tuple[int, tuple[str, ...]], list[float]] = {v: [] for v in variants}
-
+        logits: dict[tuple[int, tuple[str, ...]], np.ndarray] = {}
         for r in range(args.rounds):
             for v in variants if r % 2 == 0 else variants[::-1]:
-                rates[v].append(_steps(sess, v, args.n_gen))
+                tps, last = _steps(sess, v, args.n_gen)
+                rates[v].append(tps)
+                logits[v] = last
+        first = logits[variants[0]]
         for v in variants:
             tps = statistics.median(rates[v])
+            diff = float(np.abs(logits[v] - first).max() / max(np.abs(first).max(), 1e-30))
             print(
                 f"| {Path(path).name} | {v[0]} | {'+'.join(v[1]) or '-'} | {tps:.2f} | "
-                f"{1e3 / tps:.3f} | "
-                f"{weight_bytes * tps / 1e9:.0f} |",
+                f"{1e3 / tps:.3f} | {weight_bytes * tps / 1e9:.0f} | {diff:.1e} |",
                 flush=True,
             )
         del sess
