@@ -51,6 +51,7 @@ CUDA_DTYPE = {"f32": 0, "f16": 2, "bf16": 14}  # cudaDataType: R_32F, R_16F, R_1
 CUBLAS_COMPUTE_32F = 68
 GEMV_MAX_M = 8  # rows up to which the GEMV kernel beats cuBLAS (decode, short chunks)
 PRE_NORM, PRE_NORM_RES, PRE_ADD, PRE_GEGLU, PRE_SWIGLU, PRE_COPY = range(6)  # k_matvec's PRE
+MATVEC_WARPS = 4  # kernels.cu MV_WARPS's default: warps per block of the matrix-vector kernels
 MATVEC_WARPS_CHOICES = (2, 4, 8, 16)  # 16 x 32 threads keep 128 registers a thread
 MAX_INPUT_FLOATS = 11 * 1024  # the built input in shared memory: 44 KiB of a block's 48 KiB
 MAX_INPUT_FLOATS_Q = 98 * 256  # the block decode kernels' shared memory: 98 KiB, opted in
@@ -140,9 +141,9 @@ def _bind_matvec(
     a, b, w1, w2, v_out, eps1, eps2 = inputs
     n_out, k = shape
     m = a.size // k
-    warps = _warps(be, n_out)
+    warps = _warps(be)
     for r in choices:
-        f = be.fn(f"{head}, {r}, {pre}, {1 if m == 1 else GEMV_MAX_M}>", mv_warps=warps)
+        f = be.fn(f"{head}, {r}, {pre}, {1 if m == 1 else GEMV_MAX_M}>")
         opt_in_smem(f, smem)
         resident = resident_blocks(be, f, 32 * warps, smem)
         blocks = -(-n_out // (warps * r))
@@ -170,26 +171,10 @@ def _bind_matvec(
     return prepare_launch(be, f, (grid,), (32 * warps,), args, smem)
 
 
-def matvec_block_warps(n_out: int, sm_count: int) -> int:
-    """Warps per block of a matrix-vector product with ``n_out`` rows: the most of 16, 8 and
-    4 that still gives every SM a block at one row per warp. Every block builds the whole
-    input in shared memory (the norm reads four vectors of K floats from L2), so fewer,
-    larger blocks read less: on an H100 a 7B decode step ran 14-24% faster at 16 warps than
-    at 4 (benchmarks/NOTES.md), while a 640-row product of a small model needs its blocks
-    spread over the SMs more than it needs a cheaper prologue."""
-    for w in (16, 8):
-        if -(-n_out // w) >= sm_count:
-            return w
-    return 4
-
-
-def _warps(be: CudaDevice, n_out: int) -> int:
-    """Warps per block of this product: the backend's ``matvec_warps`` where set (checked),
-    else ``matvec_block_warps``. The kernel is compiled with it (``MV_WARPS``) and launched
-    with it, and the two must agree."""
-    w = getattr(be, "matvec_warps", None)
-    if w is None:
-        return matvec_block_warps(n_out, be.sm_count)
+def _warps(be: CudaDevice) -> int:
+    """The backend's warps per matrix-vector block (``matvec_warps``), checked: the kernels
+    are compiled with it (``MV_WARPS``) and launched with it, and must agree."""
+    w = getattr(be, "matvec_warps", MATVEC_WARPS)
     if w not in MATVEC_WARPS_CHOICES:
         raise BackendError(
             f"matvec_warps {w!r}: the matrix-vector kernels take one of {MATVEC_WARPS_CHOICES}"

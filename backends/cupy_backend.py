@@ -128,9 +128,8 @@ class CupyBackend(Backend):
         self.matvec_q_rows: int | None = None  # their rows per warp; None: the launch policy
         # warps per block of every matrix-vector kernel (16-bit and block types): each block
         # builds the product's whole input (norms, GeGLU, the int16 quantization) in shared
-        # memory, so fewer, larger blocks build it fewer times. None: per product
-        # (cuda_matmul.matvec_block_warps); else one of cuda_matmul.MATVEC_WARPS_CHOICES
-        self.matvec_warps: int | None = None
+        # memory, so fewer, larger blocks build it fewer times (cuda_matmul.MATVEC_WARPS_CHOICES)
+        self.matvec_warps = cuda_matmul.MATVEC_WARPS
         # prompt attention over a 16-bit cache: "flash" (tensor cores, flash_attention.cu) or
         # "simple" (k_attention, f32 arithmetic, the kernel f32 caches always use)
         self.prompt_attention = "flash"
@@ -163,12 +162,11 @@ class CupyBackend(Backend):
         return f"cupy {cp.__version__}, {name} ({total / 2**30:.0f} GiB), CUDA runtime {cuda}"
 
     # -- kernels -------------------------------------------------------------------------------
-    def fn(self, expr: str, mv_warps: int = 4) -> Any:
-        """The compiled kernel of a template instance: ``k_binary<float, bf16_t, float, 0>``;
-        ``mv_warps``: the block size a matrix-vector kernel is compiled for (``MV_WARPS``)."""
+    def fn(self, expr: str) -> Any:
+        """The compiled kernel of a template instance: ``k_binary<float, bf16_t, float, 0>``."""
         defines = (
             f"PDL_TRIGGER_AT_START={int(self.pdl_trigger_at_start)}",
-            f"MV_WARPS={mv_warps}",
+            f"MV_WARPS={self.matvec_warps}",
             *self.defines,
         )
         key = f"{expr} {' '.join(defines)}"

@@ -532,10 +532,9 @@ __global__ void k_fill_normal(TO* out, i64 n, unsigned long long seed, float mea
 // any is used: short rows (K = 640) still keep enough bytes in flight to stream the matrix at
 // memory speed. The first rows' loads are issued before the prologue, hiding its latency.
 // The prologue loads all of a thread's inputs in one round trip (PRE_REGS per thread held in
-// registers; longer rows read again from cache). MV_WARPS: warps per block, chosen per product
-// (cuda_matmul.matvec_block_warps) or by the backend's matvec_warps: it trades blocks (each
-// builds the whole input in shared memory: more blocks, more of that traffic from L2) against
-// blocks spread over the SMs.
+// registers; longer rows read again from cache). MV_WARPS: warps per block; the backend's
+// matvec_warps defines it, so that a sweep can trade blocks (each builds the whole input in
+// shared memory: more blocks, more of that traffic from L2) against warps per block.
 #ifndef MV_WARPS
 #define MV_WARPS 4
 #endif

@@ -247,20 +247,3 @@ def test_weights_of_another_config_are_named(model_file) -> None:
     wide = model.config.dequantized(f16)
     with pytest.raises(GraphError, match=r"weight blk\.0\.\w+\.weight is q\w+, the model stores"):
         Session(wide, model.weights_as(stored), options=Options(n_ctx=32, stack=True))
-
-
-def test_matrix_vector_blocks_grow_while_every_sm_keeps_one() -> None:
-    """The matrix-vector kernels' warps per block: 16 for a 7B's products (each block builds
-    the whole input, so fewer blocks read it fewer times), fewer where the rows are too few
-    to give each of an H100's 132 SMs a block at one row per warp."""
-    from backends.cuda_matmul import matvec_block_warps
-
-    sms = 132
-    for rows in (4096, 11008, 22016, 32000, 262144):  # a 7B's products, both heads
-        assert matvec_block_warps(rows, sms) == 16
-    assert matvec_block_warps(2048, sms) == 8  # 2048 / 16 = 128 blocks would leave SMs idle
-    assert matvec_block_warps(1024, sms) == 4  # a small model's attention products
-    assert matvec_block_warps(640, sms) == 4
-    assert matvec_block_warps(256, sms) == 4  # even if some SMs stay idle
-    assert matvec_block_warps(4096, 16) == 16  # a smaller GPU: the same rule
-    assert matvec_block_warps(1024, 16) == 16
