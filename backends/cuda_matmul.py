@@ -51,7 +51,11 @@ CUDA_DTYPE = {"f32": 0, "f16": 2, "bf16": 14}  # cudaDataType: R_32F, R_16F, R_1
 CUBLAS_COMPUTE_32F = 68
 GEMV_MAX_M = 8  # rows up to which the GEMV kernel beats cuBLAS (decode, short chunks)
 PRE_NORM, PRE_NORM_RES, PRE_ADD, PRE_GEGLU, PRE_SWIGLU, PRE_COPY = range(6)  # k_matvec's PRE
-MATVEC_WARPS = 4  # kernels.cu MV_WARPS's default: warps per block of the matrix-vector kernels
+# warps per block of the matrix-vector kernels (kernels.cu MV_WARPS's default). Every block
+# builds the whole input in shared memory (a norm reads four K-float vectors from L2), so fewer,
+# larger blocks read less of it: on an H100, 16 warps against 4 ran a 7B decode step Q4_K
+# 309 -> 382 t/s, Q8_0 224 -> 260, F16 154 -> 176, and the 270M's 618 -> 658 (NOTES.md)
+MATVEC_WARPS = 16
 MATVEC_WARPS_CHOICES = (2, 4, 8, 16)  # 16 x 32 threads keep 128 registers a thread
 MAX_INPUT_FLOATS = 11 * 1024  # the built input in shared memory: 44 KiB of a block's 48 KiB
 MAX_INPUT_FLOATS_Q = 98 * 256  # the block decode kernels' shared memory: 98 KiB, opted in

@@ -532,11 +532,11 @@ __global__ void k_fill_normal(TO* out, i64 n, unsigned long long seed, float mea
 // any is used: short rows (K = 640) still keep enough bytes in flight to stream the matrix at
 // memory speed. The first rows' loads are issued before the prologue, hiding its latency.
 // The prologue loads all of a thread's inputs in one round trip (PRE_REGS per thread held in
-// registers; longer rows read again from cache). MV_WARPS: warps per block; the backend's
-// matvec_warps defines it, so that a sweep can trade blocks (each builds the whole input in
-// shared memory: more blocks, more of that traffic from L2) against warps per block.
+// registers; longer rows read again from cache). MV_WARPS: warps per block (the backend's
+// matvec_warps defines it): each block builds the whole input in shared memory, so fewer,
+// larger blocks move less of it from L2; 16 ran every measured shape fastest (NOTES.md).
 #ifndef MV_WARPS
-#define MV_WARPS 4
+#define MV_WARPS 16
 #endif
 // PRE_REGS: 1,024 input elements a block in one round trip at 4 warps and more (8 a thread at
 // 4 warps, 2 at 16, where 8 would not fit 128 registers beside the weights' 64)

@@ -109,7 +109,7 @@ def _compile(
 CASES = {
     "sm_90": ("sm_90", (), _everything),
     "sm_90-variants": ("sm_90", ("QLOAD_SHORTS", "QV_PIECES=8"), lambda: _blocks(False)),
-    "sm_90-matvec-warps-16": ("sm_90", ("MV_WARPS=16",), lambda: _matvecs()),
+    "sm_90-matvec-warps-4": ("sm_90", ("MV_WARPS=4",), lambda: _matvecs()),
     "sm_90-matvec-warps-2": ("sm_90", ("MV_WARPS=2",), lambda: _matvecs()),
     "sm_90-matvec-load-nc": ("sm_90", ("MV_LOAD_NC",), lambda: _matvecs()),
     "sm_80-matvec-load-nc": ("sm_80", ("MV_LOAD_NC",), lambda: _matvecs()),

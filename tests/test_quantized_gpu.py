@@ -177,13 +177,15 @@ def _warps_case(name: str, rows: int) -> tuple:  # (graph, weights, inputs, NumP
     return graph, weights, inputs, Executor(graph, weights, "numpy").run(inputs)
 
 
-@pytest.mark.parametrize("warps", [2, 4, 8, 16])  # fastest-varying: one reference for all
-@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("rows_warps", [(1, 2), (1, 8), (1, 16), (4, 16)])  # one reference each
 @pytest.mark.parametrize("name", ["f16", "bf16", "q4_k", "q6_k", "q8_0"])
-def test_matvec_block_sizes(gpu, warps: int, name: str, rows: int) -> None:  # noqa: ANN001
-    """Every matrix-vector kernel at each ``matvec_warps`` (warps per block, compiled in as
-    MV_WARPS): the norm and GeGLU prologues (which each block runs over the whole input), the
-    grid walking a matrix with more rows than resident warps, K of 11008."""
+def test_matvec_block_sizes(gpu, rows_warps: tuple[int, int], name: str) -> None:  # noqa: ANN001
+    """Every matrix-vector kernel at ``matvec_warps`` (warps per block, compiled in as
+    MV_WARPS) of 2, 8 and the default 16: the norm and GeGLU prologues (which each block runs
+    over the whole input), the grid walking a matrix with more rows than resident warps, K of
+    11008. Four input rows fit the block kernels' shared memory beside the norm's K of 4096,
+    not the 16-bit kernel's (nor either beside GeGLU's 11008): those run unfused."""
+    rows, warps = rows_warps
     graph, weights, inputs, want = _warps_case(name, rows)
     saved, gpu.matvec_warps = gpu.matvec_warps, warps
     try:
@@ -192,8 +194,8 @@ def test_matvec_block_sizes(gpu, warps: int, name: str, rows: int) -> None:  # n
     finally:
         gpu.matvec_warps = saved
     patterns = sorted(f.pattern for f in dev.fused)
-    assert "norm_matvec" in patterns, patterns
-    assert ("glu_matvec" in patterns) == (rows * 11008 <= 11 * 1024), patterns  # shared memory
+    blocks = name not in ("f16", "bf16")
+    assert patterns == (["glu_matvec", "norm_matvec"] if rows == 1 else ["norm_matvec"] * blocks)
     close(got[0][0], want[0], 1e-4 * np.sqrt(11008), f"{name} at {warps} warps")
     _replays_equal_eager(got)
 
