@@ -115,6 +115,24 @@ def test_a_gguf_file_is_benchmarked(tmp_path, capsys: pytest.CaptureFixture[str]
     assert {r["model"] for r in rows} == {"tiny.gguf"} and len(rows) == 2
 
 
+def test_several_models_fill_one_table(
+    tmp_path,  # noqa: ANN001
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``-m`` repeated or comma-separated, as llama-bench takes it: every model is timed, in
+    the order given (one ``-m`` used to replace the others silently)."""
+    from tests.gguf_fixtures import LLAMA, LLAMA_TYPES, write_model
+
+    path = tmp_path / "tiny.gguf"
+    write_model(path, LLAMA, LLAMA_TYPES)
+    argv = ["bench", "-p", "4", "-n", "0", "-r", "1", "-o", "json"]
+    assert main([*argv, "-m", "llama-tiny", "-m", f"{path},gemma3-tiny"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == ["random:llama-tiny", "tiny.gguf", "random:gemma3-tiny"]
+    assert main([*argv, "-m", "llama-tiny,,gemma3-tiny"]) == 2
+    assert "an empty model name between commas" in capsys.readouterr().err
+
+
 def test_the_default_run_finishes(capsys: pytest.CaptureFixture[str]) -> None:
     """The README's main job: the 270M shape on the best backend (here the CPU)."""
     assert main(["bench", "-r", "1"]) == 0

@@ -424,6 +424,19 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return float(np.percentile(sorted_values, q))
 
 
+def models_of(given: str | list[str] | None) -> list[str]:
+    """The models ``-m`` names, in order: each ``-m`` may list several, comma-separated (as
+    llama-bench reads it); none given is the default model (a preset gives one string)."""
+    if not given:
+        return ["random:gemma3-270m"]
+    if isinstance(given, str):
+        given = [given]
+    models = [m.strip() for value in given for m in value.split(",")]
+    if any(not m for m in models):
+        raise UsageError(f"-m {','.join(given)!r}: an empty model name between commas")
+    return models
+
+
 def main(args: argparse.Namespace) -> int:
     if args.preset:
         for key, value in SEED_PRESETS[args.preset][1].items():
@@ -439,18 +452,20 @@ def main(args: argparse.Namespace) -> int:
         timeline.check_path(args.trace)  # before the run, not after it
         trace = Trace()
     sweep = sweep_from(args, n_ctx=args.ctx_size or Options().n_ctx)
-    results = run_bench(
-        args.model,
-        args.n_prompt,
-        args.n_gen,
-        args.repetitions,
-        sweep,
-        seed=args.seed,
-        trace=trace,
-        pg=args.prompt_gen,
-        interleave=args.interleave,
-        depths=args.n_depth,
-    )
+    results = []
+    for model in models_of(args.model):
+        results += run_bench(
+            model,
+            args.n_prompt,
+            args.n_gen,
+            args.repetitions,
+            sweep,
+            seed=args.seed,
+            trace=trace,
+            pg=args.prompt_gen,
+            interleave=args.interleave,
+            depths=args.n_depth,
+        )
     print(format_results(results, args.output))
     if args.plot:
         plot(results, args.plot)

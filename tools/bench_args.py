@@ -95,10 +95,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-m",
         "--model",
-        default="random:gemma3-270m",
+        action="append",
+        default=None,
         help="a GGUF path, a packaged model (gemma3-270m: the real file), or random:ARCH, a "
         f"built-in architecture with generated weights ({', '.join(sorted(PRESETS))}; "
-        "default random:gemma3-270m)",
+        "default random:gemma3-270m); repeat it, or give a comma-separated list as llama-bench "
+        "takes, to time several models one after another in one table",
     )
     p.add_argument(
         "--preset",
