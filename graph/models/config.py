@@ -86,8 +86,17 @@ class ModelConfig:
         return dict(self.weight_types)
 
     @functools.cached_property
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """``_weight_shapes``, computed once: a graph build asks for it per projection."""
+        return _weight_shapes(self)
+
+    @functools.cached_property
+    def _stacked_shapes(self) -> dict[str, tuple[int, ...]]:
+        return _stack_shapes(self, self._shapes)
+
+    @functools.cached_property
     def _matrices(self) -> frozenset[str]:
-        return frozenset(n for n, s in _weight_shapes(self).items() if len(s) == 2)
+        return frozenset(n for n, s in self._shapes.items() if len(s) == 2)
 
     def weight_dtype(self, name: str) -> DType:
         """How weight ``name`` is stored: its entry in ``weight_types``, else ``dtype`` for a
@@ -178,11 +187,15 @@ def weight_shapes(cfg: ModelConfig, stack: bool = False) -> dict[str, tuple[int,
     """Every weight the builders read, by GGUF name, with its NumPy shape.
 
     With ``stack`` the stacked projections of ``STACKED`` replace their parts, in each layer
-    where they share a storage type (``ModelConfig.stacks``).
+    where they share a storage type (``ModelConfig.stacks``). A new dict each call (the
+    config keeps its own).
     """
-    shapes = _weight_shapes(cfg)
-    if not stack:
-        return shapes
+    return dict(cfg._stacked_shapes if stack else cfg._shapes)  # noqa: SLF001
+
+
+def _stack_shapes(
+    cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {}
     for name, shape in shapes.items():
         parts = name.split(".")
