@@ -82,9 +82,15 @@ class Node:
 
     @property
     def contiguous(self) -> bool:
-        live = [(d, s) for d, s in zip(self.shape, self.strides, strict=True) if d != 1]
-        want = contiguous_strides(tuple(d for d, _ in live))
-        return all(s == w for (_, s), w in zip(live, want, strict=True))
+        """Row-major over the dims that are not 1 (their strides do not matter). Asked of
+        every source of every node a graph build makes, hence the plain loop."""
+        want = 1
+        for d, s in zip(reversed(self.shape), reversed(self.strides), strict=True):
+            if d != 1:
+                if s != want:
+                    return False
+                want *= d
+        return True
 
     @property
     def layer(self) -> int | None:
