@@ -110,7 +110,7 @@ class GraphBuilder:
         for o in outputs:
             if not isinstance(o, Tensor) or o.builder is not self:
                 raise GraphError(f"output {o!r} is not a tensor of this builder")
-        graph = Graph(tuple(self.nodes), tuple(o.id for o in outputs))
+        graph = Graph(tuple(self.nodes), tuple(o.id for o in outputs), derived=True)
         return graph.dce() if dce else graph
 
     # -- leaves --------------------------------------------------------------------------------

@@ -203,6 +203,9 @@ class Graph:
     nodes: tuple[Node, ...]
     outputs: tuple[int, ...]
     meta: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+    # every node was made by make_node from the nodes before it (GraphBuilder, and dce of
+    # such a graph): validate() need not re-derive them, half the cost of planning a step
+    derived: bool = field(default=False, compare=False, hash=False, repr=False)
 
     # -- derived views (computed once per graph) ---------------------------------------------
     @cached_property
@@ -251,11 +254,18 @@ class Graph:
         Topological order, shapes and dtypes, unique leaf names, outputs in range, and KV-cache
         discipline: a state is written by at most one SET_ROWS, and once written nothing reads
         the state leaf directly (readers take the write's result, which orders them after it).
+        A ``derived`` graph's nodes were made by ``make_node`` already: only their order is
+        checked, not re-derived.
         """
         rebuilt: list[Node] = []
         for n in self.nodes:
             if n.id != len(rebuilt):
                 raise GraphError(f"node {n.label} has id {n.id} at position {len(rebuilt)}")
+            if self.derived:
+                if any(not 0 <= s < n.id for s in n.srcs):
+                    raise GraphError(f"node {n.label} reads a later node: {n.srcs}")
+                rebuilt.append(n)
+                continue
             again = make_node(rebuilt, n.op, n.srcs, n.params, n.name, n.shape, n.dtype)
             if again != n:
                 raise GraphError(f"node {n.label} does not match its re-derivation: {again}")
@@ -318,7 +328,8 @@ class Graph:
                         remap[n.base],
                     )
                 )
-        return Graph(tuple(nodes), tuple(remap[o] for o in self.outputs), dict(self.meta))
+        outputs = tuple(remap[o] for o in self.outputs)
+        return Graph(tuple(nodes), outputs, dict(self.meta), derived=self.derived)
 
     # -- display -------------------------------------------------------------------------------
     def summary(self) -> str:

@@ -380,3 +380,25 @@ def test_validate_catches_hand_made_inconsistent_nodes() -> None:
 
 def _fields(n) -> dict:
     return {k: getattr(n, k) for k in n.__dataclass_fields__}
+
+
+def test_builder_graphs_are_derived_and_hand_made_ones_re_derived() -> None:
+    """A builder's graph (and its dce) skips re-deriving its nodes in validate(), which the
+    builder did as it made them (half the cost of planning a step); a graph assembled by hand
+    is still re-derived node by node."""
+    import dataclasses
+
+    g = GraphBuilder()
+    x = g.input("x", (2, 4), f32)
+    y = g.add(x, x)
+    g.mul(x, x)  # dropped by dce
+    graph = g.build([y])
+    assert graph.derived and len(graph.nodes) == 2
+    graph.validate()
+    nodes = tuple(dataclasses.replace(n, shape=(4, 2)) if n.id == 1 else n for n in graph.nodes)
+    with pytest.raises(GraphError, match=r"declares shape \(4, 2\), inferred \(2, 4\)"):
+        Graph(nodes, graph.outputs).validate()
+    with pytest.raises(GraphError, match="reads a later node"):
+        Graph(
+            (dataclasses.replace(graph.nodes[0], srcs=(1,)), graph.nodes[1]), (1,), derived=True
+        ).validate()
