@@ -1,25 +1,24 @@
 """Decode steps of GGUF files under each size of the matrix-vector kernels' blocks.
 
-    python benchmarks/matvec_warps.py -m 7b-f16.gguf -m 7b-q4k.gguf [--warps auto,2,4,8,16]
+    python benchmarks/matvec_warps.py -m 7b-f16.gguf -m 7b-q4k.gguf [--warps 2,4,8,16]
         [--defines ,MV_LOAD_NC] [-n 32]
 
 Every matrix-vector kernel (16-bit ``k_matvec``, the block types' ``k_matvec_q16`` and
 ``k_matvec_q``) builds its whole input in shared memory in every block: the norm and residual
 before the attention and MLP products, GeGLU before the down projection, the int16
-quantization of the block kernels. At 4 warps a 7B step's products run ~400 blocks each, and
-each of them reads the input (16-44 KB, four vectors for the norm) from L2: blocks of 8 or 16
+quantization of the block kernels. At 4 warps a 7B product runs ~400 blocks, and each of
+them reads the input (16-44 KB, four vectors for the norm) from L2: blocks of 8 or 16
 warps read it 2-4 times less often, at the price of fewer, larger blocks to balance.
 
 For each file, one session; for each ``--warps`` (the backend's ``matvec_warps``, compiled in
-as ``MV_WARPS``; ``auto``: each product's own, ``cuda_matmul.matvec_block_warps``) and each
-set of ``--defines`` (kernels.cu experiment macros, ``+``-joined within a set, the empty set
-first: ``MV_LOAD_NC`` loads the 16-bit weights through the read-only path without L1
-allocation) its step executors are rebuilt, three greedy steps run (compiled, captured,
-replayed), then ``-r`` rounds of ``-n`` timed steps; the table gives
-tokens/s (median round), ms a step and the weights' bytes a step at that rate (what an
-HBM-bound step is measured by), and the largest difference of one fixed step's logits from
-the first variant's, relative to their largest magnitude (summation order differs with the
-block size: ~1e-3 is rounding, a wrong kernel is ~1).
+as ``MV_WARPS``, 16 by default) and each set of ``--defines`` (kernels.cu experiment macros,
+``+``-joined within a set, the empty set first: ``MV_LOAD_NC`` loads the 16-bit weights
+through the read-only path without L1 allocation) its step executors are rebuilt, three
+greedy steps run (compiled, captured, replayed), then ``-r`` rounds of ``-n`` timed steps; the
+table gives tokens/s (median round), ms a step and the weights' bytes a step at that rate
+(what an HBM-bound step is measured by), and the largest difference of one fixed step's
+logits from the first variant's, relative to their largest magnitude (summation order differs
+with the block size: ~1e-5 is rounding, a wrong kernel is ~1).
 The variants alternate round by round, so a drift of the machine falls on all of them.
 """
 
@@ -37,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _steps(sess: Any, variant: tuple[int | None, tuple[str, ...]], n: int) -> tuple[float, Any]:
+def _steps(sess: Any, variant: tuple[int, tuple[str, ...]], n: int) -> tuple[float, Any]:
     """Tokens/s of ``n`` greedy steps with ``variant`` (warps per matrix-vector block and the
     kernels' extra macros), and the logits of the step after them: a variant that is faster
     because it computes something else shows here (compared with the first variant's)."""
@@ -64,13 +63,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("-m", "--model", action="append", required=True, help="a GGUF file (repeat)")
     p.add_argument(
-        "--warps", default="auto,4,8,16", help="warps per block to compare (auto: per product)"
+        "--warps", default="16,4,8", help="warps per block to compare (the first: the reference)"
     )
     p.add_argument("--defines", default="", help="macro sets to compare, e.g. ,MV_LOAD_NC")
     p.add_argument("-n", "--n-gen", type=int, default=32, help="timed steps a round")
     p.add_argument("-r", "--rounds", type=int, default=3)
     args = p.parse_args()
-    warps = [None if w == "auto" else int(w) for w in args.warps.split(",")]
+    warps = [int(w) for w in args.warps.split(",")]
     macro_sets = [tuple(m for m in d.split("+") if m) for d in args.defines.split(",")]
     variants = [(w, m) for w in warps for m in macro_sets]
 
@@ -79,7 +78,7 @@ def main() -> int:
     from engine.model.session import Session
     from engine.options import Options
 
-    bad = [w for w in warps if w is not None and w not in MATVEC_WARPS_CHOICES]
+    bad = [w for w in warps if w not in MATVEC_WARPS_CHOICES]
     if bad:
         p.error(f"--warps {bad}: each must be one of {MATVEC_WARPS_CHOICES}")
     print("| file | warps | macros | t/s | ms/step | weights GB/s | logits vs first |")
@@ -90,8 +89,8 @@ def main() -> int:
         cfg = config_for(file, options)
         sess = Session(cfg, file.weights_as(cfg, stack=options.stack), options=options)
         weight_bytes = cfg.n_bytes(options.stack)
-        rates: dict[tuple[int | None, tuple[str, ...]], list[float]] = {v: [] for v in variants}
-        logits: dict[tuple[int | None, tuple[str, ...]], np.ndarray] = {}
+        rates: dict[tuple[int, tuple[str, ...]], list[float]] = {v: [] for v in variants}
+        logits: dict[tuple[int, tuple[str, ...]], np.ndarray] = {}
         for r in range(args.rounds):
             for v in variants if r % 2 == 0 else variants[::-1]:
                 tps, last = _steps(sess, v, args.n_gen)
@@ -102,7 +101,7 @@ def main() -> int:
             tps = statistics.median(rates[v])
             diff = float(np.abs(logits[v] - first).max() / max(np.abs(first).max(), 1e-30))
             print(
-                f"| {Path(path).name} | {v[0] or 'auto'} | {'+'.join(v[1]) or '-'} | {tps:.2f} | "
+                f"| {Path(path).name} | {v[0]} | {'+'.join(v[1]) or '-'} | {tps:.2f} | "
                 f"{1e3 / tps:.3f} | {weight_bytes * tps / 1e9:.0f} | {diff:.1e} |",
                 flush=True,
             )
