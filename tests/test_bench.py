@@ -103,6 +103,32 @@ def test_plot_draws_the_sweep(tmp_path, capsys: pytest.CaptureFixture[str]) -> N
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([*argv, "--plot", str(tmp_path / "sweep.svg")]) == 2
     assert "name it .png" in capsys.readouterr().err
+    from tools.bench_report import _config
+
+    two = tmp_path / "models.png"  # bars named by model where several share a panel
+    assert (
+        main(
+            [
+                "bench",
+                "-m",
+                "llama-tiny,gemma3-tiny",
+                "-p",
+                "4",
+                "-n",
+                "0",
+                "-r",
+                "1",
+                "-o",
+                "json",
+                "--plot",
+                str(two),
+            ]
+        )
+        == 0
+    )
+    rows = [bench.BenchResult(**r) for r in json.loads(capsys.readouterr().out)]
+    assert [_config(r, ["model"]) for r in rows] == ["random:llama-tiny", "random:gemma3-tiny"]
+    assert two.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_gguf_file_is_benchmarked(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
@@ -131,6 +157,15 @@ def test_several_models_fill_one_table(
     assert [r["model"] for r in rows] == ["random:llama-tiny", "tiny.gguf", "random:gemma3-tiny"]
     assert main([*argv, "-m", "llama-tiny,,gemma3-tiny"]) == 2
     assert "an empty model name between commas" in capsys.readouterr().err
+    missing = tmp_path / "missing.gguf"
+    assert main([*argv, "-m", f"llama-tiny,{missing}"]) == 2  # found before any timing
+    out = capsys.readouterr()
+    assert "no such file" in out.err and "warm-up" not in out.err and out.out == ""
+    trace = tmp_path / "two.json"
+    assert main([*argv, "-m", "llama-tiny,gemma3-tiny", "--trace", str(trace)]) == 0
+    doc = json.loads(trace.read_text())
+    names = {e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "process_name"}
+    assert any("llama-tiny" in n for n in names) and any("gemma3-tiny" in n for n in names)
 
 
 def test_the_default_run_finishes(capsys: pytest.CaptureFixture[str]) -> None:

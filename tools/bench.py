@@ -178,7 +178,8 @@ class _Sweep:
         if self.trace is None:
             return
         sess = job.config.session
-        self.trace.section = f"{job.test} {job.config.backend.name} {job.config.label}"
+        c = job.config  # the model too: one trace may hold several models' runs
+        self.trace.section = f"{self.source.name} {job.test} {c.backend.name} {c.label}"
         sess.trace = self.trace
         try:
             job.once()
@@ -434,6 +435,8 @@ def models_of(given: str | list[str] | None) -> list[str]:
     models = [m.strip() for value in given for m in value.split(",")]
     if any(not m for m in models):
         raise UsageError(f"-m {','.join(given)!r}: an empty model name between commas")
+    for m in models:  # every name checked before the first model's minutes of timing
+        ModelArg.parse(m)
     return models
 
 

@@ -170,7 +170,7 @@ def plot(results: list[BenchResult], path: str) -> None:
     tests = list(dict.fromkeys(r.test for r in results))
     varies = [
         k
-        for k in ("streams", "graphs", "strategy", "vram")
+        for k in ("model", "dtype", "streams", "graphs", "strategy", "vram")
         if len({getattr(r, k) for r in results}) > 1
     ]
     fig = Figure(figsize=(max(6.0, 1.0 + 0.6 * len(results) / len(tests)), 3.2 * len(tests)))
@@ -190,7 +190,8 @@ def plot(results: list[BenchResult], path: str) -> None:
             fontsize=8,
         )
         ax.set_ylabel("tokens/s")
-        ax.set_title(f"{rows[0].model} {rows[0].dtype} {test} ({rows[0].backend})", fontsize=10)
+        what = " ".join(getattr(rows[0], k) for k in ("model", "dtype") if k not in varies)
+        ax.set_title(f"{what} {test} ({rows[0].backend})".lstrip(), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     from tools.files import atomic_path
@@ -201,7 +202,7 @@ def plot(results: list[BenchResult], path: str) -> None:
 
 def _config(r: BenchResult, varies: Sequence[str]) -> str:
     """What distinguishes a row from the others of the sweep."""
-    parts = []
+    parts = [getattr(r, k) for k in ("model", "dtype") if k in varies]
     if "streams" in varies:
         parts.append(f"streams {r.streams}")
     if "graphs" in varies:
