@@ -74,6 +74,7 @@ class Forward:
         self.layer_ids = range(first, min(end, cfg.n_layer))
         self.g = g = GraphBuilder()
         self.shapes = weight_shapes(cfg, self.stack)
+        self.part_shapes = weight_shapes(cfg) if self.stack else self.shapes  # unstacked names
         self.layers = weight_layers(cfg, self.stack)
         self._weights: dict[str, Tensor] = {}
         self.tokens = g.input("tokens", (n,), i32)
@@ -162,7 +163,7 @@ class Forward:
         """
         g, n = self.g, self.n_tokens
         names = [f"{prefix}{m}.weight" for m in STACKED[stacked]]
-        rows = [weight_shapes(self.cfg)[name][0] for name in names]
+        rows = [self.part_shapes[name][0] for name in names]
         dims = split or [(r,) for r in rows]
         if f"{prefix}{stacked}.weight" not in self.shapes:  # not stacked (in this layer)
             return [
