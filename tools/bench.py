@@ -178,8 +178,8 @@ class _Sweep:
         if self.trace is None:
             return
         sess = job.config.session
-        c = job.config  # the model too: one trace may hold several models' runs
-        self.trace.section = f"{self.source.name} {job.test} {c.backend.name} {c.label}"
+        c = job.config  # the model last: one trace may hold several models' runs
+        self.trace.section = f"{job.test} {c.backend.name} {c.label} {self.source.name}"
         sess.trace = self.trace
         try:
             job.once()
