@@ -51,7 +51,7 @@ from engine.views.trace import Trace
 from graph.ops import GraphError
 from tools import timeline
 from tools.args import ModelArg, UsageError, sweep_from
-from tools.bench_args import SEED_PRESETS, add_arguments
+from tools.bench_args import DEFAULT_MODEL, SEED_PRESETS, add_arguments
 from tools.bench_report import BenchResult, format_results, plot
 
 __all__ = ["BenchResult", "run_bench", "add_arguments", "main"]
@@ -429,7 +429,7 @@ def models_of(given: str | list[str] | None) -> list[str]:
     """The models ``-m`` names, in order: each ``-m`` may list several, comma-separated (as
     llama-bench reads it); none given is the default model (a preset gives one string)."""
     if not given:
-        return ["random:gemma3-270m"]
+        return [DEFAULT_MODEL]
     if isinstance(given, str):
         given = [given]
     models = [m.strip() for value in given for m in value.split(",")]

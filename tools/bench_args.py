@@ -90,6 +90,9 @@ def _pairs(text: str) -> list[tuple[int, int]]:
     return out
 
 
+DEFAULT_MODEL = "random:gemma3-270m"  # what bench times when no -m is given
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """bench's own flags (the run flags, lists where bench sweeps, come from ``tools.args``)."""
     p.add_argument(
@@ -99,7 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a GGUF path, a packaged model (gemma3-270m: the real file), or random:ARCH, a "
         f"built-in architecture with generated weights ({', '.join(sorted(PRESETS))}; "
-        "default random:gemma3-270m); repeat it, or give a comma-separated list as llama-bench "
+        f"default {DEFAULT_MODEL}); repeat it, or give a comma-separated list as llama-bench "
         "takes, to time several models one after another in one table",
     )
     p.add_argument(
