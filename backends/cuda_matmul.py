@@ -142,9 +142,8 @@ def _bind_matvec(
     latency a short product cannot hide), else the last, its grid then walking the matrix
     with resident blocks (the output head). ``shape``: the weight's (rows, K); ``inputs``:
     a, b, w1, w2, v_out, eps1, eps2."""
-    a, b, w1, w2, v_out, eps1, eps2 = inputs
     n_out, k = shape
-    m = a.size // k
+    m = inputs[0].size // k
     warps = _warps(be)
     for r in choices:
         f = be.fn(f"{head}, {r}, {pre}, {1 if m == 1 else GEMV_MAX_M}>")
@@ -154,8 +153,23 @@ def _bind_matvec(
         if blocks <= resident or r == choices[-1]:
             grid = min(blocks, resident)
             break
+    args = _matvec_args(w_ptr, out, m, n_out, k, inputs, early)
+    return prepare_launch(be, f, (grid,), (32 * warps,), args, smem)
+
+
+def _matvec_args(
+    w_ptr: np.uint64,
+    out: Any,
+    m: int,
+    n_out: int,
+    k: int,
+    inputs: tuple[Any, Any, Any, Any, Any, float, float],
+    early: bool,
+) -> tuple[Any, ...]:
+    """The arguments every matrix-vector kernel takes, in its order."""
+    a, b, w1, w2, v_out, eps1, eps2 = inputs
     null = np.uint64(0)
-    args = (
+    return (
         w_ptr,
         ptr(a),
         ptr(b),
@@ -172,7 +186,6 @@ def _bind_matvec(
         np.float32(eps2),
         np.int32(early),
     )
-    return prepare_launch(be, f, (grid,), (32 * warps,), args, smem)
 
 
 def _warps(be: CudaDevice) -> int:
@@ -199,15 +212,21 @@ def _inputs_fit(out: Any, a: Any, b: Any, w1: Any, w2: Any, v_out: Any, k: int) 
     return v_out is None or (v_out.flags.c_contiguous and dtype_of_array(v_out) == f32)
 
 
-MATVEC_Q_KERNELS = {"int16": "k_matvec_q16", "float": "k_matvec_q"}  # quant_kernels.cu
+MATVEC_Q_KERNELS = {"int16": "k_matvec_q16", "float": "k_matvec_q", "staged": "k_matvec_qs"}
+"""The decode kernels on block weights (quant_kernels.cu), by the backend's ``matvec_q``:
+the int16 input with integer dots, f32 throughout, and the int16 arithmetic with the weight
+staged through a cp.async ring in shared memory (``staged``; where the ring and the input do
+not fit the device's shared memory, ``int16`` runs instead)."""
 MATVEC_Q_VARIANTS = tuple(MATVEC_Q_KERNELS)
+MVQ_STAGES = 4  # quant_kernels.cu's defaults: rounds in a warp's ring of the staged kernel,
+MVS_PIECES = 2  # and pieces a lane copies per round over its warp's rows
 
 
 def _q_smem(m: int, k: int, qtype: DType, variant: str = "int16") -> int:
     """Shared memory of the decode kernels: the input rows (f32); ``int16``: also the input
     as int16 and 16 bytes per piece; ``float``: the piece sums where the type subtracts a
     minimum (Q4_K, Q5_K)."""
-    if variant == "int16":
+    if variant in ("int16", "staged"):
         return m * k * 6 + m * (k // 32) * 16
     sums = m * (k // 32) if qtype.name in ("q4_k", "q5_k") else 0
     return (m * k + sums) * 4
@@ -240,9 +259,14 @@ def _matvec_q(
         return None
     if not _inputs_fit(out, a, b, w1, w2, v_out, k):
         return None
-    head = f"{kernel}<{QT_ID[w.dtype.name]}"
     inputs = (a, b, w1, w2, v_out, eps1, eps2)
     forced = getattr(be, "matvec_q_rows", None)
+    if variant == "staged":
+        staged = _bind_staged(be, w, out, pre, inputs, early, forced)
+        if staged is not None:
+            return staged
+        kernel = MATVEC_Q_KERNELS["int16"]
+    head = f"{kernel}<{QT_ID[w.dtype.name]}"
     return _bind_matvec(
         be,
         head,
@@ -255,6 +279,65 @@ def _matvec_q(
         inputs,
         early,
     )
+
+
+def _macro(be: CudaDevice, name: str, default: int) -> int:
+    """A kernels.cu macro's value as the backend compiles it: ``default`` unless its
+    ``defines`` (experiments) set ``name=value``."""
+    for d in getattr(be, "defines", ()):
+        key, _, value = d.partition("=")
+        if key == name and value:
+            return int(value)
+    return default
+
+
+def staged_ring_bytes(qtype: DType, rows: int, warps: int, stages: int, pieces: int) -> int:
+    """Shared memory of ``k_matvec_qs``'s rings (quant_kernels.cu ``QStage``): per warp,
+    ``stages`` rounds of ``rows`` rows' 16-byte chunks, each row's round 32 pieces a lane
+    (``pieces // rows``, at least one) of blocks plus one chunk for an unaligned start."""
+    per_lane = max(1, pieces // rows)
+    blocks = 32 * per_lane * 32 // qtype.block_size
+    chunks = (blocks * qtype.block_bytes + 30) // 16
+    return warps * stages * rows * chunks * 16
+
+
+def _bind_staged(
+    be: CudaDevice,
+    w: Quantized,
+    out: Any,
+    pre: int,
+    inputs: tuple[Any, Any, Any, Any, Any, float, float],
+    early: bool,
+    forced: int | None,
+) -> Callable[[], None] | None:
+    """``k_matvec_qs`` on a block weight, or None where its rings and input do not fit the
+    device's shared memory at any rows per warp. Rows per warp: of 4, 2 and 1, the one whose
+    busiest warp has the fewest rows (row groups are dealt to all the grid's warps in turn),
+    the larger on a tie (fewer reads of the input per weight byte)."""
+    n_out, k = w.shape
+    m = inputs[0].size // k
+    warps = _warps(be)
+    stages = _macro(be, "MVQ_STAGES", MVQ_STAGES)
+    pieces = _macro(be, "MVS_PIECES", MVS_PIECES)
+    limit = be.smem_optin - 1024  # the kernel's own 128 bytes, and slack
+    mm = 1 if m == 1 else GEMV_MAX_M
+    best: tuple[int, int, Any, int, int] | None = None  # (busiest rows, -r, f, smem, grid)
+    for r in (forced,) if forced else (4, 2, 1):
+        smem = staged_ring_bytes(w.dtype, r, warps, stages, pieces) + _q_smem(m, k, w.dtype)
+        if smem > limit:
+            continue
+        f = be.fn(f"k_matvec_qs<{QT_ID[w.dtype.name]}, {r}, {pre}, {mm}>")
+        opt_in_smem(f, smem)
+        groups = -(-n_out // r)
+        grid = min(resident_blocks(be, f, 32 * warps, smem), groups)
+        busiest = -(-groups // (grid * warps)) * r
+        if best is None or (busiest, -r) < best[:2]:
+            best = (busiest, -r, f, smem, grid)
+    if best is None:
+        return None
+    _, _, f, smem, grid = best
+    args = _matvec_args(ptr(w.data), out, m, n_out, k, inputs, early)
+    return prepare_launch(be, f, (grid,), (32 * warps,), args, smem)
 
 
 def _q_rows_choices(qtype: str, n_out: int, m: int) -> tuple[int, ...]:

@@ -110,6 +110,11 @@ class CupyBackend(Backend):
         props = cp.cuda.runtime.getDeviceProperties(0)
         self.sm_count = int(props["multiProcessorCount"])
         self.compute_capability = 10 * int(props["major"]) + int(props["minor"])
+        # the most dynamic shared memory a block may opt in to (227 KiB on Hopper)
+        self.smem_optin = int(
+            props.get("sharedMemPerBlockOptin")
+            or cp.cuda.Device().attributes.get("MaxSharedMemoryPerBlockOptin", 0)
+        )
         self._spec: CudaSpec | None = None
         lib = load_driver()
         self._driver = DriverLauncher(lib, self.compute_stream.ptr) if lib is not None else None
@@ -124,7 +129,7 @@ class CupyBackend(Backend):
         self.defines: tuple[str, ...] = ()  # extra kernels.cu macros (experiments, profiling)
         # decode products on block weights: "int16" (the input quantized per 32 elements to
         # int16, integer dot products) or "float" (f32 throughout); see quant_kernels.cu
-        self.matvec_q = "int16"
+        self.matvec_q = "int16"  # or "staged": int16's arithmetic, weights through a cp.async ring
         self.matvec_q_rows: int | None = None  # their rows per warp; None: the launch policy
         # warps per block of every matrix-vector kernel (16-bit and block types): each block
         # builds the product's whole input (norms, GeGLU, the int16 quantization) in shared

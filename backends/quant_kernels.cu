@@ -307,37 +307,10 @@ __device__ __forceinline__ int dp2a_hi(unsigned x2, unsigned w4, int c) {
     return __dp2a_hi((int)x2, (int)w4, c);
 }
 
-template <int QT, int R, int PRE, int MM>
-__global__ void __launch_bounds__(MV_WARPS * 32)
-    k_matvec_q16(const unsigned char* w, const float* a, const float* b, const float* w1,
-                 const float* w2, float* v_out, float* out, int M, int N, int K, i64 a_rs, i64 b_rs,
-                 float eps1, float eps2, int early) {
-    PDL_LAUNCH();
-    typedef QBlock<QT> B;
-    constexpr int T = QV_PIECES / R;
-    extern __shared__ float xs[];  // M x K f32 (swizzled), M x K int16, M x P int4
-    __shared__ float red[32];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int rows_per_block = MV_WARPS * R;
-    const int P = K >> 5;
-    const i64 row_bytes = (i64)(K / B::QK) * B::BYTES;
-    uint4* xq = reinterpret_cast<uint4*>(xs + (i64)M * K);  // 16-byte chunks, 4 per piece
-    int4* info = reinterpret_cast<int4*>(xq + (i64)M * P * 4);
-    typename B::Raw raw[R][T];
-    int row0 = blockIdx.x * rows_per_block + warp * R;
-    for (int pass = 0; pass < 2; ++pass) {
-        if (pass == 1) PDL_WAIT();
-        if ((pass == 0) != (early != 0)) continue;
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-            for (int t = 0; t < T; ++t) {
-                const int p = lane + 32 * t;
-                if (row0 + r < N && p < P) raw[r][t] = B::load(w + (i64)(row0 + r) * row_bytes, p);
-            }
-    }
-    build_input<PRE, true>(xs, a, b, w1, w2, v_out, M, K, a_rs, b_rs, eps1, eps2, red);
-    __syncthreads();
+// Every piece i = (m, g) of the built input (xs: M rows of K f32, swizzled) quantized to int16:
+// xq chunk-major per row (16-byte chunk c of piece g at c * P + g), info[i] = (scale as float
+// bits, sum of the first 16 quants, sum of the last 16, 0). The whole block takes part.
+__device__ __forceinline__ void q16_quantize(const float* xs, uint4* xq, int4* info, int M, int P) {
     for (int i = threadIdx.x; i < M * P; i += blockDim.x) {  // quantize piece i = (m, g)
         const int m = i / P, g = i - m * P;
         const float4* x4 = reinterpret_cast<const float4*>(xs + (i64)i * 32);
@@ -369,6 +342,72 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
             dst[(i64)c * P + g] = make_uint4(pk[4 * c], pk[4 * c + 1], pk[4 * c + 2], pk[4 * c + 3]);
         info[i] = make_int4(__float_as_int(amax / 32767.f), s0, s1, 0);
     }
+}
+
+// piece p of input row m as 16 words of int16 pairs
+__device__ __forceinline__ void q16_input(const uint4* xq, int m, int P, int p, unsigned* xw) {
+    const uint4* src = xq + (i64)m * P * 4;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const uint4 v = src[(i64)c * P + p];
+        xw[4 * c] = v.x;
+        xw[4 * c + 1] = v.y;
+        xw[4 * c + 2] = v.z;
+        xw[4 * c + 3] = v.w;
+    }
+}
+
+// a weight piece's dot with the int16 input piece (xw, its info in), in the input's scale
+template <int QT>
+__device__ __forceinline__ float q16_dot(const typename QBlock<QT>::Raw& raw, int p,
+                                         const unsigned* xw, const int4& in) {
+    QInts q;
+    q_ints<QT>(raw, p, q);
+    int i0 = 0, i1 = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        i0 = dp2a_lo(xw[2 * i], q.w[i], i0);
+        i0 = dp2a_hi(xw[2 * i + 1], q.w[i], i0);
+        i1 = dp2a_lo(xw[2 * i + 8], q.w[i + 4], i1);
+        i1 = dp2a_hi(xw[2 * i + 9], q.w[i + 4], i1);
+    }
+    const float v = q.d0 * (float)(i0 - q.bias * in.y) + q.d1 * (float)(i1 - q.bias * in.z) -
+                    q.mn * (float)(in.y + in.z);
+    return __int_as_float(in.x) * v;
+}
+
+template <int QT, int R, int PRE, int MM>
+__global__ void __launch_bounds__(MV_WARPS * 32)
+    k_matvec_q16(const unsigned char* w, const float* a, const float* b, const float* w1,
+                 const float* w2, float* v_out, float* out, int M, int N, int K, i64 a_rs, i64 b_rs,
+                 float eps1, float eps2, int early) {
+    PDL_LAUNCH();
+    typedef QBlock<QT> B;
+    constexpr int T = QV_PIECES / R;
+    extern __shared__ float xs[];  // M x K f32 (swizzled), M x K int16, M x P int4
+    __shared__ float red[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int rows_per_block = MV_WARPS * R;
+    const int P = K >> 5;
+    const i64 row_bytes = (i64)(K / B::QK) * B::BYTES;
+    uint4* xq = reinterpret_cast<uint4*>(xs + (i64)M * K);  // 16-byte chunks, 4 per piece
+    int4* info = reinterpret_cast<int4*>(xq + (i64)M * P * 4);
+    typename B::Raw raw[R][T];
+    int row0 = blockIdx.x * rows_per_block + warp * R;
+    for (int pass = 0; pass < 2; ++pass) {
+        if (pass == 1) PDL_WAIT();
+        if ((pass == 0) != (early != 0)) continue;
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int t = 0; t < T; ++t) {
+                const int p = lane + 32 * t;
+                if (row0 + r < N && p < P) raw[r][t] = B::load(w + (i64)(row0 + r) * row_bytes, p);
+            }
+    }
+    build_input<PRE, true>(xs, a, b, w1, w2, v_out, M, K, a_rs, b_rs, eps1, eps2, red);
+    __syncthreads();
+    q16_quantize(xs, xq, info, M, P);
     __syncthreads();
     bool loaded = true;
     for (int base = blockIdx.x * rows_per_block; base < N; base += gridDim.x * rows_per_block) {
@@ -397,35 +436,12 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
 #pragma unroll
                 for (int m = 0; m < MM; ++m) {
                     if (m >= M) break;
-                    const uint4* src = xq + (i64)m * P * 4;
                     unsigned xw[16];
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) {
-                        const uint4 v = src[(i64)c * P + p];
-                        xw[4 * c] = v.x;
-                        xw[4 * c + 1] = v.y;
-                        xw[4 * c + 2] = v.z;
-                        xw[4 * c + 3] = v.w;
-                    }
+                    q16_input(xq, m, P, p, xw);
                     const int4 in = info[m * P + p];
-                    const float dx = __int_as_float(in.x);
 #pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        if (row0 + r >= N) continue;
-                        QInts q;
-                        q_ints<QT>(raw[r][t], p, q);
-                        int i0 = 0, i1 = 0;
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            i0 = dp2a_lo(xw[2 * i], q.w[i], i0);
-                            i0 = dp2a_hi(xw[2 * i + 1], q.w[i], i0);
-                            i1 = dp2a_lo(xw[2 * i + 8], q.w[i + 4], i1);
-                            i1 = dp2a_hi(xw[2 * i + 9], q.w[i + 4], i1);
-                        }
-                        const float v = q.d0 * (float)(i0 - q.bias * in.y) +
-                                        q.d1 * (float)(i1 - q.bias * in.z) - q.mn * (float)(in.y + in.z);
-                        acc[m][r] += dx * v;
-                    }
+                    for (int r = 0; r < R; ++r)
+                        if (row0 + r < N) acc[m][r] += q16_dot<QT>(raw[r][t], p, xw, in);
                 }
             }
         }
@@ -437,6 +453,161 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
                     const float s = warp_sum(acc[m][r]);
                     if (lane == 0 && row0 + r < N) out[(i64)m * N + row0 + r] = s;
                 }
+    }
+}
+
+// ---- the staged variant ------------------------------------------------------------------------
+// k_matvec_qs: k_matvec_q16's arithmetic, with the weight's bytes brought in by cp.async into a
+// ring of MVQ_STAGES rounds in shared memory per warp, MVQ_STAGES - 1 of them in flight while
+// the warp computes one. In k_matvec_q16 a warp loads one round (R rows x 32T pieces) into
+// registers and waits for it before it can ask for the next: every round pays the memory's
+// latency, hidden only by the other warps of its SM, and registers bound what is in flight
+// (measured: the 7B's Q4_K products at ~1.5 TB/s of the H100's 3.06). The copies need no
+// registers, so the ring keeps each warp's next rounds in flight whatever the block type.
+// A warp copies its rows' bytes of a round as aligned 16-byte chunks covering them (rows of
+// Q8_0's 34-byte or Q6_K's 210-byte blocks need not start 16-byte aligned: the ring keeps the
+// bytes' offset within their chunk, so the block decoders' word loads align as in memory), and
+// reads each piece back with the decoders' loads. Work is spread by row group over every warp
+// of the grid (group gw, gw + all warps, ...), so a short product still reaches every SM.
+// Needs sm_80's cp.async; below that the copy is a plain load and store (correct, not staged).
+#ifndef MVQ_STAGES
+#define MVQ_STAGES 4
+#endif
+#ifndef MVS_PIECES
+#define MVS_PIECES 2  // pieces per lane per round over the warp's R rows (at least one per row)
+#endif
+
+// a round's shape for type QT at T pieces per lane per row: 32T pieces of a row, in BLOCKS
+// blocks, copied as at most CHUNKS 16-byte chunks (one more where they start unaligned)
+template <int QT, int T>
+struct QStage {
+    static constexpr int PR = 32 * T;
+    static constexpr int BLOCKS = PR * 32 / QBlock<QT>::QK;
+    static constexpr int CHUNKS = (BLOCKS * QBlock<QT>::BYTES + 30) / 16;
+};
+
+__device__ __forceinline__ void mv_copy16(uint4* dst, const unsigned char* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned d;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+#else
+    *dst = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+__device__ __forceinline__ void mv_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// wait until at most MVQ_STAGES - 2 rounds are still being copied (the oldest one has landed)
+__device__ __forceinline__ void mv_wait_oldest() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(MVQ_STAGES - 2) : "memory");
+#endif
+    __syncwarp();
+}
+
+template <int QT, int R, int PRE, int MM>
+__global__ void __launch_bounds__(MV_WARPS * 32)
+    k_matvec_qs(const unsigned char* w, const float* a, const float* b, const float* w1,
+                const float* w2, float* v_out, float* out, int M, int N, int K, i64 a_rs, i64 b_rs,
+                float eps1, float eps2, int early) {
+    static_assert(MVQ_STAGES >= 2, "a ring needs a round in flight and one being read");
+    PDL_LAUNCH();
+    typedef QBlock<QT> B;
+    constexpr int T = MVS_PIECES / R > 0 ? MVS_PIECES / R : 1;
+    typedef QStage<QT, T> S;
+    constexpr int SLOT = R * S::CHUNKS;  // one warp's round: R rows' chunks
+    // the warps' rings (MV_WARPS x MVQ_STAGES x SLOT chunks), then k_matvec_q16's input
+    extern __shared__ uint4 mvq_ring[];
+    __shared__ float red[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int P = K >> 5;
+    const int NR = (P + S::PR - 1) / S::PR;  // rounds per row group
+    const int nb = K / B::QK;                // blocks per row
+    const i64 row_bytes = (i64)nb * B::BYTES;
+    uint4* ring = mvq_ring + (i64)warp * MVQ_STAGES * SLOT;
+    float* xs = reinterpret_cast<float*>(mvq_ring + (i64)MV_WARPS * MVQ_STAGES * SLOT);
+    uint4* xq = reinterpret_cast<uint4*>(xs + (i64)M * K);
+    int4* info = reinterpret_cast<int4*>(xq + (i64)M * P * 4);
+    const int GW = gridDim.x * MV_WARPS, gw = warp * gridDim.x + blockIdx.x;
+    const int groups = (N + R - 1) / R;
+    const int rounds = gw < groups ? ((groups - 1 - gw) / GW + 1) * NR : 0;
+    // round j: row group gw + (j / NR) * GW, pieces from (j % NR) * PR; every lane commits one
+    // group per round (empty past the last), so the wait counts stay uniform
+    auto issue = [&](int j) {
+        if (j < rounds) {
+            const int g = gw + (j / NR) * GW, b0 = (j % NR) * S::BLOCKS;
+            const int b1 = min(b0 + S::BLOCKS, nb);
+            uint4* slot = ring + (j % MVQ_STAGES) * SLOT;
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int row = g * R + r;
+                if (row >= N) break;
+                const unsigned char* lo = w + row * row_bytes + (i64)b0 * B::BYTES;
+                const unsigned char* al = lo - ((unsigned long long)lo & 15u);
+                const int n = (int)((lo + (i64)(b1 - b0) * B::BYTES - al + 15) >> 4);
+                for (int c = lane; c < n; c += 32) mv_copy16(slot + r * S::CHUNKS + c, al + 16 * c);
+            }
+        }
+        mv_commit();
+    };
+    for (int pass = 0; pass < 2; ++pass) {
+        if (pass == 1) PDL_WAIT();
+        if ((pass == 0) != (early != 0)) continue;  // early: weights, which no kernel writes
+        for (int j = 0; j < MVQ_STAGES - 1; ++j) issue(j);
+    }
+    build_input<PRE, true>(xs, a, b, w1, w2, v_out, M, K, a_rs, b_rs, eps1, eps2, red);
+    __syncthreads();
+    q16_quantize(xs, xq, info, M, P);
+    __syncthreads();
+    float acc[MM][R];
+#pragma unroll
+    for (int m = 0; m < MM; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+    for (int j = 0; j < rounds; ++j) {
+        mv_wait_oldest();              // round j has landed, and every lane is done with j - 1
+        issue(j + MVQ_STAGES - 1);     // into j - 1's slot
+        const int g = gw + (j / NR) * GW, q = j % NR, p0 = q * S::PR;
+        const unsigned char* slot =
+            reinterpret_cast<const unsigned char*>(ring + (j % MVQ_STAGES) * SLOT);
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            const int p = p0 + lane + 32 * t;
+            if (p >= P) break;
+            typename B::Raw raw[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int row = g * R + r;
+                if (row >= N) break;
+                const unsigned lo = (unsigned)(unsigned long long)(w + row * row_bytes) & 15u;
+                const unsigned off = (lo + (unsigned)(q * S::BLOCKS * B::BYTES)) & 15u;
+                raw[r] = B::load(slot + 16 * r * S::CHUNKS + off, p - p0);
+            }
+#pragma unroll
+            for (int m = 0; m < MM; ++m) {
+                if (m >= M) break;
+                unsigned xw[16];
+                q16_input(xq, m, P, p, xw);
+                const int4 in = info[m * P + p];
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+                    if (g * R + r < N) acc[m][r] += q16_dot<QT>(raw[r], p, xw, in);
+            }
+        }
+        if (q == NR - 1) {  // the row group's last round
+#pragma unroll
+            for (int m = 0; m < MM; ++m)
+                if (m < M)
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        const float s = warp_sum(acc[m][r]);
+                        acc[m][r] = 0.f;
+                        if (lane == 0 && g * R + r < N) out[(i64)m * N + g * R + r] = s;
+                    }
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 """Decode steps of GGUF files under each size of the matrix-vector kernels' blocks.
 
     python benchmarks/matvec_warps.py -m 7b-f16.gguf -m 7b-q4k.gguf [--warps 2,4,8,16]
-        [--defines ,MV_LOAD_NC] [-n 32]
+        [--defines ,MV_LOAD_NC] [--matvec-q int16,staged] [-n 32]
 
 Every matrix-vector kernel (16-bit ``k_matvec``, the block types' ``k_matvec_q16`` and
 ``k_matvec_q``) builds its whole input in shared memory in every block: the norm and residual
@@ -13,7 +13,9 @@ warps read it 2-4 times less often, at the price of fewer, larger blocks to bala
 For each file, one session; for each ``--warps`` (the backend's ``matvec_warps``, compiled in
 as ``MV_WARPS``, 16 by default) and each set of ``--defines`` (kernels.cu experiment macros,
 ``+``-joined within a set, the empty set first: ``MV_LOAD_NC`` loads the 16-bit weights
-through the read-only path without L1 allocation) its step executors are rebuilt, three
+through the read-only path without L1 allocation) and each ``--matvec-q`` (the block types'
+decode kernel: ``k_matvec_q16``, or ``staged``, its weights through a cp.async ring; a
+16-bit file runs the same kernels under every one) its step executors are rebuilt, three
 greedy steps run (compiled, captured, replayed), then ``-r`` rounds of ``-n`` timed steps; the
 table gives tokens/s (median round), ms a step and the weights' bytes a step at that rate
 (what an HBM-bound step is measured by), and the largest difference of one fixed step's
@@ -36,13 +38,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _steps(sess: Any, variant: tuple[int, tuple[str, ...]], n: int) -> tuple[float, Any]:
-    """Tokens/s of ``n`` greedy steps with ``variant`` (warps per matrix-vector block and the
-    kernels' extra macros), and the logits of the step after them: a variant that is faster
-    because it computes something else shows here (compared with the first variant's)."""
+Variant = tuple[int, tuple[str, ...], str]  # warps, macros, the block types' decode kernel
+
+
+def _steps(sess: Any, variant: Variant, n: int) -> tuple[float, Any]:
+    """Tokens/s of ``n`` greedy steps with ``variant`` (warps per matrix-vector block, the
+    kernels' extra macros and the block kernel), and the logits of the step after them: a
+    variant that is faster because it computes something else shows here (compared with the
+    first variant's)."""
     import cupy as cp
 
-    sess.backend.matvec_warps, sess.backend.defines = variant
+    be = sess.backend
+    be.matvec_warps, be.defines, be.matvec_q = variant
     sess._executors.clear()  # noqa: SLF001 - rebound with this block size on first use
     sess.reset()
     sess.prefill([1], "none")
@@ -66,14 +73,18 @@ def main() -> int:
         "--warps", default="16,4,8", help="warps per block to compare (the first: the reference)"
     )
     p.add_argument("--defines", default="", help="macro sets to compare, e.g. ,MV_LOAD_NC")
+    p.add_argument(
+        "--matvec-q", default="int16", help="block decode kernels to compare, e.g. int16,staged"
+    )
     p.add_argument("-n", "--n-gen", type=int, default=32, help="timed steps a round")
     p.add_argument("-r", "--rounds", type=int, default=3)
     args = p.parse_args()
     warps = [int(w) for w in args.warps.split(",")]
     macro_sets = [tuple(m for m in d.split("+") if m) for d in args.defines.split(",")]
-    variants = [(w, m) for w in warps for m in macro_sets]
+    kernels = args.matvec_q.split(",")
+    variants = [(w, m, q) for w in warps for m in macro_sets for q in kernels]
 
-    from backends.cuda_matmul import MATVEC_WARPS_CHOICES
+    from backends.cuda_matmul import MATVEC_Q_VARIANTS, MATVEC_WARPS_CHOICES
     from engine.model.gguf import config_for, open_gguf
     from engine.model.session import Session
     from engine.options import Options
@@ -81,16 +92,21 @@ def main() -> int:
     bad = [w for w in warps if w not in MATVEC_WARPS_CHOICES]
     if bad:
         p.error(f"--warps {bad}: each must be one of {MATVEC_WARPS_CHOICES}")
-    print("| file | warps | macros | t/s | ms/step | weights GB/s | logits vs first |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    bad_q = [q for q in kernels if q not in MATVEC_Q_VARIANTS]
+    if bad_q:
+        p.error(f"--matvec-q {bad_q}: each must be one of {MATVEC_Q_VARIANTS}")
+    print(
+        "| file | warps | macros | block kernel | t/s | ms/step | weights GB/s | logits vs first |"
+    )
+    print("|---|---:|---|---|---:|---:|---:|---:|")
     for path in args.model:
         options = Options(backend="cupy", n_ctx=args.n_gen * 4 + 64, n_batch=512)
         file = open_gguf(path)
         cfg = config_for(file, options)
         sess = Session(cfg, file.weights_as(cfg, stack=options.stack), options=options)
         weight_bytes = cfg.n_bytes(options.stack)
-        rates: dict[tuple[int, tuple[str, ...]], list[float]] = {v: [] for v in variants}
-        logits: dict[tuple[int, tuple[str, ...]], np.ndarray] = {}
+        rates: dict[Variant, list[float]] = {v: [] for v in variants}
+        logits: dict[Variant, np.ndarray] = {}
         for r in range(args.rounds):
             for v in variants if r % 2 == 0 else variants[::-1]:
                 tps, last = _steps(sess, v, args.n_gen)
@@ -101,7 +117,7 @@ def main() -> int:
             tps = statistics.median(rates[v])
             diff = float(np.abs(logits[v] - first).max() / max(np.abs(first).max(), 1e-30))
             print(
-                f"| {Path(path).name} | {v[0]} | {'+'.join(v[1]) or '-'} | {tps:.2f} | "
+                f"| {Path(path).name} | {v[0]} | {'+'.join(v[1]) or '-'} | {v[2]} | {tps:.2f} | "
                 f"{1e3 / tps:.3f} | {weight_bytes * tps / 1e9:.0f} | {diff:.1e} |",
                 flush=True,
             )

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from backends.cuda_launch import CTYPE, QT_ID
-from backends.cuda_matmul import GEMV_MAX_M, PRE_COPY, PRE_NORM
+from backends.cuda_matmul import GEMV_MAX_M, MATVEC_Q_KERNELS, PRE_COPY, PRE_NORM
 from backends.cuda_source import kernel_source
 
 TYPES = list(CTYPE.values())  # float, half_t, bf16_t
 QTS = sorted(QT_ID.values())
+QKERNELS = tuple(MATVEC_Q_KERNELS.values())  # k_matvec_q16, k_matvec_q, k_matvec_qs
 
 
 def _nvrtc() -> ctypes.CDLL:
@@ -49,10 +50,10 @@ def _blocks(variants: bool) -> list[str]:
     out = []
     for qt in QTS:
         out += [f"k_dequant_f16<{qt}>", f"k_get_rows_q<{qt}>"]
-        out += [f"{k}<{qt}, 1, {PRE_COPY}, 1>" for k in ("k_matvec_q16", "k_matvec_q")]
+        out += [f"{k}<{qt}, 1, {PRE_COPY}, 1>" for k in QKERNELS]
     if variants:
         q4k = QT_ID["q4_k"]
-        for k in ("k_matvec_q16", "k_matvec_q"):
+        for k in QKERNELS:
             out += [f"{k}<{q4k}, {r}, {PRE_COPY}, {GEMV_MAX_M}>" for r in (2, 4)]
             out += [f"{k}<{q4k}, 1, {pre}, 1>" for pre in range(PRE_NORM, PRE_COPY)]
     return out
@@ -64,7 +65,7 @@ def _matvecs() -> list[str]:
     out = [f"k_matvec<{t}, 1, {pre}, 1>" for t in TYPES for pre in range(PRE_NORM, PRE_COPY + 1)]
     out += [f"k_matvec<{TYPES[1]}, 4, {PRE_COPY}, {GEMV_MAX_M}>"]
     for qt in QTS:
-        for k in ("k_matvec_q16", "k_matvec_q"):
+        for k in QKERNELS:
             out += [f"{k}<{qt}, 1, {pre}, 1>" for pre in (PRE_NORM, PRE_COPY)]
     return out
 
@@ -109,6 +110,9 @@ def _compile(
 CASES = {
     "sm_90": ("sm_90", (), _everything),
     "sm_90-variants": ("sm_90", ("QLOAD_SHORTS", "QV_PIECES=8"), lambda: _blocks(False)),
+    "sm_90-staged-ring": ("sm_90", ("MVQ_STAGES=2", "MVS_PIECES=8"), lambda: _blocks(True)),
+    "sm_80-blocks": ("sm_80", (), lambda: _blocks(False)),
+    "sm_75-blocks": ("sm_75", (), lambda: _blocks(False)),
     "sm_90-matvec-warps-4": ("sm_90", ("MV_WARPS=4",), lambda: _matvecs()),
     "sm_90-matvec-warps-2": ("sm_90", ("MV_WARPS=2",), lambda: _matvecs()),
     "sm_90-matvec-load-nc": ("sm_90", ("MV_LOAD_NC",), lambda: _matvecs()),

@@ -15,7 +15,14 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from backends.base import Quantized, dequantize
-from backends.cuda_matmul import MAX_INPUT_FLOATS, MAX_INPUT_FLOATS_Q, _q_smem
+from backends.cuda_matmul import (
+    MATVEC_Q_VARIANTS,
+    MAX_INPUT_FLOATS,
+    MAX_INPUT_FLOATS_Q,
+    PRE_COPY,
+    _bind_staged,
+    _q_smem,
+)
 from engine.model.gguf import config_for, open_gguf
 from engine.model.session import Session
 from engine.options import Options
@@ -59,9 +66,10 @@ def _replays_equal_eager(got: list[list[np.ndarray]]) -> None:
             assert np.array_equal(a, b, equal_nan=True), "a replay differs from the eager run"
 
 
-@pytest.fixture(params=["int16", "float"])
+@pytest.fixture(params=list(MATVEC_Q_VARIANTS))
 def variant(gpu, request):  # noqa: ANN001, ANN201
-    """Both decode kernels: int16 input with integer dots, and f32 throughout."""
+    """Every decode kernel: int16 input with integer dots, f32 throughout, and the int16
+    arithmetic on weights staged through shared memory."""
     saved, gpu.matvec_q = gpu.matvec_q, request.param
     yield request.param
     gpu.matvec_q = saved
@@ -80,6 +88,33 @@ def test_block_products(gpu, variant, name: str, rows: int, n_out: int, k: int) 
     want, got, _ = _runs(graph, weights, inputs, gpu)
     close(got[0][0], want[0], _tol(name, rows, k), f"{name} {rows}x{k} @ {n_out}")
     _replays_equal_eager(got)
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows_per_warp", [1, 2, 4])
+@pytest.mark.parametrize("m", [1, 3])
+def test_staged_kernel_itself(gpu, name: str, rows_per_warp: int, m: int) -> None:  # noqa: ANN001
+    """``k_matvec_qs`` bound directly (the executor falls back to ``k_matvec_q16`` where its
+    ring does not fit, so this is where the staged kernel is sure to run): each rows per
+    warp, one and three input rows, more row groups than the grid has warps (each warp's ring
+    wraps around several times), K of 11008, and rows that do not start 16-byte aligned
+    (Q6_K's 210-byte blocks at K 11008, Q4_0/Q5_0/Q8_0 at K 4128)."""
+    import cupy as cp
+
+    shapes = [(2113, 4096), (67, 11008)] + ([] if name.endswith("_k") else [(300, 4128)])
+    for n_out, k in shapes:
+        host = _blocks(name, n_out, k, seed=n_out + k)
+        w = Quantized(cp.asarray(host.data), host.dtype, host.shape)
+        x = np.random.default_rng(k).standard_normal((m, k)).astype(np.float32)
+        xd = cp.asarray(x)
+        out = cp.zeros((m, n_out), cp.float32)
+        inputs = (xd, xd, None, None, None, 0.0, 0.0)
+        launch = _bind_staged(gpu, w, out, PRE_COPY, inputs, False, rows_per_warp)
+        assert launch is not None, f"{name} {n_out}x{k}: the ring should fit"
+        launch()
+        cp.cuda.runtime.deviceSynchronize()
+        want = x.astype(np.float64) @ dequantize(host).astype(np.float64).T
+        close(out.get(), want, 2e-5 * np.sqrt(k), f"{name} {m}x{k} @ {n_out}, R={rows_per_warp}")
 
 
 @pytest.mark.parametrize("name", TYPES)
