@@ -218,6 +218,15 @@ the int16 input with integer dots, f32 throughout, and the int16 arithmetic with
 staged through a cp.async ring in shared memory (``staged``; where the ring and the input do
 not fit the device's shared memory, ``int16`` runs instead)."""
 MATVEC_Q_VARIANTS = tuple(MATVEC_Q_KERNELS)
+MATVEC_Q_CHOICES = ("auto", *MATVEC_Q_VARIANTS)
+"""``matvec_q`` settings: ``auto`` (the default) takes ``staged`` for Q8_0 where the busiest
+warp has ``STAGED_MIN_ROUNDS`` rounds or more, else ``int16``. Measured on an H100 (NOTES.md):
+staged Q8_0 products of 11008 and 32000 rows and of K 11008 ran 6-13% faster than int16, the
+4096x4096 ones (4 rounds a warp, the ring's fill not amortized) 16% slower; on Q4_K and Q6_K,
+whose int16 kernel is bound by instruction issue more than by memory latency, staged ran
+slower at every shape."""
+STAGED_TYPES = frozenset({"q8_0"})
+STAGED_MIN_ROUNDS = 8
 MVQ_STAGES = 4  # quant_kernels.cu's defaults: rounds in a warp's ring of the staged kernel,
 MVS_PIECES = 2  # and pieces a lane copies per round over its warp's rows
 
@@ -250,7 +259,12 @@ def _matvec_q(
     dot products) or ``k_matvec_q`` (f32), as ``be.matvec_q`` says (see quant_kernels.cu)."""
     n_out, k = w.shape
     m = a.size // k if k else 0
-    variant = getattr(be, "matvec_q", "int16")
+    variant = getattr(be, "matvec_q", "auto")
+    if variant not in MATVEC_Q_CHOICES:
+        raise BackendError(f"matvec_q {variant!r}: the block decode kernels are {MATVEC_Q_CHOICES}")
+    auto = variant == "auto"
+    if auto:
+        variant = "staged" if w.dtype.name in STAGED_TYPES else "int16"
     kernel = MATVEC_Q_KERNELS[variant]
     smem = _q_smem(m, k, w.dtype, variant)
     if not 0 < m <= GEMV_MAX_M or n_out == 0 or smem > MAX_INPUT_FLOATS_Q * 4:
@@ -262,7 +276,8 @@ def _matvec_q(
     inputs = (a, b, w1, w2, v_out, eps1, eps2)
     forced = getattr(be, "matvec_q_rows", None)
     if variant == "staged":
-        staged = _bind_staged(be, w, out, pre, inputs, early, forced)
+        min_rounds = STAGED_MIN_ROUNDS if auto else 0
+        staged = _bind_staged(be, w, out, pre, inputs, early, forced, min_rounds)
         if staged is not None:
             return staged
         kernel = MATVEC_Q_KERNELS["int16"]
@@ -309,11 +324,13 @@ def _bind_staged(
     inputs: tuple[Any, Any, Any, Any, Any, float, float],
     early: bool,
     forced: int | None,
+    min_rounds: int = 0,
 ) -> Callable[[], None] | None:
     """``k_matvec_qs`` on a block weight, or None where its rings and input do not fit the
-    device's shared memory at any rows per warp. Rows per warp: of 4, 2 and 1, the one whose
-    busiest warp has the fewest rows (row groups are dealt to all the grid's warps in turn),
-    the larger on a tie (fewer reads of the input per weight byte)."""
+    device's shared memory at any rows per warp, or its busiest warp would copy fewer than
+    ``min_rounds`` rounds. Rows per warp: of 4, 2 and 1, the one whose busiest warp has the
+    fewest rows (row groups are dealt to all the grid's warps in turn), the larger on a tie
+    (fewer reads of the input per weight byte)."""
     n_out, k = w.shape
     m = inputs[0].size // k
     warps = _warps(be)
@@ -335,7 +352,11 @@ def _bind_staged(
             best = (busiest, -r, f, smem, grid)
     if best is None:
         return None
-    _, _, f, smem, grid = best
+    busiest, neg_r, f, smem, grid = best
+    per_lane = max(1, pieces // -neg_r)
+    rounds = busiest // -neg_r * -(-(k // 32) // (32 * per_lane))
+    if rounds < min_rounds:
+        return None
     args = _matvec_args(ptr(w.data), out, m, n_out, k, inputs, early)
     return prepare_launch(be, f, (grid,), (32 * warps,), args, smem)
 

@@ -3,8 +3,9 @@
     python benchmarks/block_kernels.py [--types q4_k,q8_0] [--rows 1,4] [--prompt 512]
 
 For each GGUF block type and each Llama-2-7B matrix (4096x4096, the 11008x4096 gate and up,
-the 4096x11008 down projection, the 32000x4096 head): both decode kernels (``k_matvec_q16``,
-int16 input, and ``k_matvec_q``, f32) at 1..8 rows in µs and in GB/s of the blocks' bytes, as
+the 4096x11008 down projection, the 32000x4096 head): every decode kernel (``k_matvec_q16``,
+int16 input; ``k_matvec_q``, f32; ``k_matvec_qs``, int16 with the weight staged through
+shared memory) at 1..8 rows in µs and in GB/s of the blocks' bytes, as
 a share of the rate at which a kernel that only reads streams HBM (the bound of a product); the
 bf16 ``k_matvec`` on the same shape beside them; and the prompt path (tiles decoded to f16,
 cuBLAS per tile) at ``--prompt`` rows in TFLOP/s, beside one bf16 cuBLAS product.
@@ -127,6 +128,7 @@ def main() -> None:
             ms = timed_launch(fn, 20)
             gbs = w.nbytes / ms / 1e6
             print(f"| bf16 | {name} | {m} | {ms * 1e3:.1f} | {gbs:.0f} | {gbs / hbm:.0%} |")
+    saved = be.matvec_q
     for t in args.types.split(","):
         for name, (n, k) in SHAPES.items():
             w = Quantized(cp.asarray(blocks(t, n, k)), DTYPES[t], (n, k))
@@ -143,7 +145,7 @@ def main() -> None:
                     ms = timed_launch(fn, 20)
                     gbs = w.nbytes / ms / 1e6
                     print(f"{label} {ms * 1e3:.1f} | {gbs:.0f} | {gbs / hbm:.0%} |")
-    be.matvec_q = MATVEC_Q_VARIANTS[0]
+    be.matvec_q = saved
     m = args.prompt
     print("\n| type | matrix | rows | ms | TFLOP/s | bf16 cuBLAS ms |")
     print("|---|---|---:|---:|---:|---:|")

@@ -14,8 +14,9 @@ For each file, one session; for each ``--warps`` (the backend's ``matvec_warps``
 as ``MV_WARPS``, 16 by default) and each set of ``--defines`` (kernels.cu experiment macros,
 ``+``-joined within a set, the empty set first: ``MV_LOAD_NC`` loads the 16-bit weights
 through the read-only path without L1 allocation) and each ``--matvec-q`` (the block types'
-decode kernel: ``k_matvec_q16``, or ``staged``, its weights through a cp.async ring; a
-16-bit file runs the same kernels under every one) its step executors are rebuilt, three
+decode kernel: ``auto``, the default, ``int16`` (``k_matvec_q16``), ``staged`` (its
+arithmetic with the weights through a cp.async ring); a 16-bit file runs the same kernels
+under every one) its step executors are rebuilt, three
 greedy steps run (compiled, captured, replayed), then ``-r`` rounds of ``-n`` timed steps; the
 table gives tokens/s (median round), ms a step and the weights' bytes a step at that rate
 (what an HBM-bound step is measured by), and the largest difference of one fixed step's
@@ -74,7 +75,7 @@ def main() -> int:
     )
     p.add_argument("--defines", default="", help="macro sets to compare, e.g. ,MV_LOAD_NC")
     p.add_argument(
-        "--matvec-q", default="int16", help="block decode kernels to compare, e.g. int16,staged"
+        "--matvec-q", default="auto", help="block decode kernels to compare, e.g. int16,auto"
     )
     p.add_argument("-n", "--n-gen", type=int, default=32, help="timed steps a round")
     p.add_argument("-r", "--rounds", type=int, default=3)
@@ -84,7 +85,7 @@ def main() -> int:
     kernels = args.matvec_q.split(",")
     variants = [(w, m, q) for w in warps for m in macro_sets for q in kernels]
 
-    from backends.cuda_matmul import MATVEC_Q_VARIANTS, MATVEC_WARPS_CHOICES
+    from backends.cuda_matmul import MATVEC_Q_CHOICES, MATVEC_WARPS_CHOICES
     from engine.model.gguf import config_for, open_gguf
     from engine.model.session import Session
     from engine.options import Options
@@ -92,9 +93,9 @@ def main() -> int:
     bad = [w for w in warps if w not in MATVEC_WARPS_CHOICES]
     if bad:
         p.error(f"--warps {bad}: each must be one of {MATVEC_WARPS_CHOICES}")
-    bad_q = [q for q in kernels if q not in MATVEC_Q_VARIANTS]
+    bad_q = [q for q in kernels if q not in MATVEC_Q_CHOICES]
     if bad_q:
-        p.error(f"--matvec-q {bad_q}: each must be one of {MATVEC_Q_VARIANTS}")
+        p.error(f"--matvec-q {bad_q}: each must be one of {MATVEC_Q_CHOICES}")
     print(
         "| file | warps | macros | block kernel | t/s | ms/step | weights GB/s | logits vs first |"
     )
