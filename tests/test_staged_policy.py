@@ -52,11 +52,13 @@ class _Device:
         self.defines: tuple[str, ...] = ()
         self.matvec_q, self.matvec_q_rows = matvec_q, None
         self.regs, self.compiled = regs, []
+        self.regs_of: dict[str, int] = {}  # kernel name -> registers, where not ``regs``
 
     def fn(self, expr: str) -> SimpleNamespace:
         self.compiled.append(expr)
+        regs = self.regs_of.get(expr.split("<")[0], self.regs)
         return SimpleNamespace(
-            name=expr, num_regs=self.regs, shared_size_bytes=128, max_dynamic_shared_size_bytes=0
+            name=expr, num_regs=regs, shared_size_bytes=128, max_dynamic_shared_size_bytes=0
         )
 
     def prepare(self, f, grid, block, args, smem):  # noqa: ANN001, ANN201
@@ -122,3 +124,28 @@ def test_an_unknown_matvec_q_names_the_choices() -> None:
     with pytest.raises(BackendError, match=r"matvec_q 'fastest'.*'auto'"):
         _matvec_q(dev, w, out, PRE_COPY, x, x, None, None, None, 0.0, 0.0, False)
     assert "staged" in MATVEC_Q_CHOICES
+
+
+@pytest.mark.parametrize(
+    ("matvec_q", "qtype", "n_out", "kernel"),
+    [
+        ("auto", "q8_0", 11008, "k_matvec_qs<8, 2"),  # 12 rounds for the busiest warp
+        ("auto", "q8_0", 4096, "k_matvec_q16<8, 1"),  # 4 rounds: int16, one row a warp
+        ("auto", "q4_k", 11008, "k_matvec_q16<12, 4"),  # not a staged type
+        ("staged", "q8_0", 4096, "k_matvec_qs<8, 2"),  # asked for: taken at any length
+        ("staged", "q4_k", 11008, "k_matvec_qs<12, 1"),
+        ("int16", "q8_0", 11008, "k_matvec_q16<8, 1"),
+    ],
+)
+def test_the_decode_kernel_each_setting_launches(
+    matvec_q: str, qtype: str, n_out: int, kernel: str
+) -> None:
+    """``matvec_q`` through ``_matvec_q``, as a fused group or a product binds it: "auto"
+    stages Q8_0 products long enough to fill the ring and leaves the rest to int16."""
+    dev = _Device(matvec_q=matvec_q)
+    dev.regs_of = {"k_matvec_q16": 119}  # ptxas's counts: 107-119 (int16), 64 (staged Q4_K R=1)
+    dt = DTYPES[qtype]
+    w = Quantized(_Array((n_out, dt.nbytes((4096,))), "uint8"), dt, (n_out, 4096))
+    x, out = _Array((1, 4096)), _Array((1, n_out))
+    launch = _matvec_q(dev, w, out, PRE_COPY, x, x, None, None, None, 0.0, 0.0, False)
+    assert launch.kernel.startswith(kernel), (launch.kernel, dev.compiled)
