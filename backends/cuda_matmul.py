@@ -219,12 +219,13 @@ staged through a cp.async ring in shared memory (``staged``; where the ring and 
 not fit the device's shared memory, ``int16`` runs instead)."""
 MATVEC_Q_VARIANTS = tuple(MATVEC_Q_KERNELS)
 MATVEC_Q_CHOICES = ("auto", *MATVEC_Q_VARIANTS)
-"""``matvec_q`` settings: ``auto`` (the default) takes ``staged`` for Q8_0 where the busiest
-warp has ``STAGED_MIN_ROUNDS`` rounds or more, else ``int16``. Measured on an H100 (NOTES.md):
-staged Q8_0 products of 11008 and 32000 rows and of K 11008 ran 6-13% faster than int16, the
-4096x4096 ones (4 rounds a warp, the ring's fill not amortized) 16% slower; on Q4_K and Q6_K,
-whose int16 kernel is bound by instruction issue more than by memory latency, staged ran
-slower at every shape."""
+"""``matvec_q`` settings: ``auto`` (the default) takes ``staged`` for one-row Q8_0 products
+on Hopper (compute capability 9.0 and later) where the busiest warp has ``STAGED_MIN_ROUNDS``
+rounds or more, else ``int16``. Measured on an H100 (benchmarks/NOTES.md): staged Q8_0
+products of 11008 and 32000 rows and of K 11008 ran 5-13% faster than int16, the 4096x4096
+ones (4 rounds a warp, the ring's fill not amortized) 16% slower; Q4_K, whose int16 kernel
+is bound by instruction issue more than by memory latency, ran slower at every shape, Q6_K
+at every shape but its 32000-row head. More input rows and other GPUs were not measured."""
 STAGED_TYPES = frozenset({"q8_0"})
 STAGED_MIN_ROUNDS = 8
 MVQ_STAGES = 4  # quant_kernels.cu's defaults: rounds in a warp's ring of the staged kernel,
@@ -256,7 +257,8 @@ def _matvec_q(
     early: bool,
 ) -> Callable[[], None] | None:
     """``matvec`` on a weight in a GGUF block type: ``k_matvec_q16`` (int16 input, integer
-    dot products) or ``k_matvec_q`` (f32), as ``be.matvec_q`` says (see quant_kernels.cu)."""
+    dot products), ``k_matvec_qs`` (the same, the weight staged through shared memory) or
+    ``k_matvec_q`` (f32), as ``be.matvec_q`` says (``MATVEC_Q_CHOICES``; quant_kernels.cu)."""
     n_out, k = w.shape
     m = a.size // k if k else 0
     variant = getattr(be, "matvec_q", "auto")
@@ -264,7 +266,9 @@ def _matvec_q(
         raise BackendError(f"matvec_q {variant!r}: the block decode kernels are {MATVEC_Q_CHOICES}")
     auto = variant == "auto"
     if auto:
-        variant = "staged" if w.dtype.name in STAGED_TYPES else "int16"
+        hopper = getattr(be, "compute_capability", 0) >= 90
+        staged = m == 1 and hopper and w.dtype.name in STAGED_TYPES
+        variant = "staged" if staged else "int16"
     kernel = MATVEC_Q_KERNELS[variant]
     smem = _q_smem(m, k, w.dtype, variant)
     if not 0 < m <= GEMV_MAX_M or n_out == 0 or smem > MAX_INPUT_FLOATS_Q * 4:
@@ -308,8 +312,9 @@ def _macro(be: CudaDevice, name: str, default: int) -> int:
 
 def staged_ring_bytes(qtype: DType, rows: int, warps: int, stages: int, pieces: int) -> int:
     """Shared memory of ``k_matvec_qs``'s rings (quant_kernels.cu ``QStage``): per warp,
-    ``stages`` rounds of ``rows`` rows' 16-byte chunks, each row's round 32 pieces a lane
-    (``pieces // rows``, at least one) of blocks plus one chunk for an unaligned start."""
+    ``stages`` rounds of ``rows`` rows' 16-byte chunks, each row's round 32 x T pieces
+    (T = ``pieces // rows``, at least one: a lane's pieces per row) in whole blocks, plus one
+    chunk for an unaligned start."""
     per_lane = max(1, pieces // rows)
     blocks = 32 * per_lane * 32 // qtype.block_size
     chunks = (blocks * qtype.block_bytes + 30) // 16
@@ -336,7 +341,7 @@ def _bind_staged(
     warps = _warps(be)
     stages = _macro(be, "MVQ_STAGES", MVQ_STAGES)
     pieces = _macro(be, "MVS_PIECES", MVS_PIECES)
-    limit = be.smem_optin - 1024  # the kernel's own 128 bytes, and slack
+    limit = be.smem_optin - 1024  # the kernel's own 128 bytes, and slack (0: never staged)
     mm = 1 if m == 1 else GEMV_MAX_M
     best: tuple[int, int, Any, int, int] | None = None  # (busiest rows, -r, f, smem, grid)
     for r in (forced,) if forced else (4, 2, 1):

@@ -3,6 +3,8 @@
 //
 // k_matvec_q   decode: out = build(a, b, ...) @ dequant(w).T for up to 8 rows, k_matvec's
 //              input prologues (norm, GeGLU, ...) with the weight read in its blocks
+// k_matvec_q16 the same with the input quantized to int16 and integer dots (the default)
+// k_matvec_qs  k_matvec_q16 with the weight's bytes staged through a cp.async ring
 // k_get_rows_q row gathers (token embeddings) from a block table, exact as the CPU reference
 // k_dequant_f16 rows of a block matrix into f16 scratch, for cuBLAS prompt products
 //
@@ -469,6 +471,9 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
 // bytes' offset within their chunk, so the block decoders' word loads align as in memory), and
 // reads each piece back with the decoders' loads. Work is spread by row group over every warp
 // of the grid (group gw, gw + all warps, ...), so a short product still reaches every SM.
+// The aligned chunks reach up to 15 bytes before a row's first block and after its last: for
+// the tensor's first and last rows that is outside its bytes but inside the 16-byte aligned
+// granule of a byte that is in it, so inside the allocation (as q_ld2w's extra word).
 // Needs sm_80's cp.async; below that the copy is a plain load and store (correct, not staged).
 #ifndef MVQ_STAGES
 #define MVQ_STAGES 4

@@ -3,12 +3,13 @@
     python benchmarks/matvec_warps.py -m 7b-f16.gguf -m 7b-q4k.gguf [--warps 2,4,8,16]
         [--defines ,MV_LOAD_NC] [--matvec-q int16,staged] [-n 32]
 
-Every matrix-vector kernel (16-bit ``k_matvec``, the block types' ``k_matvec_q16`` and
-``k_matvec_q``) builds its whole input in shared memory in every block: the norm and residual
-before the attention and MLP products, GeGLU before the down projection, the int16
-quantization of the block kernels. At 4 warps a 7B product runs ~400 blocks, and each of
-them reads the input (16-44 KB, four vectors for the norm) from L2: blocks of 8 or 16
-warps read it 2-4 times less often, at the price of fewer, larger blocks to balance.
+Every matrix-vector kernel (16-bit ``k_matvec``, the block types' ``k_matvec_q16``,
+``k_matvec_qs`` and ``k_matvec_q``) builds its whole input in shared memory in every block:
+the norm and residual before the attention and MLP products, GeGLU before the down
+projection, the int16 quantization of the block kernels. At 4 warps a 7B product runs ~400
+blocks, and each of them reads the input (16-44 KB, four vectors for the norm) from L2:
+blocks of 8 or 16 warps read it 2-4 times less often, at the price of fewer, larger blocks
+to balance.
 
 For each file, one session; for each ``--warps`` (the backend's ``matvec_warps``, compiled in
 as ``MV_WARPS``, 16 by default) and each set of ``--defines`` (kernels.cu experiment macros,

@@ -99,12 +99,14 @@ def test_block_products(gpu, variant, name: str, rows: int, n_out: int, k: int) 
 def test_staged_kernel_itself(gpu, name: str, rows_per_warp: int, m: int) -> None:  # noqa: ANN001
     """``k_matvec_qs`` bound directly (the executor falls back to ``k_matvec_q16`` where its
     ring does not fit, so this is where the staged kernel is sure to run): each rows per
-    warp, one and three input rows, more row groups than the grid has warps (each warp's ring
-    wraps around several times), K of 11008, and rows that do not start 16-byte aligned
-    (Q6_K's 210-byte blocks at K 11008, Q4_0/Q5_0/Q8_0 at K 4128)."""
+    warp, one and three input rows, K of 11008, rows that do not start 16-byte aligned (Q6_K's
+    210-byte blocks at K 11008, Q4_0/Q5_0/Q8_0 at K 4128), and (20000 rows) several row groups
+    for every warp, the next group's rounds already in the ring when one group's sums are
+    written; the weights' first copies issued before the wait for the input (``early``)."""
     import cupy as cp
 
-    shapes = [(2113, 4096), (67, 11008)] + ([] if name.endswith("_k") else [(300, 4128)])
+    shapes = [(2113, 4096), (67, 11008), (20000, 4096)]
+    shapes += [] if name.endswith("_k") else [(300, 4128)]
     for n_out, k in shapes:
         host = _blocks(name, n_out, k, seed=n_out + k)
         w = Quantized(cp.asarray(host.data), host.dtype, host.shape)
@@ -112,7 +114,8 @@ def test_staged_kernel_itself(gpu, name: str, rows_per_warp: int, m: int) -> Non
         xd = cp.asarray(x)
         out = cp.zeros((m, n_out), cp.float32)
         inputs = (xd, xd, None, None, None, 0.0, 0.0)
-        launch = _bind_staged(gpu, w, out, PRE_COPY, inputs, False, rows_per_warp)
+        early = n_out == 20000
+        launch = _bind_staged(gpu, w, out, PRE_COPY, inputs, early, rows_per_warp)
         ring = staged_ring_bytes(w.dtype, rows_per_warp, gpu.matvec_warps, MVQ_STAGES, MVS_PIECES)
         if ring + _q_smem(m, k, w.dtype) > gpu.smem_optin - 1024:
             assert launch is None, f"{name} {n_out}x{k}: the ring does not fit, no launch"
@@ -122,6 +125,32 @@ def test_staged_kernel_itself(gpu, name: str, rows_per_warp: int, m: int) -> Non
         cp.cuda.runtime.deviceSynchronize()
         want = x.astype(np.float64) @ dequantize(host).astype(np.float64).T
         close(out.get(), want, 2e-5 * np.sqrt(k), f"{name} {m}x{k} @ {n_out}, R={rows_per_warp}")
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_k", "q6_k"])
+def test_staged_equals_int16_bit_for_bit(gpu, name: str) -> None:  # noqa: ANN001
+    """Each lane adds its pieces in the same order with the same integer dot in both kernels,
+    whatever rows a warp takes, so the staged products equal k_matvec_q16's exactly: here on
+    7B shapes with several row groups a warp (the gate and up projections stacked, the head)."""
+    import cupy as cp
+
+    from backends.cuda_matmul import matvec
+
+    for n_out, k in ((22016, 4096), (4096, 11008), (32000, 4096)):
+        host = _blocks(name, n_out, k, seed=n_out)
+        w = Quantized(cp.asarray(host.data), host.dtype, host.shape)
+        xd = cp.asarray(np.random.default_rng(k).standard_normal((1, k)).astype(np.float32))
+        outs = {}
+        for variant in ("int16", "staged"):
+            saved, gpu.matvec_q = gpu.matvec_q, variant
+            try:
+                outs[variant] = cp.zeros((1, n_out), cp.float32)
+                launch = matvec(gpu, w, outs[variant], PRE_COPY, xd, xd, early=True)
+            finally:
+                gpu.matvec_q = saved
+            launch()
+        cp.cuda.runtime.deviceSynchronize()
+        assert np.array_equal(outs["int16"].get(), outs["staged"].get()), f"{name} {n_out}x{k}"
 
 
 @pytest.mark.parametrize("name", TYPES)

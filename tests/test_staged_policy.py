@@ -49,6 +49,7 @@ class _Device:
 
     def __init__(self, regs: int = 64, optin: int = H100_OPTIN, matvec_q: str = "auto") -> None:
         self.sm_count, self.smem_optin, self.matvec_warps = 132, optin, 16
+        self.compute_capability = 90
         self.defines: tuple[str, ...] = ()
         self.matvec_q, self.matvec_q_rows = matvec_q, None
         self.regs, self.compiled = regs, []
@@ -103,7 +104,7 @@ def test_few_rounds_a_warp_leave_the_int16_kernel() -> None:
 
 
 def test_a_ring_beyond_shared_memory_is_declined() -> None:
-    """Eight input rows of 4096 take 196 KB before any ring; a device with 99 KiB of opt-in
+    """Eight input rows of 4096 take 208 KiB before any ring; a device with 99 KiB of opt-in
     shared memory (sm_86) fits no ring beside a 7B row of 11008."""
     assert _bind(_Device(), "q8_0", 11008, 4096, m=8) is None
     assert _bind(_Device(optin=99 * 1024), "q4_k", 4096, 11008) is None
@@ -149,3 +150,16 @@ def test_the_decode_kernel_each_setting_launches(
     x, out = _Array((1, 4096)), _Array((1, n_out))
     launch = _matvec_q(dev, w, out, PRE_COPY, x, x, None, None, None, 0.0, 0.0, False)
     assert launch.kernel.startswith(kernel), (launch.kernel, dev.compiled)
+
+
+@pytest.mark.parametrize(("rows", "capability"), [(2, 90), (1, 80)])
+def test_auto_stays_where_it_was_measured(rows: int, capability: int) -> None:
+    """ "auto" stages one-row products on Hopper only (what was timed): two input rows, or an
+    Ampere device, keep the int16 kernel."""
+    dev = _Device()
+    dev.compute_capability = capability
+    dt = DTYPES["q8_0"]
+    w = Quantized(_Array((11008, dt.nbytes((4096,))), "uint8"), dt, (11008, 4096))
+    x, out = _Array((rows, 4096)), _Array((rows, 11008))
+    launch = _matvec_q(dev, w, out, PRE_COPY, x, x, None, None, None, 0.0, 0.0, False)
+    assert launch.kernel.startswith("k_matvec_q16<8,"), launch.kernel
