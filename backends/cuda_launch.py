@@ -61,6 +61,7 @@ class CudaDevice(Protocol):
     a protocol so that these modules never import the backend (nor, through it, CuPy)."""
 
     sm_count: int
+    compute_capability: int  # 10 x major + minor: 90 on Hopper
     smem_optin: int  # the most dynamic shared memory a block may opt in to
     attn_merge: str
 

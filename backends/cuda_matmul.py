@@ -266,7 +266,7 @@ def _matvec_q(
         raise BackendError(f"matvec_q {variant!r}: the block decode kernels are {MATVEC_Q_CHOICES}")
     auto = variant == "auto"
     if auto:
-        hopper = getattr(be, "compute_capability", 0) >= 90
+        hopper = be.compute_capability >= 90
         staged = m == 1 and hopper and w.dtype.name in STAGED_TYPES
         variant = "staged" if staged else "int16"
     kernel = MATVEC_Q_KERNELS[variant]
@@ -343,7 +343,7 @@ def _bind_staged(
     pieces = _macro(be, "MVS_PIECES", MVS_PIECES)
     limit = be.smem_optin - 1024  # the kernel's own 128 bytes, and slack (0: never staged)
     mm = 1 if m == 1 else GEMV_MAX_M
-    best: tuple[int, int, Any, int, int] | None = None  # (busiest rows, -r, f, smem, grid)
+    best = None  # ((the busiest warp's rows, -r), f, smem, grid, that warp's rounds)
     for r in (forced,) if forced else (4, 2, 1):
         smem = staged_ring_bytes(w.dtype, r, warps, stages, pieces) + _q_smem(m, k, w.dtype)
         if smem > limit:
@@ -352,16 +352,13 @@ def _bind_staged(
         opt_in_smem(f, smem)
         groups = -(-n_out // r)
         grid = min(resident_blocks(be, f, 32 * warps, smem), groups)
-        busiest = -(-groups // (grid * warps)) * r
-        if best is None or (busiest, -r) < best[:2]:
-            best = (busiest, -r, f, smem, grid)
-    if best is None:
+        per_warp = -(-groups // (grid * warps))  # row groups of the busiest warp
+        rounds = per_warp * -(-(k // 32) // (32 * max(1, pieces // r)))
+        if best is None or (per_warp * r, -r) < best[0]:
+            best = ((per_warp * r, -r), f, smem, grid, rounds)
+    if best is None or best[4] < min_rounds:
         return None
-    busiest, neg_r, f, smem, grid = best
-    per_lane = max(1, pieces // -neg_r)
-    rounds = busiest // -neg_r * -(-(k // 32) // (32 * per_lane))
-    if rounds < min_rounds:
-        return None
+    _, f, smem, grid, _ = best
     args = _matvec_args(ptr(w.data), out, m, n_out, k, inputs, early)
     return prepare_launch(be, f, (grid,), (32 * warps,), args, smem)
 

@@ -127,10 +127,8 @@ class CupyBackend(Backend):
         # a decode step 19% slower); at its blocks' exit they gain a little
         self.pdl_trigger_at_start = False
         self.defines: tuple[str, ...] = ()  # extra kernels.cu macros (experiments, profiling)
-        # decode products on block weights: "int16" (the input quantized per 32 elements to
-        # int16, integer dot products), "float" (f32 throughout), "staged" (int16's arithmetic,
-        # the weight through a cp.async ring), or "auto": staged where it measured faster,
-        # else int16 (cuda_matmul.MATVEC_Q_CHOICES; quant_kernels.cu)
+        # decode products on block weights: "int16", "float", "staged", or "auto" (staged where
+        # it measured faster, else int16): cuda_matmul.MATVEC_Q_CHOICES, quant_kernels.cu
         self.matvec_q = "auto"
         self.matvec_q_rows: int | None = None  # their rows per warp; None: the launch policy
         # warps per block of every matrix-vector kernel (16-bit and block types): each block
