@@ -33,6 +33,16 @@ struct bf16_t { unsigned short x; };
 #define PDL_ENTRY() \
     PDL_LAUNCH();   \
     PDL_WAIT()
+// PDL_TRIGGER_LATE (an experiment): the matrix-vector kernels let their dependents launch once
+// a block has issued its last weight loads (called by every thread of the block, at a point
+// uniform over it), so a dependent's blocks can take an SM as soon as one is freed and start
+// their own weight loads while this kernel's last blocks finish. Off: dependents launch when
+// every block has exited.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(PDL_TRIGGER_LATE)
+#define PDL_LATE() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_LATE()
+#endif
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -721,6 +731,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_matvec(const TW* w, const flo
                     }
             }
             loaded = false;
+            if (p0 + 32 * T >= pieces && base + gridDim.x * rows_per_block >= N) PDL_LATE();
 #pragma unroll
             for (int t = 0; t < T; ++t) {
                 const int p = p0 + lane + 32 * t;

@@ -117,6 +117,7 @@ CASES = {
     "sm_90-matvec-warps-2": ("sm_90", ("MV_WARPS=2",), lambda: _matvecs()),
     "sm_90-matvec-load-nc": ("sm_90", ("MV_LOAD_NC",), lambda: _matvecs()),
     "sm_80-matvec-load-nc": ("sm_80", ("MV_LOAD_NC",), lambda: _matvecs()),
+    "sm_90-pdl-late": ("sm_90", ("PDL_TRIGGER_LATE",), lambda: _matvecs() + _blocks(True)),
     "sm_80-flash": ("sm_80", (), _flash),
     "sm_75-flash": ("sm_75", (), _flash),
 }
