@@ -5,7 +5,7 @@ whole group, or None when this group's layout or types are outside what the kern
 executor then runs the members one by one, with the same results. Like ``cuda_launch`` this
 module reaches CuPy only through the backend.
 
-- ``norm_matvec`` / ``glu_matvec``: ``k_matvec`` (``cuda_matmul.matvec``) builds the product's
+- ``norm_matvec`` / ``glu_matvec``: ``k_matvec`` (``cuda_matvec.matvec``) builds the product's
   input vector in shared memory in every block (RMS norm, optionally after another norm with a
   residual or an add; or GeGLU / SwiGLU of two strided halves), then the GEMV from it. Weight
   loads of the first rows go out before that prologue so its reductions hide behind them.
@@ -22,7 +22,7 @@ import numpy as np
 
 from backends.base import FusedGroup
 from backends.cuda_launch import CTYPE, CudaDevice, dtype_of_array, ptr
-from backends.cuda_matmul import PRE_ADD, PRE_GEGLU, PRE_NORM, PRE_NORM_RES, PRE_SWIGLU, matvec
+from backends.cuda_matvec import PRE_ADD, PRE_GEGLU, PRE_NORM, PRE_NORM_RES, PRE_SWIGLU, matvec
 from graph.dtypes import f32
 from graph.ir import Graph
 from graph.ops import Op, RmsNormParams, RopeMode, RopeParams

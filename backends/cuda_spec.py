@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from backends import cuda_attention, cuda_launch, cuda_matmul
+from backends import cuda_attention, cuda_launch, cuda_matmul, cuda_matvec
 from backends.cuda_fused import FUSED_COMPILERS
 from backends.spec import DeviceSpec
 from graph.ir import Node
@@ -45,7 +45,7 @@ def nominal(sm_count: int = H200_SMS, name: str = "NVIDIA H200 (nominal)") -> Cu
         device="gpu",
         ops=COMPILED_OPS,
         fused_patterns=frozenset(FUSED_COMPILERS),
-        matvec_max_rows=cuda_matmul.GEMV_MAX_M,
+        matvec_max_rows=cuda_matvec.GEMV_MAX_M,
         sm_count=sm_count,
         block_types=cuda_matmul.BLOCK_TYPES,
         keeps_block_types=True,

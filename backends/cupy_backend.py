@@ -23,7 +23,7 @@ Built around plans that are captured once and replayed, not around calling CuPy 
 * Groups found by the fusion pass (``engine.passes.fusion``) run as one kernel each
   (``backends.cuda_fused``): decode is launch-bound, so fewer launches is the main lever.
 
-How each op becomes a launch is ``backends.cuda_launch``, ``cuda_matmul`` and
+How each op becomes a launch is ``backends.cuda_launch``, ``cuda_matvec``, ``cuda_matmul`` and
 ``cuda_attention``; this module owns the device: memory, streams, capture, the NVRTC module
 cache, cuBLAS. Inputs that a row kernel needs dense but that arrive strided are copied into
 planned scratch first (the elementwise kernels take any strides).
@@ -38,7 +38,7 @@ from typing import Any
 import cupy as cp  # ImportError here: the registry turns it into a one-line BackendError
 import numpy as np
 
-from backends import cuda_attention, cuda_launch, cuda_matmul, cuda_spec
+from backends import cuda_attention, cuda_launch, cuda_matmul, cuda_matvec, cuda_spec
 from backends.base import Backend, BackendError, FusedGroup, Quantized
 from backends.cuda_blas import Cublas
 from backends.cuda_driver import DriverLauncher, load_driver
@@ -128,13 +128,13 @@ class CupyBackend(Backend):
         self.pdl_trigger_at_start = False
         self.defines: tuple[str, ...] = ()  # extra kernels.cu macros (experiments, profiling)
         # decode products on block weights: "int16", "float", "staged", or "auto" (staged where
-        # it measured faster, else int16): cuda_matmul.MATVEC_Q_CHOICES, quant_kernels.cu
+        # it measured faster, else int16): cuda_matvec.MATVEC_Q_CHOICES, quant_kernels.cu
         self.matvec_q = "auto"
         self.matvec_q_rows: int | None = None  # their rows per warp; None: the launch policy
         # warps per block of every matrix-vector kernel (16-bit and block types): each block
         # builds the product's whole input (norms, GeGLU, the int16 quantization) in shared
-        # memory, so fewer, larger blocks build it fewer times (cuda_matmul.MATVEC_WARPS_CHOICES)
-        self.matvec_warps = cuda_matmul.MATVEC_WARPS
+        # memory, so fewer, larger blocks build it fewer times (cuda_matvec.MATVEC_WARPS_CHOICES)
+        self.matvec_warps = cuda_matvec.MATVEC_WARPS
         # prompt attention over a 16-bit cache: "flash" (tensor cores, flash_attention.cu) or
         # "simple" (k_attention, f32 arithmetic, the kernel f32 caches always use)
         self.prompt_attention = "flash"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import Array, Backend, BackendError, Kernel, Quantized, dequantize
-from backends.cuda_matmul import GEMV_MAX_M
+from backends.cuda_matvec import GEMV_MAX_M
 from backends.spec import DeviceSpec
 from graph.dtypes import DTYPES, DType
 from graph.ir import Node

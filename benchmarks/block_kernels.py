@@ -34,13 +34,8 @@ from shapes_7b import gemm, per_launch, read_rate, timed  # noqa: E402
 from backends import get_backend  # noqa: E402
 from backends.base import Quantized  # noqa: E402
 from backends.cuda_launch import Job  # noqa: E402
-from backends.cuda_matmul import (  # noqa: E402
-    MATVEC_Q_VARIANTS,
-    PRE_COPY,
-    _mul_mat_q,
-    _q_scratch,
-    matvec,
-)
+from backends.cuda_matmul import _mul_mat_q, _q_scratch  # noqa: E402
+from backends.cuda_matvec import MATVEC_Q_VARIANTS, PRE_COPY, matvec  # noqa: E402
 from engine.model.dequant import BLOCK_SCALES  # noqa: E402
 from graph.dtypes import DTYPES  # noqa: E402
 

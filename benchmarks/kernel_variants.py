@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from backends import cuda_attention, cuda_matmul, get_backend
+from backends import cuda_attention, cuda_matvec, get_backend
 from engine.options import Options
 from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
@@ -118,11 +118,11 @@ def main() -> None:
     for n_out, k, kind in matvec_cases:
         graph, inputs, weights = matvec_graph(n_out, k, kind)
         for fusion, new in ((True, True), (False, True), (False, False)):
-            cuda_matmul.MAX_INPUT_FLOATS = 11 * 1024 if new else 0  # 0: k_matvec declines
+            cuda_matvec.MAX_INPUT_FLOATS = 11 * 1024 if new else 0  # 0: k_matvec declines
 
             what = "fused" if fusion else "unfused (norms + matvec)" if new else "norms + old gemv"
             case(f"{kind} matvec {n_out}x{k}: {what}", graph, weights, inputs, fusion)
-    cuda_matmul.MAX_INPUT_FLOATS = 11 * 1024
+    cuda_matvec.MAX_INPUT_FLOATS = 11 * 1024
     for defines in (
         []
         if only == "matvec"

@@ -86,7 +86,7 @@ def main() -> int:
     kernels = args.matvec_q.split(",")
     variants = [(w, m, q) for w in warps for m in macro_sets for q in kernels]
 
-    from backends.cuda_matmul import MATVEC_Q_CHOICES, MATVEC_WARPS_CHOICES
+    from backends.cuda_matvec import MATVEC_Q_CHOICES, MATVEC_WARPS_CHOICES
     from engine.model.gguf import config_for, open_gguf
     from engine.model.session import Session
     from engine.options import Options

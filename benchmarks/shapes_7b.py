@@ -18,7 +18,8 @@ import statistics
 import numpy as np
 
 from backends import get_backend
-from backends.cuda_matmul import CUBLAS_COMPUTE_32F, CUDA_DTYPE, PRE_COPY, matvec
+from backends.cuda_matmul import CUBLAS_COMPUTE_32F, CUDA_DTYPE
+from backends.cuda_matvec import PRE_COPY, matvec
 
 SHAPES = {  # (rows, K) of y = x @ W.T
     "wqkv": (12288, 4096),

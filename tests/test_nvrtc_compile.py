@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from backends.cuda_launch import CTYPE, QT_ID
-from backends.cuda_matmul import GEMV_MAX_M, MATVEC_Q_KERNELS, PRE_COPY, PRE_NORM
+from backends.cuda_matvec import GEMV_MAX_M, MATVEC_Q_KERNELS, PRE_COPY, PRE_NORM
 from backends.cuda_source import kernel_source
 
 TYPES = list(CTYPE.values())  # float, half_t, bf16_t

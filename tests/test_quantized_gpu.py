@@ -15,7 +15,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from backends.base import Quantized, dequantize
-from backends.cuda_matmul import (
+from backends.cuda_matvec import (
     MATVEC_Q_VARIANTS,
     MAX_INPUT_FLOATS,
     MAX_INPUT_FLOATS_Q,
@@ -23,7 +23,7 @@ from backends.cuda_matmul import (
     MVS_PIECES,
     PRE_COPY,
     _bind_staged,
-    _q_smem,
+    q_smem,
     staged_ring_bytes,
 )
 from engine.model.gguf import config_for, open_gguf
@@ -59,7 +59,7 @@ def _runs(graph, weights, inputs, gpu, runs: int = 3):  # noqa: ANN001, ANN202
 
 def _tol(name: str, rows: int, k: int) -> float:
     """f32 tolerance where ``k_matvec_q`` runs (rows and shared memory permitting), else f16's."""
-    decode = rows <= 8 and _q_smem(rows, k, DTYPES[name]) <= MAX_INPUT_FLOATS_Q * 4
+    decode = rows <= 8 and q_smem(rows, k, DTYPES[name]) <= MAX_INPUT_FLOATS_Q * 4
     return 2e-5 * np.sqrt(k) if decode else 3e-3
 
 
@@ -117,7 +117,7 @@ def test_staged_kernel_itself(gpu, name: str, rows_per_warp: int, m: int) -> Non
         early = n_out == 20000
         launch = _bind_staged(gpu, w, out, PRE_COPY, inputs, early, rows_per_warp)
         ring = staged_ring_bytes(w.dtype, rows_per_warp, gpu.matvec_warps, MVQ_STAGES, MVS_PIECES)
-        if ring + _q_smem(m, k, w.dtype) > gpu.smem_optin - 1024:
+        if ring + q_smem(m, k, w.dtype) > gpu.smem_optin - 1024:
             assert launch is None, f"{name} {n_out}x{k}: the ring does not fit, no launch"
             continue
         assert launch is not None, f"{name} {n_out}x{k}: the ring fits"
@@ -134,7 +134,7 @@ def test_staged_equals_int16_bit_for_bit(gpu, name: str) -> None:  # noqa: ANN00
     7B shapes with several row groups a warp (the gate and up projections stacked, the head)."""
     import cupy as cp
 
-    from backends.cuda_matmul import matvec
+    from backends.cuda_matvec import matvec
 
     for n_out, k in ((22016, 4096), (4096, 11008), (32000, 4096)):
         host = _blocks(name, n_out, k, seed=n_out)
@@ -268,7 +268,7 @@ def test_matvec_block_sizes(gpu, rows_warps: tuple[int, int], name: str) -> None
     def fits(k: int) -> bool:  # the input rows in the kernel's shared memory
         if name in ("f16", "bf16"):
             return rows * k <= MAX_INPUT_FLOATS
-        return _q_smem(rows, k, DTYPES[name]) <= MAX_INPUT_FLOATS_Q * 4
+        return q_smem(rows, k, DTYPES[name]) <= MAX_INPUT_FLOATS_Q * 4
 
     patterns = sorted(f.pattern for f in dev.fused)
     assert patterns == [p for p, k in (("glu_matvec", 11008), ("norm_matvec", 4096)) if fits(k)]

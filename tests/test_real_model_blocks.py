@@ -1,13 +1,14 @@
 """The real Gemma 3 270M in its own block types, with the GPU kernels' arithmetic, on the CPU.
 
 The real file cannot go where the GPU is; what the GPU computes on it can be checked here. The
-CUDA backend runs a block-typed product in one of two ways (backends/cuda_matmul.py): up to 8
-rows, ``k_matvec_q16`` quantizes the input to int16 per 32 elements and takes integer dot
-products with the exact quants (f32 scales); longer products decode tiles to f16 and multiply
-them in cuBLAS with the activation's two f16 halves (hi + lo / 2048, f32 accumulation).
-``_gpu_product`` is that arithmetic in NumPy. With it in place of the reference's product, the
-model on the file's own blocks must match the f32 reference: cosine > 0.9999 and the same
-top-1 at every prompt position, through either path, and perplexity within 0.1%.
+CUDA backend runs a block-typed product in one of two ways (backends/cuda_matvec.py and
+cuda_matmul.py): up to 8 rows, ``k_matvec_q16`` quantizes the input to int16 per 32 elements
+and takes integer dot products with the exact quants (f32 scales); longer products decode
+tiles to f16 and multiply them in cuBLAS with the activation's two f16 halves (hi + lo /
+2048, f32 accumulation). ``_gpu_product`` is that arithmetic in NumPy. With it in place of
+the reference's product, the model on the file's own blocks must match the f32 reference:
+cosine > 0.9999 and the same top-1 at every prompt position, through either path, and
+perplexity within 0.1%.
 """
 
 from __future__ import annotations

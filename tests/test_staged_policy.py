@@ -1,6 +1,6 @@
 """Where the staged block decode kernel (``k_matvec_qs``) runs, checked without a GPU.
 
-``cuda_matmul._bind_staged`` chooses rows per warp, grid and shared memory from the compiled
+``cuda_matvec._bind_staged`` chooses rows per warp, grid and shared memory from the compiled
 kernel's registers and the device's facts; a stub device stands in for the CUDA backend
 (compiled functions with fixed register counts, an H100's 132 SMs and 227 KiB of opt-in
 shared memory, launches recorded instead of prepared). The kernel's arithmetic is checked on
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from backends.base import BackendError, Quantized
-from backends.cuda_matmul import (
+from backends.cuda_matvec import (
     MATVEC_Q_CHOICES,
     MVQ_STAGES,
     MVS_PIECES,
@@ -23,7 +23,7 @@ from backends.cuda_matmul import (
     STAGED_MIN_ROUNDS,
     _bind_staged,
     _matvec_q,
-    _q_smem,
+    q_smem,
     staged_ring_bytes,
 )
 from graph.dtypes import DTYPES
@@ -83,7 +83,7 @@ def test_the_launch_holds_the_ring_and_the_input() -> None:
     assert launch.kernel == f"k_matvec_qs<8, 2, {PRE_COPY}, 1>"
     assert launch.grid == (132,) and launch.block == (512,)
     ring = staged_ring_bytes(DTYPES["q8_0"], 2, 16, MVQ_STAGES, MVS_PIECES)
-    assert launch.smem == ring + _q_smem(1, 4096, DTYPES["q8_0"])
+    assert launch.smem == ring + q_smem(1, 4096, DTYPES["q8_0"])
 
 
 def test_ring_bytes_follow_the_block_layout() -> None:
