@@ -312,7 +312,8 @@ __device__ __forceinline__ int dp2a_hi(unsigned x2, unsigned w4, int c) {
 
 // Every piece i = (m, g) of the built input (xs: M rows of K f32, swizzled) quantized to int16:
 // xq chunk-major per row (16-byte chunk c of piece g at c * P + g), info[i] = (scale as float
-// bits, sum of the first 16 quants, sum of the last 16, 0). The whole block takes part.
+// bits, sum of the first 16 quants, sum of the last 16, the whole sum as float bits: converted
+// here once per piece, not per weight row). The whole block takes part.
 __device__ __forceinline__ void q16_quantize(const float* xs, uint4* xq, int4* info, int M, int P) {
     for (int i = threadIdx.x; i < M * P; i += blockDim.x) {  // quantize piece i = (m, g)
         const int m = i / P, g = i - m * P;
@@ -343,7 +344,7 @@ __device__ __forceinline__ void q16_quantize(const float* xs, uint4* xq, int4* i
 #pragma unroll
         for (int c = 0; c < 4; ++c)
             dst[(i64)c * P + g] = make_uint4(pk[4 * c], pk[4 * c + 1], pk[4 * c + 2], pk[4 * c + 3]);
-        info[i] = make_int4(__float_as_int(amax / 32767.f), s0, s1, 0);
+        info[i] = make_int4(__float_as_int(amax / 32767.f), s0, s1, __float_as_int((float)(s0 + s1)));
     }
 }
 
@@ -360,10 +361,54 @@ __device__ __forceinline__ void q16_input(const uint4* xq, int m, int P, int p, 
     }
 }
 
-// a weight piece's dot with the int16 input piece (xw, its info in), in the input's scale
+// dp2a with signed int16 pairs (a) and unsigned bytes (b): bytes up to 255
+__device__ __forceinline__ int dp2a_su_lo(unsigned a, unsigned b, int c) {
+    int d;
+    asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ int dp2a_su_hi(unsigned a, unsigned b, int c) {
+    int d;
+    asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+// u (below 2^23) as an exact float, without a conversion instruction (see q_b2f)
+__device__ __forceinline__ float q_u2f(unsigned u) {
+    return __int_as_float(0x4B000000u | u) - 8388608.f;
+}
+
+// a weight piece's dot with the int16 input piece (xw, its info in), in the input's scale.
+// Q4_K, the decode that issue bounds (benchmarks/NOTES.md), takes a leaner path: one scale
+// for the whole piece, so one sum; its sub-block's nibbles masked in place (an odd sub-block's
+// high nibbles count 16 times, every term a multiple of 16, so the sum shifts back exactly);
+// the 6-bit scale and min made floats with an OR and a subtraction, not conversions.
+#ifdef Q4K_CLASSIC  // an experiment: Q4_K through the generic path, to time the two side by side
+#define Q4K_LEAN 0
+#else
+#define Q4K_LEAN 1
+#endif
 template <int QT>
 __device__ __forceinline__ float q16_dot(const typename QBlock<QT>::Raw& raw, int p,
                                          const unsigned* xw, const int4& in) {
+    if constexpr (QT == QT_Q4_K && Q4K_LEAN) {
+        const int s = p & 7, shift = 4 * (s & 1);
+        const unsigned mask = 0x0F0F0F0Fu << shift;
+        int i0 = 0, i1 = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const unsigned lo = raw.qs[i] & mask, hi = raw.qs[i + 4] & mask;
+            i0 = dp2a_su_lo(xw[2 * i], lo, i0);
+            i0 = dp2a_su_hi(xw[2 * i + 1], lo, i0);
+            i1 = dp2a_su_lo(xw[2 * i + 8], hi, i1);
+            i1 = dp2a_su_hi(xw[2 * i + 9], hi, i1);
+        }
+        unsigned sc, m;
+        q_scale_min_k4(raw.sc, s, sc, m);
+        const float d = qh2f((unsigned short)(raw.dm & 0xFFFFu)) * q_u2f(sc);
+        const float mn = qh2f((unsigned short)(raw.dm >> 16)) * q_u2f(m);
+        const float v = d * (float)((i0 + i1) >> shift) - mn * __int_as_float(in.w);
+        return __int_as_float(in.x) * v;
+    }
     QInts q;
     q_ints<QT>(raw, p, q);
     int i0 = 0, i1 = 0;
@@ -375,7 +420,7 @@ __device__ __forceinline__ float q16_dot(const typename QBlock<QT>::Raw& raw, in
         i1 = dp2a_hi(xw[2 * i + 9], q.w[i + 4], i1);
     }
     const float v = q.d0 * (float)(i0 - q.bias * in.y) + q.d1 * (float)(i1 - q.bias * in.z) -
-                    q.mn * (float)(in.y + in.z);
+                    q.mn * __int_as_float(in.w);
     return __int_as_float(in.x) * v;
 }
 

@@ -111,6 +111,7 @@ CASES = {
     "sm_90": ("sm_90", (), _everything),
     "sm_90-variants": ("sm_90", ("QLOAD_SHORTS", "QV_PIECES=8"), lambda: _blocks(False)),
     "sm_90-staged-ring": ("sm_90", ("MVQ_STAGES=2", "MVS_PIECES=8"), lambda: _blocks(True)),
+    "sm_90-q4k-classic": ("sm_90", ("Q4K_CLASSIC",), lambda: _blocks(False)),
     "sm_80-blocks": ("sm_80", (), lambda: _blocks(False)),
     "sm_75-blocks": ("sm_75", (), lambda: _blocks(False)),
     "sm_90-matvec-warps-4": ("sm_90", ("MV_WARPS=4",), lambda: _matvecs()),
