@@ -7,6 +7,7 @@ ones before it define.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 KERNEL_FILES = ("kernels.cu", "quant_blocks.cuh", "quant_kernels.cu", "flash_attention.cu")
@@ -17,3 +18,17 @@ blocks, the tensor-core prompt attention."""
 def kernel_source() -> str:
     here = Path(__file__).parent
     return "\n".join((here / f).read_text() for f in KERNEL_FILES)
+
+
+def kernel_defines(
+    warps: int, pdl_at_start: bool, pdl_late: bool | None, extra: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """The macros every kernel is compiled with: ``MV_WARPS`` (the matrix-vector kernels'
+    warps a block), ``PDL_TRIGGER_AT_START``, ``PDL_TRIGGER_LATE`` (None: on at 16 warps, the
+    setting where it measured faster) and ``extra`` (experiments), whose value wins where it
+    names one of the others."""
+    late = warps == 16 if pdl_late is None else pdl_late
+    own = {"PDL_TRIGGER_AT_START": int(pdl_at_start), "PDL_TRIGGER_LATE": int(late)}
+    named = {d.partition("=")[0] for d in extra}
+    kept = (f"{k}={v}" for k, v in own.items() if k not in named)
+    return (*kept, *(() if "MV_WARPS" in named else (f"MV_WARPS={warps}",)), *extra)

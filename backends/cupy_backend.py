@@ -54,7 +54,7 @@ from backends.cuda_launch import (
     elementwise,
     ptr,
 )
-from backends.cuda_source import kernel_source
+from backends.cuda_source import kernel_defines, kernel_source
 from backends.cuda_spec import CudaSpec
 from graph.dtypes import DType
 from graph.ir import Node
@@ -126,6 +126,10 @@ class CupyBackend(Backend):
         # dependents launched at a kernel's start crowd the GPU with waiting blocks (measured:
         # a decode step 19% slower); at its blocks' exit they gain a little
         self.pdl_trigger_at_start = False
+        # matrix-vector kernels trigger dependents after their last weight loads (PDL_TRIGGER_LATE)
+        # None: at 16 warps a block only (H100 7B steps: Q4_K +4.8%, Q8_0 +7.3%, the 270M +3%;
+        # at 4 or 8 warps up to 30% slower: benchmarks/NOTES.md)
+        self.pdl_trigger_late: bool | None = None
         self.defines: tuple[str, ...] = ()  # extra kernels.cu macros (experiments, profiling)
         # decode products on block weights: "int16", "float", "staged", or "auto" (staged where
         # it measured faster, else int16): cuda_matvec.MATVEC_Q_CHOICES, quant_kernels.cu
@@ -138,9 +142,7 @@ class CupyBackend(Backend):
         # prompt attention over a 16-bit cache: "flash" (tensor cores, flash_attention.cu) or
         # "simple" (k_attention, f32 arithmetic, the kernel f32 caches always use)
         self.prompt_attention = "flash"
-        self.pdl_kernels: tuple[str, ...] | None = (
-            None  # name prefixes launched with PDL; None: all
-        )
+        self.pdl_kernels: tuple[str, ...] | None = None  # names launched with PDL; None: all
 
     def _unsupported(self, *args: Any) -> None:  # pragma: no cover - compile() is the entry
         raise BackendError("the CuPy backend runs nodes through compile(), not kernels[op]")
@@ -169,10 +171,8 @@ class CupyBackend(Backend):
     # -- kernels -------------------------------------------------------------------------------
     def fn(self, expr: str) -> Any:
         """The compiled kernel of a template instance: ``k_binary<float, bf16_t, float, 0>``."""
-        defines = (
-            f"PDL_TRIGGER_AT_START={int(self.pdl_trigger_at_start)}",
-            f"MV_WARPS={self.matvec_warps}",
-            *self.defines,
+        defines = kernel_defines(
+            self.matvec_warps, self.pdl_trigger_at_start, self.pdl_trigger_late, self.defines
         )
         key = f"{expr} {' '.join(defines)}"
         f = self._functions.get(key)

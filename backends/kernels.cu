@@ -33,12 +33,16 @@ struct bf16_t { unsigned short x; };
 #define PDL_ENTRY() \
     PDL_LAUNCH();   \
     PDL_WAIT()
-// PDL_TRIGGER_LATE (an experiment): the matrix-vector kernels let their dependents launch once
-// a block has issued its last weight loads (called by every thread of the block, at a point
-// uniform over it), so a dependent's blocks can take an SM as soon as one is freed and start
-// their own weight loads while this kernel's last blocks finish. Off: dependents launch when
-// every block has exited.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(PDL_TRIGGER_LATE)
+// PDL_TRIGGER_LATE (the backend's pdl_trigger_late): the matrix-vector kernels let their
+// dependents launch once a block has issued its last weight loads (at a point uniform over the
+// block in k_matvec, k_matvec_q and k_matvec_q16; per warp in k_matvec_qs, where the first
+// warp to call it triggers the block), so a dependent's blocks can take an SM as soon as one
+// is freed and start their own weight loads while this kernel's last blocks finish. 0:
+// dependents launch when every block has exited.
+#ifndef PDL_TRIGGER_LATE
+#define PDL_TRIGGER_LATE 0
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && PDL_TRIGGER_LATE
 #define PDL_LATE() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #else
 #define PDL_LATE()

@@ -14,7 +14,9 @@ to balance.
 For each file, one session; for each ``--warps`` (the backend's ``matvec_warps``, compiled in
 as ``MV_WARPS``, 16 by default) and each set of ``--defines`` (kernels.cu experiment macros,
 ``+``-joined within a set, the empty set first: ``MV_LOAD_NC`` loads the 16-bit weights
-through the read-only path without L1 allocation) and each ``--matvec-q`` (the block types'
+through the read-only path without L1 allocation; ``PDL_TRIGGER_LATE=0`` or ``=1`` sets the
+late trigger of dependents, on by default at 16 warps only; ``Q4K_CLASSIC`` decodes Q4_K
+through the generic path) and each ``--matvec-q`` (the block types'
 decode kernel: ``auto``, the default, ``int16`` (``k_matvec_q16``), ``staged`` (its
 arithmetic with the weights through a cp.async ring); a 16-bit file runs the same kernels
 under every one) its step executors are rebuilt, three

@@ -19,7 +19,7 @@ import pytest
 
 from backends.cuda_launch import CTYPE, QT_ID
 from backends.cuda_matvec import GEMV_MAX_M, MATVEC_Q_KERNELS, PRE_COPY, PRE_NORM
-from backends.cuda_source import kernel_source
+from backends.cuda_source import kernel_defines, kernel_source
 
 TYPES = list(CTYPE.values())  # float, half_t, bf16_t
 QTS = sorted(QT_ID.values())
@@ -94,7 +94,7 @@ def _compile(
         for expr in names:
             assert lib.nvrtcAddNameExpression(prog, expr.encode()) == 0, expr
         opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode()]
-        opts += [f"-D{d}".encode() for d in ("PDL_TRIGGER_AT_START=0", *defines)]
+        opts += [f"-D{d}".encode() for d in kernel_defines(16, False, None, defines)]
         rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         size = ctypes.c_size_t()
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
@@ -118,7 +118,7 @@ CASES = {
     "sm_90-matvec-warps-2": ("sm_90", ("MV_WARPS=2",), lambda: _matvecs()),
     "sm_90-matvec-load-nc": ("sm_90", ("MV_LOAD_NC",), lambda: _matvecs()),
     "sm_80-matvec-load-nc": ("sm_80", ("MV_LOAD_NC",), lambda: _matvecs()),
-    "sm_90-pdl-late": ("sm_90", ("PDL_TRIGGER_LATE",), lambda: _matvecs() + _blocks(True)),
+    "sm_90-pdl-late-off": ("sm_90", ("PDL_TRIGGER_LATE=0",), lambda: _matvecs() + _blocks(True)),
     "sm_80-flash": ("sm_80", (), _flash),
     "sm_75-flash": ("sm_75", (), _flash),
 }
@@ -129,3 +129,19 @@ def test_kernels_compile(case: str) -> None:
     arch, defines, names = CASES[case]
     rc, log = _compile(_nvrtc(), arch, defines, names())
     assert rc == 0, f"NVRTC for {arch} {' '.join(defines)} failed:\n{log[-4000:]}"
+
+
+def test_kernel_defines_follow_the_backends_settings() -> None:
+    """What ``CupyBackend.fn`` compiles with: the late trigger on at 16 warps a block (where
+    it measured faster) unless set, and an experiment's macro in place of the backend's."""
+    assert kernel_defines(16, False, None) == (
+        "PDL_TRIGGER_AT_START=0",
+        "PDL_TRIGGER_LATE=1",
+        "MV_WARPS=16",
+    )
+    assert "PDL_TRIGGER_LATE=0" in kernel_defines(8, False, None)
+    assert "PDL_TRIGGER_LATE=0" in kernel_defines(16, False, False)
+    assert "PDL_TRIGGER_LATE=1" in kernel_defines(4, False, True)
+    assert "PDL_TRIGGER_AT_START=1" in kernel_defines(16, True, None)
+    got = kernel_defines(16, False, None, ("PDL_TRIGGER_LATE=0", "MV_WARPS=8", "Q4K_CLASSIC"))
+    assert got == ("PDL_TRIGGER_AT_START=0", "PDL_TRIGGER_LATE=0", "MV_WARPS=8", "Q4K_CLASSIC")
