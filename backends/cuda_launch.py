@@ -10,7 +10,7 @@ Here: what every compiler shares (``Job``, ``prepare_launch``, the strided ``ele
 launch) and the compilers of the elementwise, row, norm, rope and argmax ops; elementwise ops
 walk any strides and broadcast (dims merged where all operands are contiguous across them), RMS
 norm is one block per row, rope one thread per element with double-precision angles. Matrix
-products are ``backends.cuda_matmul`` (its launches for up to 8 rows in ``cuda_matvec``),
+products are ``backends.cuda_matmul`` (most of its launches for up to 8 rows in ``cuda_matvec``),
 attention ``backends.cuda_attention``; the backend joins the three ``COMPILERS`` tables.
 """
 

@@ -4,9 +4,10 @@ equal-type rule makes a f32 activation meeting a 16-bit weight be cast into plan
 first.
 
 A weight in a GGUF block type (``Quantized``) is read as stored: ``cuda_matvec``'s decode
-kernels read its blocks in registers for the same rows and prologues as ``k_matvec``; longer
-products decode it tile by tile (``BLOCK_TILE_BYTES`` of f16 in planned scratch) and multiply
-each tile with cuBLAS, so no whole dequantized copy is ever kept. The tiles are f16 (cuBLAS
+kernels read its blocks (in registers, or staged through shared memory) for the same rows and
+prologues as ``k_matvec``; longer products decode it tile by tile (``BLOCK_TILE_BYTES`` of f16
+in planned scratch) and multiply each tile with cuBLAS, so no whole dequantized copy is ever
+kept. The tiles are f16 (cuBLAS
 multiplies equal types, and f16 keeps 3 more bits than bf16); the f32 activation is split into
 two f16 halves, hi + lo / 2048, each multiplied by the tile, the second product (alpha 1/2048)
 accumulating into the first, so only the weight is rounded. Measured on the real Gemma 3 270M

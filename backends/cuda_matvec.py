@@ -3,7 +3,8 @@
 kernels (``MATVEC_Q_KERNELS``) on GGUF block weights read as stored. Each builds its input in
 shared memory through a prologue (``PRE_*``: a norm, a residual add, a gated unit), so
 ``cuda_fused``'s groups are these launches too; every block of a launch is resident at once.
-``cuda_matmul`` takes the longer products (cuBLAS, block weights decoded tile by tile).
+``cuda_matmul`` is the entry point of every product: it calls ``matvec`` first, and takes what
+does not fit here (the older GEMV, cuBLAS, block weights decoded tile by tile).
 """
 
 from __future__ import annotations
