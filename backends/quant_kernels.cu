@@ -610,7 +610,14 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
         if ((pass == 0) != (early != 0)) continue;  // early: weights, which no kernel writes
         for (int j = 0; j < MVQ_STAGES - 1; ++j) issue(j);
     }
-    if (rounds <= MVQ_STAGES - 1) PDL_LATE();  // every copy of this warp's is issued
+    // PDL_LATE: the first warp of a block to call it triggers the block; MVQS_TRIGGER_WARP0 (an
+    // experiment) leaves it to warp 0, the block's busiest (the lowest row groups)
+#ifdef MVQS_TRIGGER_WARP0
+    const bool trigger = warp == 0;
+#else
+    const bool trigger = true;
+#endif
+    if (trigger && rounds <= MVQ_STAGES - 1) PDL_LATE();  // every copy of this warp's is issued
     build_input<PRE, true>(xs, a, b, w1, w2, v_out, M, K, a_rs, b_rs, eps1, eps2, red);
     __syncthreads();
     q16_quantize(xs, xq, info, M, P);
@@ -623,7 +630,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
     for (int j = 0; j < rounds; ++j) {
         mv_wait_oldest();              // round j has landed, and every lane is done with j - 1
         issue(j + MVQ_STAGES - 1);     // into j - 1's slot
-        if (j + MVQ_STAGES == rounds) PDL_LATE();  // that was this warp's last copy
+        if (trigger && j + MVQ_STAGES == rounds) PDL_LATE();  // this warp's last copy
         const int g = gw + (j / NR) * GW, q = j % NR, p0 = q * S::PR;
         const unsigned char* slot =
             reinterpret_cast<const unsigned char*>(ring + (j % MVQ_STAGES) * SLOT);

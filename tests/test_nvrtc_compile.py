@@ -119,6 +119,7 @@ CASES = {
     "sm_90-matvec-load-nc": ("sm_90", ("MV_LOAD_NC",), lambda: _matvecs()),
     "sm_80-matvec-load-nc": ("sm_80", ("MV_LOAD_NC",), lambda: _matvecs()),
     "sm_90-pdl-late-off": ("sm_90", ("PDL_TRIGGER_LATE=0",), lambda: _matvecs() + _blocks(True)),
+    "sm_90-staged-trigger-warp0": ("sm_90", ("MVQS_TRIGGER_WARP0",), lambda: _blocks(True)),
     "sm_80-flash": ("sm_80", (), _flash),
     "sm_75-flash": ("sm_75", (), _flash),
 }
