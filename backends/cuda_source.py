@@ -25,10 +25,15 @@ def kernel_defines(
 ) -> tuple[str, ...]:
     """The macros every kernel is compiled with: ``MV_WARPS`` (the matrix-vector kernels'
     warps a block), ``PDL_TRIGGER_AT_START``, ``PDL_TRIGGER_LATE`` (None: on at 16 warps, the
-    setting where it measured faster) and ``extra`` (experiments), whose value wins where it
-    names one of the others."""
+    setting where it measured faster, as compiled: an experiment's ``MV_WARPS`` counts) and
+    ``extra`` (experiments), whose value wins where it names one of the others."""
+    named = dict(d.partition("=")[::2] for d in extra)
+    if named.get("MV_WARPS"):
+        warps = int(named["MV_WARPS"])
     late = warps == 16 if pdl_late is None else pdl_late
-    own = {"PDL_TRIGGER_AT_START": int(pdl_at_start), "PDL_TRIGGER_LATE": int(late)}
-    named = {d.partition("=")[0] for d in extra}
-    kept = (f"{k}={v}" for k, v in own.items() if k not in named)
-    return (*kept, *(() if "MV_WARPS" in named else (f"MV_WARPS={warps}",)), *extra)
+    own = {
+        "PDL_TRIGGER_AT_START": int(pdl_at_start),
+        "PDL_TRIGGER_LATE": int(late),
+        "MV_WARPS": warps,
+    }
+    return (*(f"{k}={v}" for k, v in own.items() if k not in named), *extra)

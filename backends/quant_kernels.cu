@@ -525,6 +525,9 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
 #ifndef MVQ_STAGES
 #define MVQ_STAGES 4
 #endif
+#ifndef MVQS_TRIGGER_WARP0
+#define MVQS_TRIGGER_WARP0 0
+#endif
 #ifndef MVS_PIECES
 #define MVS_PIECES 2  // pieces per lane per round over the warp's R rows (at least one per row)
 #endif
@@ -610,13 +613,9 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
         if ((pass == 0) != (early != 0)) continue;  // early: weights, which no kernel writes
         for (int j = 0; j < MVQ_STAGES - 1; ++j) issue(j);
     }
-    // PDL_LATE: the first warp of a block to call it triggers the block; MVQS_TRIGGER_WARP0 (an
-    // experiment) leaves it to warp 0, the block's busiest (the lowest row groups)
-#ifdef MVQS_TRIGGER_WARP0
-    const bool trigger = warp == 0;
-#else
-    const bool trigger = true;
-#endif
+    // PDL_LATE: the block's first call triggers it (the PTX ISA: later calls have no effect);
+    // MVQS_TRIGGER_WARP0=1 (an experiment) leaves it to warp 0, the busiest (lowest row groups)
+    const bool trigger = !MVQS_TRIGGER_WARP0 || warp == 0;
     if (trigger && rounds <= MVQ_STAGES - 1) PDL_LATE();  // every copy of this warp's is issued
     build_input<PRE, true>(xs, a, b, w1, w2, v_out, M, K, a_rs, b_rs, eps1, eps2, red);
     __syncthreads();

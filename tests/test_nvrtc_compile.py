@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from backends.cuda_launch import CTYPE, QT_ID
-from backends.cuda_matvec import GEMV_MAX_M, MATVEC_Q_KERNELS, PRE_COPY, PRE_NORM
+from backends.cuda_matvec import GEMV_MAX_M, MATVEC_Q_KERNELS, MATVEC_WARPS, PRE_COPY, PRE_NORM
 from backends.cuda_source import kernel_defines, kernel_source
 
 TYPES = list(CTYPE.values())  # float, half_t, bf16_t
@@ -94,7 +94,7 @@ def _compile(
         for expr in names:
             assert lib.nvrtcAddNameExpression(prog, expr.encode()) == 0, expr
         opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode()]
-        opts += [f"-D{d}".encode() for d in kernel_defines(16, False, None, defines)]
+        opts += [f"-D{d}".encode() for d in kernel_defines(MATVEC_WARPS, False, None, defines)]
         rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         size = ctypes.c_size_t()
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
@@ -119,7 +119,7 @@ CASES = {
     "sm_90-matvec-load-nc": ("sm_90", ("MV_LOAD_NC",), lambda: _matvecs()),
     "sm_80-matvec-load-nc": ("sm_80", ("MV_LOAD_NC",), lambda: _matvecs()),
     "sm_90-pdl-late-off": ("sm_90", ("PDL_TRIGGER_LATE=0",), lambda: _matvecs() + _blocks(True)),
-    "sm_90-staged-trigger-warp0": ("sm_90", ("MVQS_TRIGGER_WARP0",), lambda: _blocks(True)),
+    "sm_90-staged-trigger-warp0": ("sm_90", ("MVQS_TRIGGER_WARP0=1",), lambda: _blocks(True)),
     "sm_80-flash": ("sm_80", (), _flash),
     "sm_75-flash": ("sm_75", (), _flash),
 }
@@ -146,3 +146,9 @@ def test_kernel_defines_follow_the_backends_settings() -> None:
     assert "PDL_TRIGGER_AT_START=1" in kernel_defines(16, True, None)
     got = kernel_defines(16, False, None, ("PDL_TRIGGER_LATE=0", "MV_WARPS=8", "Q4K_CLASSIC"))
     assert got == ("PDL_TRIGGER_AT_START=0", "PDL_TRIGGER_LATE=0", "MV_WARPS=8", "Q4K_CLASSIC")
+    # the warps compiled in decide the default, an experiment's MV_WARPS included
+    assert kernel_defines(16, False, None, ("MV_WARPS=8",)) == (
+        "PDL_TRIGGER_AT_START=0",
+        "PDL_TRIGGER_LATE=0",
+        "MV_WARPS=8",
+    )
