@@ -42,6 +42,23 @@ struct bf16_t { unsigned short x; };
 #ifndef PDL_TRIGGER_LATE
 #define PDL_TRIGGER_LATE 0
 #endif
+// the experiment switches (kernels.cu, quant_blocks.cuh, quant_kernels.cu) are tested by value,
+// so -DNAME turns one on and -DNAME=0 off
+#ifndef MV_LOAD_NC
+#define MV_LOAD_NC 0
+#endif
+#ifndef DT_SKIP_PV
+#define DT_SKIP_PV 0
+#endif
+#ifndef DT_SKIP_MERGE
+#define DT_SKIP_MERGE 0
+#endif
+#ifndef QLOAD_SHORTS
+#define QLOAD_SHORTS 0
+#endif
+#ifndef Q4K_CLASSIC
+#define Q4K_CLASSIC 0
+#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && PDL_TRIGGER_LATE
 #define PDL_LATE() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #else
@@ -675,7 +692,7 @@ __device__ __forceinline__ void build_input(float* xs, const float* a, const flo
 // A weight's 16 bytes. MV_LOAD_NC (an experiment): through the read-only path, not kept in L1
 // (each byte is read once) and with a 256-byte L2 prefetch hint; by default a plain load.
 __device__ __forceinline__ uint4 ld_weight(const void* p) {
-#ifdef MV_LOAD_NC
+#if MV_LOAD_NC
     uint4 r;
     asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
@@ -978,7 +995,7 @@ __global__ void __launch_bounds__(DT_THREADS, (QG * DM <= 128 ? 2 : 1)) k_attn_d
         for (int g = 0; g < QG; ++g)
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[g][e] *= corr[g];
-#ifndef DT_SKIP_PV  // timing experiments only: results are wrong
+#if !DT_SKIP_PV  // timing experiments only: results are wrong
         if (d0 < Dv)
 #else
         if (d0 < 0)
@@ -1024,7 +1041,7 @@ __global__ void __launch_bounds__(DT_THREADS, (QG * DM <= 128 ? 2 : 1)) k_attn_d
         }
     }
     if (splits == 1) return;
-#ifdef DT_SKIP_MERGE  // timing experiments only: results are wrong
+#if DT_SKIP_MERGE  // timing experiments only: results are wrong
     return;
 #endif
     if (!merge_here) return;  // a k_attn_combine launch merges the splits

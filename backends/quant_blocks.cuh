@@ -64,7 +64,7 @@ QDEV unsigned q_fshr(unsigned lo, unsigned hi, unsigned sh) {
 // range's last byte, so inside the allocation.
 template <int N>
 QDEV void q_ld2w(const unsigned char* p, unsigned* w) {
-#ifndef QLOAD_SHORTS
+#if !QLOAD_SHORTS
     const unsigned off = (unsigned)(unsigned long long)p & 2u;  // 0 or 2
     // p - off, not an integer turned back into a pointer: the loads stay global (ld.global)
     const unsigned* a = reinterpret_cast<const unsigned*>(p - off);

@@ -382,7 +382,7 @@ __device__ __forceinline__ float q_u2f(unsigned u) {
 // for the whole piece, so one sum; its sub-block's nibbles masked in place (an odd sub-block's
 // high nibbles count 16 times, every term a multiple of 16, so the sum shifts back exactly);
 // the 6-bit scale and min made floats with an OR and a subtraction, not conversions.
-#ifdef Q4K_CLASSIC  // an experiment: Q4_K through the generic path, to time the two side by side
+#if Q4K_CLASSIC  // an experiment: Q4_K through the generic path, to time the two side by side
 #define Q4K_LEAN 0
 #else
 #define Q4K_LEAN 1
