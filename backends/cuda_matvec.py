@@ -25,6 +25,7 @@ from backends.cuda_launch import (
     ptr,
     resident_blocks,
 )
+from backends.cuda_source import macro_value
 from graph.dtypes import DType, f32
 
 GEMV_MAX_M = 8  # rows up to which the GEMV kernel beats cuBLAS (decode, short chunks)
@@ -273,16 +274,6 @@ def _matvec_q(
     )
 
 
-def _macro(be: CudaDevice, name: str, default: int) -> int:
-    """A kernels.cu macro's value as the backend compiles it: ``default`` unless its
-    ``defines`` (experiments) set ``name=value``."""
-    for d in getattr(be, "defines", ()):
-        key, _, value = d.partition("=")
-        if key == name and value:
-            return int(value)
-    return default
-
-
 def staged_ring_bytes(qtype: DType, rows: int, warps: int, stages: int, pieces: int) -> int:
     """Shared memory of ``k_matvec_qs``'s rings (quant_kernels.cu ``QStage``): per warp,
     ``stages`` rounds of ``rows`` rows' 16-byte chunks, each row's round 32 x T pieces
@@ -312,8 +303,9 @@ def _bind_staged(
     n_out, k = w.shape
     m = inputs[0].size // k
     warps = _warps(be)
-    stages = _macro(be, "MVQ_STAGES", MVQ_STAGES)
-    pieces = _macro(be, "MVS_PIECES", MVS_PIECES)
+    extra = getattr(be, "defines", ())  # experiments may resize the ring (kernels.cu macros)
+    stages = macro_value(extra, "MVQ_STAGES", MVQ_STAGES)
+    pieces = macro_value(extra, "MVS_PIECES", MVS_PIECES)
     limit = be.smem_optin - 1024  # the kernel's own 128 bytes, and slack (0: never staged)
     mm = 1 if m == 1 else GEMV_MAX_M
     best = None  # ((the busiest warp's rows, -r), f, smem, grid, that warp's rounds)

@@ -20,6 +20,13 @@ def kernel_source() -> str:
     return "\n".join((here / f).read_text() for f in KERNEL_FILES)
 
 
+def macro_value(defines: Sequence[str], name: str, default: int) -> int:
+    """``name``'s value among ``NAME=value`` macros as the compiler takes it (the last that
+    sets one), else ``default``."""
+    values = [v for k, _, v in (d.partition("=") for d in defines) if k == name and v]
+    return int(values[-1]) if values else default
+
+
 def kernel_defines(
     warps: int, pdl_at_start: bool, pdl_late: bool | None, extra: Sequence[str] = ()
 ) -> tuple[str, ...]:
@@ -27,9 +34,8 @@ def kernel_defines(
     warps a block), ``PDL_TRIGGER_AT_START``, ``PDL_TRIGGER_LATE`` (None: on at 16 warps, the
     setting where it measured faster, as compiled: an experiment's ``MV_WARPS`` counts) and
     ``extra`` (experiments), whose value wins where it names one of the others."""
-    named = dict(d.partition("=")[::2] for d in extra)
-    if named.get("MV_WARPS"):
-        warps = int(named["MV_WARPS"])
+    warps = macro_value(extra, "MV_WARPS", warps)
+    named = {d.partition("=")[0] for d in extra}
     late = warps == 16 if pdl_late is None else pdl_late
     own = {
         "PDL_TRIGGER_AT_START": int(pdl_at_start),
