@@ -17,18 +17,17 @@ struct bf16_t { unsigned short x; };
 #ifndef PDL_TRIGGER_AT_START  // 0: dependents launch as this kernel's blocks exit
 #define PDL_TRIGGER_AT_START 0
 #endif
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && PDL_TRIGGER_AT_START
-#define PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define PDL_LAUNCH()
-#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
 #else
-#ifndef PDL_LAUNCH
-#define PDL_LAUNCH()
-#endif
+#define PDL_TRIGGER()
 #define PDL_WAIT()
+#endif
+#if PDL_TRIGGER_AT_START
+#define PDL_LAUNCH() PDL_TRIGGER()
+#else
+#define PDL_LAUNCH()
 #endif
 #define PDL_ENTRY() \
     PDL_LAUNCH();   \
@@ -59,8 +58,8 @@ struct bf16_t { unsigned short x; };
 #ifndef Q4K_CLASSIC
 #define Q4K_CLASSIC 0
 #endif
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && PDL_TRIGGER_LATE
-#define PDL_LATE() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#if PDL_TRIGGER_LATE
+#define PDL_LATE() PDL_TRIGGER()
 #else
 #define PDL_LATE()
 #endif

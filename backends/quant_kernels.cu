@@ -382,15 +382,10 @@ __device__ __forceinline__ float q_u2f(unsigned u) {
 // for the whole piece, so one sum; its sub-block's nibbles masked in place (an odd sub-block's
 // high nibbles count 16 times, every term a multiple of 16, so the sum shifts back exactly);
 // the 6-bit scale and min made floats with an OR and a subtraction, not conversions.
-#if Q4K_CLASSIC  // an experiment: Q4_K through the generic path, to time the two side by side
-#define Q4K_LEAN 0
-#else
-#define Q4K_LEAN 1
-#endif
 template <int QT>
 __device__ __forceinline__ float q16_dot(const typename QBlock<QT>::Raw& raw, int p,
                                          const unsigned* xw, const int4& in) {
-    if constexpr (QT == QT_Q4_K && Q4K_LEAN) {
+    if constexpr (QT == QT_Q4_K && !Q4K_CLASSIC) {  // Q4K_CLASSIC (an experiment): generic path
         const int s = p & 7, shift = 4 * (s & 1);
         const unsigned mask = 0x0F0F0F0Fu << shift;
         int i0 = 0, i1 = 0;
