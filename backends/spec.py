@@ -16,7 +16,7 @@ for other facts (its arena would hold the wrong scratch sizes).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 from graph.ir import Node
@@ -33,9 +33,15 @@ vector loads and cuBLAS want; the NumPy backend plans the same way (it is the re
 class Costs:
     """What work costs on a device: the numbers the passes time with.
 
-    ``link_bytes_per_s``, ``device_bytes_per_s``, ``host_bytes_per_s``, ``launch_s`` and
-    ``copy_overhead_s`` are measured by ``engine.runtime.calibration``; the others stay nominal.
-    The defaults are an H200's (measured there, 2026-11)."""
+    ``link_bytes_per_s``, ``device_bytes_per_s``, ``host_bytes_per_s``, ``launch_s``,
+    ``copy_overhead_s`` and ``device_rates`` are measured by ``engine.runtime.calibration``; the
+    others stay nominal. The defaults are an H200's (measured there, 2026-11).
+
+    ``device_rates``: (storage type, bytes per second) pairs, what a chain of decode products
+    reads per second with weights of that type. A type's kernels read at their own rate (an
+    H100's Q4_K products at ~1.8-2.0 TB/s of block bytes where an f32 product reads ~3 TB/s),
+    so a layer is charged by its matrices' types (``layer_s``); a type without a rate is
+    charged ``device_bytes_per_s``."""
 
     link_bytes_per_s: float = 50e9  # pinned host->device (~55 GB/s measured)
     device_bytes_per_s: float = 3.5e12  # what a decode product reads per second on the device
@@ -44,10 +50,21 @@ class Costs:
     copy_overhead_s: float = 5e-6  # what each copy costs beyond its bytes (setup, DMA latency)
     kernel_latency_s: float = 2e-6  # any one launch: launch and DRAM latency
     device_flops_per_s: float = 300e12  # 16-bit matrix work on tensor cores
+    device_rates: tuple[tuple[str, float], ...] = ()
 
     def device_s(self, nbytes: int) -> float:
         """One layer of ``nbytes`` of weights computed on the device (decode)."""
         return self.launch_s + nbytes / self.device_bytes_per_s
+
+    def rate(self, dtype: str) -> float:
+        """Bytes per second a decode product reads of ``dtype`` weights: the type's calibrated
+        rate, else ``device_bytes_per_s``."""
+        return dict(self.device_rates).get(dtype, self.device_bytes_per_s)
+
+    def layer_s(self, type_bytes: Mapping[str, int]) -> float:
+        """One layer computed on the device (decode), its matrices' bytes by storage type:
+        its launches plus each type's bytes at that type's rate."""
+        return self.launch_s + sum(n / self.rate(t) for t, n in type_bytes.items())
 
     def host_s(self, nbytes: int) -> float:
         """One layer of ``nbytes`` of weights computed by the CPU backend."""
@@ -65,8 +82,24 @@ class Costs:
             nbytes / self.device_bytes_per_s, flops / self.device_flops_per_s
         )
 
-    def to_dict(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def describe(self, types: Sequence[str] = ()) -> str:
+        """The numbers a placement is timed with, in words (``types``: the storage types whose
+        rates to show)."""
+        rates = ", ".join(f"{t} {self.rate(t) / 1e12:.2f}" for t in types)
+        device = f"{self.device_bytes_per_s / 1e12:.2f} TB/s" + (
+            f" ({rates} TB/s)" if rates else ""
+        )
+        return (
+            f"link {self.link_bytes_per_s / 1e9:.1f} GB/s, device {device}, "
+            f"{self.launch_s * 1e6:.0f} µs a layer's launches, "
+            f"host {self.host_bytes_per_s / 1e9:.1f} GB/s"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """The costs as JSON takes them (``device_rates`` as an object: type -> rate)."""
+        out: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["device_rates"] = dict(self.device_rates)
+        return out
 
 
 @dataclass(frozen=True)

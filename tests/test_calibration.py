@@ -24,8 +24,10 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_measured_once_then_read_back(cache: Path) -> None:
     first = calibrate("numpy")
-    assert cache.exists() and all(v >= 0 for v in first.to_dict().values())
+    numbers = {k: v for k, v in first.to_dict().items() if k != "device_rates"}
+    assert cache.exists() and all(v >= 0 for v in numbers.values())
     assert first.link_bytes_per_s > 0 and first.host_bytes_per_s > 0
+    assert first.device_rates == ()  # NumPy computes every storage type in f32: no rate per type
     pinned = Costs(link_bytes_per_s=1.5e9)
     remember("numpy", pinned)
     assert calibrate("numpy") == pinned
@@ -39,6 +41,9 @@ def test_measured_once_then_read_back(cache: Path) -> None:
         {"link_bytes_per_s": "fast"},
         {"no_such_cost": 1.0},
         {"launch_s": float("nan")},
+        {"device_rates": [["q4_k", 1e12]]},
+        {"device_rates": {"q4_k": -1.0}},
+        {"device_rates": {"q4_k": "fast"}},
         [1, 2, 3],
     ],
 )
@@ -65,3 +70,35 @@ def test_costs_for_says_where_the_costs_came_from(cache: Path) -> None:
     costs, source = costs_for(Options(offload="auto", vram=1.0), "cupy")
     if "no such device" in source:  # a machine without CuPy plans with the nominal H200
         assert costs == Costs() and "H200" in source
+
+
+def test_rates_per_storage_type_are_measured_and_kept(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device whose kernels read storage types as stored gets a rate per type; an entry
+    written before those rates existed is measured again, while a pinned one (``remember``,
+    rates or none) is kept as given."""
+    from engine.runtime import calibration
+
+    monkeypatch.setattr(calibration, "rate_types", lambda be: ("f16", "q8_0"))
+    monkeypatch.setattr(calibration, "RATE_PROBE_K", 256)  # 2 MiB f16 matrices, not 32
+    monkeypatch.setattr(calibration, "RATE_PROBE_BYTES", 4 << 20)
+    key = get_backend("numpy").describe()
+    cache.write_text(json.dumps({key: {"link_bytes_per_s": 1e9}}))  # an older entry
+    costs = calibrate("numpy")
+    rates = dict(costs.device_rates)
+    assert set(rates) == {"f16", "q8_0"} and all(r > 0 for r in rates.values())
+    assert json.loads(cache.read_text())[key]["device_rates"] == rates
+    assert costs.rate("q8_0") == rates["q8_0"]
+    assert costs.rate("q4_k") == costs.device_bytes_per_s  # a type not measured
+    assert calibrate("numpy") == costs  # read back, not measured again
+    pinned = Costs(link_bytes_per_s=3e9)
+    remember("numpy", pinned)
+    assert calibrate("numpy") == pinned
+
+
+def test_a_layer_is_charged_by_its_types() -> None:
+    costs = Costs(device_bytes_per_s=4e12, launch_s=1e-5, device_rates=(("q4_k", 2e12),))
+    assert costs.layer_s({"q4_k": 2_000_000}) == pytest.approx(1e-5 + 1e-6)
+    assert costs.layer_s({"q4_k": 2_000_000, "f32": 4_000_000}) == pytest.approx(1e-5 + 2e-6)
+    assert costs.layer_s({"bf16": 4_000_000}) == costs.device_s(4_000_000)

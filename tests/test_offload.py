@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from backends.spec import Costs
 from engine.passes import offload
 from engine.passes.offload import GPU, HOST, STREAMED
-from graph.dtypes import bf16
+from graph.dtypes import DTYPES, bf16
 from graph.models import build, kv_slots, preset
 from graph.ops import GraphError
 from tools.cli import main
@@ -87,6 +87,32 @@ def test_the_timing_model_is_link_bound_when_streaming() -> None:
     serial = offload.predict(sizes, everything, 0, even)
     overlapped = offload.predict(sizes, everything, 1, even)
     assert overlapped < serial
+
+
+def test_a_layer_computes_at_its_storage_types_rate() -> None:
+    """A Q4_K layer is charged at the rate calibrated for Q4_K products (about half an f32
+    product's on an H100), and K=1 wins once that compute is long enough to hide."""
+    cfg = preset("llama-7b").replace(dtype=bf16)
+    q = cfg.replace(weight_types=(("blk.0.attn_q.weight", DTYPES["q4_k"]),))
+    g = build(q, 1, kv_slots(q, 64, 1), logits="last")
+    by_type = offload.layer_type_bytes(g)
+    assert by_type[0]["q4_k"] == 4096 * 4096 // 256 * 144 and by_type[1] == {
+        "bf16": by_type[1]["bf16"]
+    }
+    assert sum(by_type[0].values()) == offload.layer_bytes(g)[0]
+    fast = Costs(device_bytes_per_s=4e12, launch_s=0.0)
+    slow = Costs(device_bytes_per_s=4e12, launch_s=0.0, device_rates=(("q4_k", 1e6),))
+    t_fast = offload.place(g, "all", costs=fast).predicted_s
+    sizes = offload.layer_bytes(g)
+    assert t_fast == pytest.approx(sum(fast.device_s(n) for k, n in sizes.items() if k >= 0))
+    t_slow = offload.place(g, "all", costs=slow).predicted_s
+    assert t_slow - t_fast == pytest.approx(by_type[0]["q4_k"] / 1e6, rel=1e-3)
+    # predict's own override: seconds per layer
+    two, where = {0: 10**9, 1: 10**9}, {0: STREAMED, 1: STREAMED}
+    link = Costs(link_bytes_per_s=1e9, device_bytes_per_s=1e15, launch_s=0.0, copy_overhead_s=0)
+    serial = offload.predict(two, where, 0, link, compute={0: 1.0, 1: 1.0})
+    ahead = offload.predict(two, where, 1, link, compute={0: 1.0, 1: 1.0})
+    assert serial == pytest.approx(4.0) and ahead < serial
 
 
 @settings(max_examples=40, deadline=None)

@@ -167,6 +167,17 @@ def layer_host_bytes(graph: Graph) -> dict[int, int]:
     return out
 
 
+def layer_type_bytes(graph: Graph) -> dict[int, dict[str, int]]:
+    """Bytes of weight matrices per layer tag and storage type (``layer_bytes`` split by type):
+    what ``Costs.layer_s`` charges a layer's compute by, each type at its own rate."""
+    out: dict[int, dict[str, int]] = {}
+    for n in graph.weights:
+        if len(n.shape) >= 2:
+            by_type = out.setdefault(n.layer if n.layer is not None else 0, {})
+            by_type[n.dtype.name] = by_type.get(n.dtype.name, 0) + n.nbytes
+    return out
+
+
 def layer_copies(graph: Graph) -> dict[int, int]:
     """Weight matrices per layer tag: the copies a fetch of the layer makes."""
     out: dict[int, int] = {}
@@ -220,11 +231,13 @@ def predict(
     tokens: int = 3,
     copies: Mapping[int, int] | None = None,
     host: Mapping[int, int] | None = None,
+    compute: Mapping[int, float] | None = None,
 ) -> float:
     """Seconds per decode token in steady state (the last of ``tokens`` simulated ones);
     ``copies``: weight matrices per layer (one copy each), 1 where not given; ``host``: a
     layer's bytes as the CPU backend computes it (``layer_host_bytes``), ``sizes`` where not
-    given.
+    given; ``compute``: a layer's seconds on the device (``Costs.layer_s`` of its bytes by
+    type), else ``Costs.device_s`` of its bytes.
 
     The simulation follows ``engine.runtime.streaming`` step for step: one copy stream runs the
     fetches in the order they are queued (fetch j into slot j mod slots once the fetch
@@ -267,7 +280,7 @@ def predict(
             if where[k] == HOST:
                 now += costs.host_s(host.get(k, sizes[k]) if host else sizes[k])
             else:
-                now += costs.device_s(sizes[k])
+                now += compute[k] if compute and k in compute else costs.device_s(sizes[k])
             if where[k] == STREAMED:
                 done[fetch_of[k]] = now
         if moving:  # the next token's first fetches, each queued as its slot's last user
@@ -294,6 +307,7 @@ def place(
     sizes = layer_bytes(graph)
     copies = layer_copies(graph)
     host = layer_host_bytes(graph)
+    compute = {k: costs.layer_s(t) for k, t in layer_type_bytes(graph).items()}
     blocks = sorted(k for k in sizes if k >= 0)
     n_layer = max(blocks) if blocks else 0  # the head's tag
     has_head = n_layer in sizes and n_layer > 0
@@ -304,7 +318,7 @@ def place(
     if kind == "auto":
         if room is None:
             raise PolicyError("offload policy 'auto' needs a budget (--vram)")
-        return _auto(sizes, n_layer, room, costs, budget, copies, host)
+        return _auto(sizes, n_layer, room, costs, budget, copies, host, compute)
     where: dict[int, str] = {}
     cause: dict[int, str] = {}
     for layer in sizes:
@@ -324,14 +338,12 @@ def place(
             else:
                 where[layer], cause[layer] = STREAMED, f"*{n}+{k}: streamed, fetched {k} ahead"
     if kind == "stream" and n_layer in sizes:  # the head: resident if the budget holds it
-        trial = _finish(
-            policy, budget, sizes, dict(where), cause, k, costs, copies=copies, host=host
-        )
+        trial = _finish(policy, budget, sizes, dict(where), cause, k, costs, copies, host, compute)
         head_fits = room is None or trial.device_bytes + sizes[n_layer] <= room
         if head_fits:
             where[n_layer] = GPU
             cause[n_layer] = "head: resident (read every token, the budget holds it)"
-    out = _finish(policy, budget, sizes, where, cause, k, costs, copies=copies, host=host)
+    out = _finish(policy, budget, sizes, where, cause, k, costs, copies, host, compute)
     if room is not None and out.device_bytes > room:
         raise PolicyError(_too_small(out, room, reserve))
     return out
@@ -345,9 +357,10 @@ def _finish(
     cause: Mapping[int, str],
     ahead: int,
     costs: Costs,
-    notes: Sequence[str] = (),
     copies: Mapping[int, int] | None = None,
     host: Mapping[int, int] | None = None,
+    compute: Mapping[int, float] | None = None,
+    notes: Sequence[str] = (),
 ) -> Placement:
     streamed = [k for k in sorted(sizes) if where[k] == STREAMED]
     slots = min(ahead + 1, len(streamed)) if streamed else 0
@@ -357,7 +370,7 @@ def _finish(
     layers = tuple(
         LayerPlacement(k, sizes[k], where[k], cause[k], slot_of.get(k)) for k in sorted(sizes)
     )
-    t = predict(sizes, where, ahead, costs, copies=copies, host=host)
+    t = predict(sizes, where, ahead, costs, copies=copies, host=host, compute=compute)
     return Placement(policy, budget, layers, ahead, slots, slot_bytes, t, tuple(notes))
 
 
@@ -386,6 +399,7 @@ def _auto(
     budget: int | None,
     copies: Mapping[int, int] | None = None,
     host: Mapping[int, int] | None = None,
+    compute: Mapping[int, float] | None = None,
 ) -> Placement:
     """Every candidate that fits, timed; the fastest wins (ties: fewer device bytes)."""
     blocks = [k for k in sorted(sizes) if 0 <= k < n_layer]
@@ -424,7 +438,7 @@ def _auto(
                         continue
                     tried += 1
                     cand = _finish(
-                        "auto", budget, sizes, where, cause, ahead, costs, copies=copies, host=host
+                        "auto", budget, sizes, where, cause, ahead, costs, copies, host, compute
                     )
                     key = (round(cand.predicted_s, 9), cand.device_bytes)
                     if best is None or key < (round(best.predicted_s, 9), best.device_bytes):
@@ -446,7 +460,7 @@ def _auto(
         if head is not None:
             where[head], cause[head] = HOST, "head: computed on the host"
         tried += 1
-        cand = _finish("auto", budget, sizes, where, cause, 0, costs, copies=copies, host=host)
+        cand = _finish("auto", budget, sizes, where, cause, 0, costs, copies, host, compute)
         key = (round(cand.predicted_s, 9), cand.device_bytes)
         if best is None or key < (round(best.predicted_s, 9), best.device_bytes):
             best, arranged = cand, "first" if n_dev else "-"
@@ -470,9 +484,10 @@ def _auto(
         {p.layer: p.cause for p in best.layers},
         best.ahead,
         costs,
+        copies,
+        host,
+        compute,
         notes,
-        copies=copies,
-        host=host,
     )
 
 

@@ -4,9 +4,11 @@
     costs, source = costs_for(options, "cupy")    # what a session with these options plans with
 
 ``engine.passes.offload.place(..., costs=)`` times placements with these numbers. The first call on
-a device measures (well under a second on a GPU: a few 64 MiB copies and matrix-vector products)
-and writes ``calibration.json`` in the cache directory (``$STREAMGRAPH_CACHE``, else
-``~/.cache/streamgraph``), keyed by the backend's description; later calls read it back.
+a device measures (a second or two on a GPU: a few 64 MiB copies and matrix-vector products, and
+a chain of decode products in each storage type the device's kernels read as stored) and writes
+``calibration.json`` in the cache directory (``$STREAMGRAPH_CACHE``, else
+``~/.cache/streamgraph``), keyed by the backend's description; later calls read it back. An
+entry written before the per-type rates existed is measured again.
 """
 
 from __future__ import annotations
@@ -15,21 +17,27 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
 from backends import Backend, BackendError, device_spec, get_backend
+from backends.base import Quantized
 from backends.spec import Costs
 from engine.cache import cache_dir
 from engine.options import Options
 from engine.runtime.executor import Executor
 from graph import GraphBuilder, f32
+from graph.dtypes import DTYPES, DType
 
 __all__ = ["calibrate", "remember", "measure", "costs_for", "needs_timing"]
 
 PROBE_BYTES = 64 << 20
+RATE_PROBE_BYTES = 128 << 20
+"""Weight bytes in each storage type's chain of products: over an H100's or H200's 50-60 MiB L2,
+so the replays read HBM as a model's layers do."""
+RATE_PROBE_K = 4096
 
 
 def _median_s(fn, sync, reps: int = 5) -> float:  # noqa: ANN001
@@ -92,19 +100,62 @@ def measure(backend: str | Backend) -> Costs:
         host_bytes_per_s=(d * d * 4) / host_s,
         launch_s=launch,
         copy_overhead_s=overhead,
+        device_rates=tuple((t, measure_rate(be, t, launch)) for t in rate_types(be)),
     )
+
+
+def rate_types(backend: str | Backend) -> tuple[str, ...]:
+    """The storage types whose decode products ``measure`` times on ``backend``: the 16-bit
+    types and every GGUF block type its kernels read as stored (none on a backend that
+    dequantizes, the NumPy one: its products all run in f32)."""
+    spec = device_spec(backend)
+    if not spec.keeps_block_types:
+        return ()
+    return ("f16", "bf16", *sorted(spec.block_types))
+
+
+def measure_rate(backend: str | Backend, dtype: str, launch_s: float) -> float:
+    """Bytes per second a chain of decode products reads of ``dtype`` weights: matrices of
+    4096 columns, ``RATE_PROBE_BYTES`` of them in all, each its own product of one shared input
+    in one forward pass (a layer's products, in a row); ``launch_s``, the pass's fixed cost, is
+    left out. The weights are zero bytes: a kernel's speed does not depend on the values (every
+    block of zeros is a finite block of zeros)."""
+    be = get_backend(backend)
+    dt = DTYPES[dtype]
+    k = RATE_PROBE_K
+    rows = 4096
+    per = dt.nbytes((rows, k))
+    count = max(2, -(-RATE_PROBE_BYTES // per))
+    g = GraphBuilder()
+    x = g.input("x", (1, k), f32)
+    outs = [g.mul_mat(g.weight(f"w{i}", (rows, k), dt, layer=0), x) for i in range(count)]
+    weights = {f"w{i}": _zeros(dt, rows, k) for i in range(count)}
+    ex = Executor(g.build(outs), weights, be)
+    ex.run({"x": np.zeros((1, k), np.float32)})
+    t = _median_s(ex.launch, be.synchronize)
+    return count * per / max(t - launch_s, 1e-9)
+
+
+def _zeros(dt: DType, rows: int, k: int) -> object:
+    """A (rows, k) weight of type ``dt``, all zero bytes."""
+    if dt.is_quantized:
+        return Quantized(np.zeros((rows, dt.nbytes((k,))), np.uint8), dt, (rows, k))
+    return np.zeros((rows, k), dt.numpy)
 
 
 def calibrate(
     backend: str | Backend, refresh: bool = False, directory: Path | None = None
 ) -> Costs:
     """The device's ``Costs``, measured on first use and cached (``refresh`` re-measures). An
-    entry of the cache that is not a valid set of costs (an older or damaged file) is measured
-    again and replaced."""
+    entry of the cache that is not a valid set of costs (an older or damaged file), or one
+    without the per-type rates a device with block-type kernels has, is measured again and
+    replaced."""
     be = get_backend(backend)
     path = (directory or cache_dir()) / "calibration.json"
     cached = _read(path).get(be.describe())
     costs = _costs(cached) if cached is not None and not refresh else None
+    if costs is not None and "device_rates" not in cached and rate_types(be):
+        costs = None  # written before the per-type rates: a Q4_K layer would be charged at f32's
     if costs is None:
         costs = measure(be)
         remember(be, costs, directory)
@@ -117,7 +168,7 @@ def remember(backend: str | Backend, costs: Costs, directory: Path | None = None
     be = get_backend(backend)
     path = (directory or cache_dir()) / "calibration.json"
     table = _read(path)
-    table[be.describe()] = asdict(costs)
+    table[be.describe()] = costs.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1))
@@ -139,13 +190,24 @@ def _costs(entry: object) -> Costs | None:
     names = {f.name for f in fields(Costs)}
     if not isinstance(entry, dict) or not set(entry) <= names:
         return None
-    values = {}
+    values: dict[str, object] = {}
     for k, v in entry.items():
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if not ok or v < 0 or (v == 0 and k.endswith("per_s")):
+        if k == "device_rates":
+            if not isinstance(v, dict) or not all(
+                isinstance(t, str) and _number(r) and r > 0 for t, r in v.items()
+            ):
+                return None
+            values[k] = tuple(sorted((t, float(r)) for t, r in v.items()))
+            continue
+        if not _number(v) or v < 0 or (v == 0 and k.endswith("per_s")):
             return None
         values[k] = float(v)
-    return Costs(**values)
+    return Costs(**values)  # type: ignore[arg-type]
+
+
+def _number(v: object) -> bool:
+    """A finite int or float (a bool is not a number here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def needs_timing(options: Options) -> bool:
