@@ -486,4 +486,5 @@ def main(args: argparse.Namespace) -> int:
 def _costs_line(options: Options) -> str:
     from engine.runtime.calibration import costs_for
 
-    return f"costs: {costs_for(options, options.backend)[1]}"
+    costs, source = costs_for(options, options.backend)
+    return f"costs: {source}\n  {costs.describe([t for t, _ in costs.device_rates])}"
