@@ -37,11 +37,11 @@ class Costs:
     ``copy_overhead_s`` and ``device_rates`` are measured by ``engine.runtime.calibration``; the
     others stay nominal. The defaults are an H200's (measured there, 2026-11).
 
-    ``device_rates``: (storage type, bytes per second) pairs, what a chain of decode products
-    reads per second with weights of that type. A type's kernels read at their own rate (an
-    H100's Q4_K products at ~1.8-2.0 TB/s of block bytes where an f32 product reads ~3 TB/s),
-    so a layer is charged by its matrices' types (``layer_s``); a type without a rate is
-    charged ``device_bytes_per_s``."""
+    ``device_rates``: (storage type, bytes per second) pairs, sorted by type: what a forward
+    pass of decode products reads per second with weights of that type. A type's kernels read at
+    their own rate (on an H100 the calibration measured Q4_K at 1.08 TB/s of block bytes, Q8_0
+    at 1.44, bf16 at 1.77, where the f32 product read 1.92), so a layer is charged by its
+    matrices' types (``layer_s``); a type without a rate is charged ``device_bytes_per_s``."""
 
     link_bytes_per_s: float = 50e9  # pinned host->device (~55 GB/s measured)
     device_bytes_per_s: float = 3.5e12  # what a decode product reads per second on the device
@@ -51,6 +51,11 @@ class Costs:
     kernel_latency_s: float = 2e-6  # any one launch: launch and DRAM latency
     device_flops_per_s: float = 300e12  # 16-bit matrix work on tensor cores
     device_rates: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        # one order whatever the source (measured, read back, a dict): equal costs compare equal
+        rates = tuple(sorted((str(t), float(r)) for t, r in dict(self.device_rates).items()))
+        object.__setattr__(self, "device_rates", rates)
 
     def device_s(self, nbytes: int) -> float:
         """One layer of ``nbytes`` of weights computed on the device (decode)."""

@@ -80,18 +80,19 @@ def test_rates_per_storage_type_are_measured_and_kept(
     rates or none) is kept as given."""
     from engine.runtime import calibration
 
-    monkeypatch.setattr(calibration, "rate_types", lambda be: ("f16", "q8_0"))
+    monkeypatch.setattr(calibration, "rate_types", lambda be: ("f16", "bf16", "q8_0"))
     monkeypatch.setattr(calibration, "RATE_PROBE_K", 256)  # 2 MiB f16 matrices, not 32
     monkeypatch.setattr(calibration, "RATE_PROBE_BYTES", 4 << 20)
     key = get_backend("numpy").describe()
     cache.write_text(json.dumps({key: {"link_bytes_per_s": 1e9}}))  # an older entry
     costs = calibrate("numpy")
     rates = dict(costs.device_rates)
-    assert set(rates) == {"f16", "q8_0"} and all(r > 0 for r in rates.values())
+    assert set(rates) == {"f16", "bf16", "q8_0"} and all(r > 0 for r in rates.values())
     assert json.loads(cache.read_text())[key]["device_rates"] == rates
     assert costs.rate("q8_0") == rates["q8_0"]
     assert costs.rate("q4_k") == costs.device_bytes_per_s  # a type not measured
-    assert calibrate("numpy") == costs  # read back, not measured again
+    assert calibrate("numpy") == costs  # read back (in the same order), not measured again
+    assert hash(calibrate("numpy")) == hash(costs)
     pinned = Costs(link_bytes_per_s=3e9)
     remember("numpy", pinned)
     assert calibrate("numpy") == pinned
@@ -102,3 +103,28 @@ def test_a_layer_is_charged_by_its_types() -> None:
     assert costs.layer_s({"q4_k": 2_000_000}) == pytest.approx(1e-5 + 1e-6)
     assert costs.layer_s({"q4_k": 2_000_000, "f32": 4_000_000}) == pytest.approx(1e-5 + 2e-6)
     assert costs.layer_s({"bf16": 4_000_000}) == costs.device_s(4_000_000)
+
+
+def test_rates_in_any_order_are_the_same_costs() -> None:
+    a = Costs(device_rates=(("q8_0", 1e12), ("f16", 2e12)))
+    b = Costs(device_rates={"f16": 2e12, "q8_0": 1e12})  # type: ignore[arg-type]
+    assert a == b and hash(a) == hash(b) and a.device_rates[0][0] == "f16"
+
+
+def test_a_type_whose_kernels_fail_is_left_out(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
+    """A type whose probe fails on the device is charged the f32 rate, and said so; the
+    calibration of the other types goes on."""
+    from backends import BackendError
+    from engine.runtime import calibration
+
+    def probe(be, dtype: str, launch_s: float) -> float:  # noqa: ANN001
+        if dtype == "q4_k":
+            raise BackendError("no kernel")
+        return 1e12
+
+    monkeypatch.setattr(calibration, "rate_types", lambda be: ("q4_k", "q8_0"))
+    monkeypatch.setattr(calibration, "measure_rate", probe)
+    costs = calibration.measure("numpy")
+    assert costs.device_rates == (("q8_0", 1e12),)
+    assert costs.rate("q4_k") == costs.device_bytes_per_s
+    assert "no rate for q4_k weights (no kernel)" in capsys.readouterr().err

@@ -94,6 +94,24 @@ def test_block_products(gpu, variant, name: str, rows: int, n_out: int, k: int) 
 
 
 @pytest.mark.parametrize("name", TYPES)
+def test_prompt_products_in_several_tiles(gpu, name: str, monkeypatch) -> None:  # noqa: ANN001
+    """A prompt product whose weight decodes in more tiles than one, the last one short (a
+    7B head at the default tile size): each tile's rows land where they belong."""
+    from backends import cuda_matmul
+
+    n_out, k, rows = 1000, 768, 13
+    monkeypatch.setattr(cuda_matmul, "BLOCK_TILE_BYTES", 2 * k * 96)  # 96-row tiles: 10 + 40
+    g = GraphBuilder()
+    x = g.input("x", (rows, k), f32)
+    graph = g.build([g.mul_mat(g.weight("w", (n_out, k), name, layer=0), x)])
+    weights = {"w": _blocks(name, n_out, k, seed=7)}
+    inputs = {"x": np.random.default_rng(3).standard_normal((rows, k)).astype(np.float32)}
+    want, got, _ = _runs(graph, weights, inputs, gpu)
+    close(got[0][0], want[0], _tol(name, rows, k), f"{name} {rows}x{k} @ {n_out} in tiles")
+    _replays_equal_eager(got)
+
+
+@pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("rows_per_warp", [1, 2, 4])
 @pytest.mark.parametrize("m", [1, 3])
 def test_staged_kernel_itself(gpu, name: str, rows_per_warp: int, m: int) -> None:  # noqa: ANN001

@@ -171,8 +171,7 @@ class ModelPlan:
             last = "head" if s.end > cfg.n_layer else f"layer {s.end - 1}"
             lines.append(f"  segment: layers {s.first}..{last} on {s.backend} ({s.dtype} weights)")
         if self.placement is not None:
-            types = sorted({t.name for _, t in cfg.weight_types} or {cfg.dtype.name})
-            lines.append(f"  timed with: {self.costs.describe(types)}")
+            lines.append(f"  timed with: {self.costs.describe(cfg.storage.split('+'))}")
             lines.append(str(self.placement))
         if self.ring is not None:
             lines.append(str(self.ring))
