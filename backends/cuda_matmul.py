@@ -46,8 +46,8 @@ BLOCK_TYPES = frozenset(QT_ID)
 and of the real Gemma 3 270M file)."""
 # a prompt product's dequantized tile (f16), in planned scratch: whole 7B matrices but the
 # head and the stacked gate/up. Measured on an H100 at 512 rows (Q4_K, ms a product, 32 / 64 /
-# 128 MiB): 4096x11008 0.471 / 0.258 / 0.227 (a K of 11008 made 1,524-row tiles: three small
-# cuBLAS products), 22016x4096 0.471 / 0.435 / 0.429, 12288x4096 0.261 / 0.251 / 0.248
+# 128 MiB): 4096x11008 0.471 / 0.258 / 0.227 (a K of 11008 made 1,524-row tiles: three tiles,
+# six small cuBLAS products), 22016x4096 0.471 / 0.435 / 0.429, 12288x4096 0.261 / 0.251 / 0.248
 BLOCK_TILE_BYTES = 128 << 20
 CUDA_DTYPE = {"f32": 0, "f16": 2, "bf16": 14}  # cudaDataType: R_32F, R_16F, R_16BF
 CUBLAS_COMPUTE_32F = 68

@@ -140,11 +140,11 @@ def measure_rate(backend: str | Backend, dtype: str, launch_s: float) -> float:
     matrices, ``RATE_PROBE_BYTES`` of them in all, each its own product of one shared input,
     launched one by one as the f32 probe is; ``launch_s``, the pass's fixed cost, is left out.
     What it charges a type is more than its kernels' time alone (each launch's host cost, the
-    4096-row shape; an H100's Q4_K products read ~1.8-2.0 TB/s chained in a replayed graph,
-    this probe 1.08), and that is what matched: on a 7B Q4_K file streamed under 0.9 / 1.8 /
-    2.7 GiB on an H100, ``predict`` came within 0.3 / 2.2 / 1.8% of the measured tokens per
-    second with these rates; an earlier run charged every type the f32 rate and came 3-7% high
-    (``benchmarks/NOTES.md``).
+    4096-row shape; an H100's Q4_K products read 1.8-2.4 TB/s chained in a replayed graph, this
+    probe 1.08 on another H100), and that is what matched: on a 7B Q4_K file streamed under 0.9
+    / 1.8 / 2.7 GiB on that H100, ``predict`` came within 0.3 / 2.2 / 1.8% of the measured
+    tokens per second with these rates; an earlier run on another machine charged every type
+    the f32 rate and came 3-7% high (``benchmarks/NOTES.md``).
     The weights are zero bytes: a kernel's speed does not depend on the values (a block of
     zeros is a finite block of zeros)."""
     be = get_backend(backend)
