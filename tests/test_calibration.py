@@ -103,6 +103,8 @@ def test_a_layer_is_charged_by_its_types() -> None:
     assert costs.layer_s({"q4_k": 2_000_000}) == pytest.approx(1e-5 + 1e-6)
     assert costs.layer_s({"q4_k": 2_000_000, "f32": 4_000_000}) == pytest.approx(1e-5 + 2e-6)
     assert costs.layer_s({"bf16": 4_000_000}) == costs.device_s(4_000_000)
+    said = costs.describe(["q4_k", "bf16"])  # what a plan and bench print
+    assert "device 4.00 TB/s (q4_k 2.00, bf16 4.00 TB/s)" in said and "10 µs" in said
 
 
 def test_rates_in_any_order_are_the_same_costs() -> None:
