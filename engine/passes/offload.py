@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from backends.spec import Costs
+from engine.passes.layer_sizes import layer_bytes, layer_copies, layer_host_bytes, layer_type_bytes
 from graph.ir import Graph
 from graph.ops import GraphError
 
@@ -50,6 +51,10 @@ __all__ = [
     "predict",
     "parse_policy",
     "check_policy_syntax",
+    "layer_bytes",  # the layer tallies (engine.passes.layer_sizes), as the offload pass counts
+    "layer_type_bytes",
+    "layer_host_bytes",
+    "layer_copies",
 ]
 
 GPU, STREAMED, HOST = "gpu", "streamed", "host"
@@ -140,52 +145,6 @@ class Placement:
             lines.append(f"  {name:<10} {p.nbytes / 2**20:9.1f} MiB  {p.where}{slot}: {p.cause}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
-
-
-def layer_bytes(graph: Graph) -> dict[int, int]:
-    """Bytes of weight matrices per layer tag (-1 embedding, 0..n-1 blocks, n the head). Norm
-    vectors (a few KiB a layer) are left out: they always stay resident
-    (``engine.runtime.streaming``)."""
-    out: dict[int, int] = {}
-    for n in graph.weights:
-        if len(n.shape) < 2:
-            continue
-        layer = n.layer if n.layer is not None else 0
-        out[layer] = out.get(layer, 0) + n.nbytes
-    return out
-
-
-def layer_host_bytes(graph: Graph) -> dict[int, int]:
-    """Bytes of weight matrices per layer tag as the CPU backend computes with them: f32 (a
-    session widens a host layer's 16-bit matrices once, at load; NumPy's products would widen
-    them at every call)."""
-    out: dict[int, int] = {}
-    for n in graph.weights:
-        if len(n.shape) >= 2:
-            layer = n.layer if n.layer is not None else 0
-            out[layer] = out.get(layer, 0) + n.numel * 4
-    return out
-
-
-def layer_type_bytes(graph: Graph) -> dict[int, dict[str, int]]:
-    """Bytes of weight matrices per layer tag and storage type (``layer_bytes`` split by type):
-    what ``Costs.layer_s`` charges a layer's compute by, each type at its own rate."""
-    out: dict[int, dict[str, int]] = {}
-    for n in graph.weights:
-        if len(n.shape) >= 2:
-            by_type = out.setdefault(n.layer if n.layer is not None else 0, {})
-            by_type[n.dtype.name] = by_type.get(n.dtype.name, 0) + n.nbytes
-    return out
-
-
-def layer_copies(graph: Graph) -> dict[int, int]:
-    """Weight matrices per layer tag: the copies a fetch of the layer makes."""
-    out: dict[int, int] = {}
-    for n in graph.weights:
-        if len(n.shape) >= 2:
-            layer = n.layer if n.layer is not None else 0
-            out[layer] = out.get(layer, 0) + 1
-    return out
 
 
 def check_policy_syntax(policy: str) -> None:

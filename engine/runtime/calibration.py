@@ -4,8 +4,8 @@
     costs, source = costs_for(options, "cupy")    # what a session with these options plans with
 
 ``engine.passes.offload.place(..., costs=)`` times placements with these numbers. The first call on
-a device measures (a second or two on a GPU: a few 64 MiB copies and matrix-vector products, and
-a chain of decode products in each storage type the device's kernels read as stored) and writes
+a device measures (a few 64 MiB copies and matrix-vector products, and a forward pass of decode
+products in each storage type the device's kernels read as stored) and writes
 ``calibration.json`` in the cache directory (``$STREAMGRAPH_CACHE``, else
 ``~/.cache/streamgraph``), keyed by the backend's description; later calls read it back. An
 entry written before the per-type rates existed is measured again.
